@@ -1,0 +1,109 @@
+//! The device's frozen backbone: weights, tokenizer and the pivot forward, loaded from one GGUF file or from a
+//! safetensors directory (`config.json`, `*.safetensors`, `tokenizer.json`).
+
+pub mod config;
+pub mod llama;
+pub mod loader;
+pub mod weights;
+
+use std::path::Path;
+
+pub use config::LlamaConfig;
+pub use llama::{Llama, PivotOutput};
+
+use crate::error::{Error, Result};
+use crate::task::Task;
+use crate::tokenizer::Tokenizer;
+
+pub struct Backbone {
+    llama: Llama,
+    tokenizer: Tokenizer,
+}
+
+impl Backbone {
+    /// `path` is a `.gguf` file (weights and tokenizer in one) or a directory holding `config.json`,
+    /// `*.safetensors` and `tokenizer.json`.
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let weights = loader::load_safetensors_dir(path)?;
+            let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+            return Self::new(Llama::new(weights), tokenizer);
+        }
+        let mut gguf = loader::GgufFile::open(path)?;
+        let tokenizer = Tokenizer::from_gguf_metadata(&gguf.content.metadata)?;
+        // The vocabulary and merges arrays (~8 MB parsed) are not needed any more; free them before the weights
+        // are read so the heap can reuse that memory.
+        gguf.content.metadata.retain(|k, _| !k.starts_with("tokenizer."));
+        let weights = gguf.load_llama()?;
+        Self::new(Llama::new(weights), tokenizer)
+    }
+
+    pub fn new(llama: Llama, tokenizer: Tokenizer) -> Result<Self> {
+        if tokenizer.vocab_size() > llama.config().vocab_size {
+            return Err(Error::InvalidConfig(format!(
+                "the tokenizer has {} tokens but the model's vocabulary is {}",
+                tokenizer.vocab_size(),
+                llama.config().vocab_size
+            )));
+        }
+        Ok(Self { llama, tokenizer })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        self.llama.config()
+    }
+
+    pub fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// All blocks, the default tap set (design §3).
+    pub fn all_taps(&self) -> Vec<usize> {
+        (0..self.config().num_hidden_layers).collect()
+    }
+
+    /// Tokenizes `texts` with the task's template and runs one padded forward over them.
+    pub fn forward_texts(&self, task: &Task, texts: &[&str], taps: &[usize]) -> Result<PivotOutput> {
+        let batch = texts.iter().map(|t| task.encode(&self.tokenizer, t)).collect::<Result<Vec<_>>>()?;
+        self.llama.forward_pivots(&batch, taps, task.label_token_ids())
+    }
+
+    /// Forwards any number of texts in padded batches of at most `batch_size`, grouping prompts of similar length
+    /// so little work goes to padding. Outputs come back in the order of `texts`; `progress(done, total)` is
+    /// called after every batch.
+    pub fn forward_all(
+        &self,
+        task: &Task,
+        texts: &[&str],
+        taps: &[usize],
+        batch_size: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<PivotOutput> {
+        if texts.is_empty() {
+            return Err(Error::InvalidInput("no texts to forward".into()));
+        }
+        let encoded = texts.iter().map(|t| task.encode(&self.tokenizer, t)).collect::<Result<Vec<_>>>()?;
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| encoded[i].len());
+        let mut taps_out = vec![None; texts.len()];
+        let mut logits_out = vec![None; texts.len()];
+        for (n, chunk) in order.chunks(batch_size.max(1)).enumerate() {
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+            let out = self.llama.forward_pivots(&batch, taps, task.label_token_ids())?;
+            for (j, &i) in chunk.iter().enumerate() {
+                taps_out[i] = Some(out.taps.get(j)?);
+                logits_out[i] = Some(out.label_logits.get(j)?);
+            }
+            progress((n * batch_size.max(1) + chunk.len()).min(texts.len()), texts.len());
+        }
+        let collect = |v: Vec<Option<candle_core::Tensor>>| -> Result<candle_core::Tensor> {
+            let v: Vec<_> = v.into_iter().map(|t| t.expect("every index is in one chunk")).collect();
+            Ok(candle_core::Tensor::stack(&v, 0)?)
+        };
+        Ok(PivotOutput { taps: collect(taps_out)?, label_logits: collect(logits_out)? })
+    }
+}

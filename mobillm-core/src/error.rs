@@ -1,0 +1,64 @@
+//! The one error type of the core crate. Every variant names the thing that was wrong (file, tensor, key, line) so
+//! that an app developer can act on the message without a debugger; the FFI maps these variants one to one.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file is not a readable GGUF or safetensors file (bad magic, truncated header, corrupt metadata).
+    #[error("{path} is not a valid model file: {reason}")]
+    InvalidModelFile { path: PathBuf, reason: String },
+
+    /// A tensor's data runs past the end of the file.
+    #[error(
+        "model file {path} is truncated: tensor `{tensor}` needs bytes {start}..{end} but the file has {file_len}"
+    )]
+    TruncatedTensor { path: PathBuf, tensor: String, start: u64, end: u64, file_len: u64 },
+
+    #[error("tensor `{tensor}` has type {dtype}, which MobiLLM does not load (supported: {supported})")]
+    UnsupportedTensorType { tensor: String, dtype: String, supported: &'static str },
+
+    #[error("the model has no tensor `{0}`")]
+    MissingTensor(String),
+
+    #[error("tensor `{tensor}` has shape {found:?}, the config implies {expected:?}")]
+    TensorShape { tensor: String, expected: Vec<usize>, found: Vec<usize> },
+
+    /// Missing, mistyped or mutually inconsistent hyper-parameters (GGUF metadata or `config.json`).
+    #[error("invalid model config: {0}")]
+    InvalidConfig(String),
+
+    #[error("unsupported model architecture `{0}` (supported: llama)")]
+    UnsupportedArchitecture(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("invalid task: {0}")]
+    InvalidTask(String),
+
+    #[error("{path}:{line}: {message}")]
+    Dataset { path: PathBuf, line: usize, message: String },
+
+    /// Caller-supplied input that does not fit the model (empty batch, token id out of range, prompt too long).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    #[error("tensor computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

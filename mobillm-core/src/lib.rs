@@ -1,0 +1,21 @@
+//! MobiLLM core: everything the device and the assist server share, with no FFI and no networking of its own.
+//!
+//! - [`backbone`]: the frozen, quantized Llama backbone and its pivot-token forward (design §2);
+//! - [`tokenizer`]: tokenizers from `tokenizer.json` or from a GGUF's own vocabulary;
+//! - [`task`]: prompt templates and label words;
+//! - [`dataset`]: JSONL and UCI data with a deterministic held-out split;
+//! - [`memory`]: peak resident memory of this process, for the benchmarks.
+
+pub mod backbone;
+pub mod dataset;
+pub mod error;
+pub mod memory;
+pub mod task;
+pub mod tokenizer;
+
+pub use backbone::{Backbone, LlamaConfig, PivotOutput};
+pub use error::{Error, Result};
+pub use task::{Task, TaskSpec};
+pub use tokenizer::Tokenizer;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,79 @@
+//! Project automation: `cargo xtask <command>` (the alias builds this crate in release mode).
+
+mod bench_forward;
+mod fetch;
+mod zeroshot;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "MobiLLM project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download (once) and verify the default model, SmolLM2-135M-Instruct Q4_1, and print its path.
+    FetchModel,
+    /// Download (once) and verify the UCI Sentiment Labelled Sentences and print their directory.
+    FetchData,
+    /// Fetch the model and data, then run every test of the workspace in release mode (the README's test command).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Zero-shot accuracy of the frozen backbone on a held-out split.
+    Zeroshot(zeroshot::Args),
+    /// Forward-pass speed and peak memory: candle's stock quantized model, all weights dequantized, and ours.
+    BenchForward(bench_forward::Args),
+    /// (internal) one benchmark variant, run in its own process so its peak RSS is its own.
+    #[command(hide = true)]
+    BenchForwardWorker(bench_forward::WorkerArgs),
+}
+
+/// Model and data options shared by the commands that run the backbone.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DataArgs {
+    /// A GGUF file or a safetensors directory (default: the fetched SmolLM2-135M-Instruct Q4_1).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// JSONL data, one {"text","label"} object per line (default: the UCI sentences).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Prompt template with one {text} slot, ending in an answer cue (default: the UCI sentiment prompt).
+    #[arg(long)]
+    pub template: Option<String>,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::FetchModel => println!("{}", fetch::model()?.display()),
+        Cmd::FetchData => println!("{}", fetch::uci_data()?.display()),
+        Cmd::Test { args } => test(&args)?,
+        Cmd::Zeroshot(args) => zeroshot::run(args)?,
+        Cmd::BenchForward(args) => bench_forward::run(args)?,
+        Cmd::BenchForwardWorker(args) => bench_forward::worker(args)?,
+    }
+    Ok(())
+}
+
+/// The real model is fetched first so the integration tests run instead of skipping: `MOBILLM_REQUIRE_MODEL=1`
+/// turns a missing model into a failure.
+fn test(args: &[String]) -> Result<()> {
+    let model = fetch::model()?;
+    fetch::uci_data()?;
+    let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["test", "--release", "--workspace"])
+        .args(args)
+        .env("MOBILLM_MODEL", &model)
+        .env("MOBILLM_REQUIRE_MODEL", "1")
+        .status()?;
+    anyhow::ensure!(status.success(), "cargo test failed ({status})");
+    Ok(())
+}

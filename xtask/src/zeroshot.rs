@@ -1,0 +1,83 @@
+//! `cargo xtask zeroshot`: the frozen backbone's accuracy on the held-out split, predicting the label whose word
+//! has the highest logit at the pivot.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use mobillm_core::dataset::{self, Split};
+use mobillm_core::{memory, Backbone, Task, TaskSpec};
+
+use crate::{fetch, DataArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Evaluate at most this many held-out examples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Prompts per padded forward.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+}
+
+/// The backbone, the task and the split that `--model/--data/--template` select (fetching defaults as needed).
+pub fn load(args: &DataArgs) -> Result<(Backbone, Task, Split)> {
+    let model = match &args.model {
+        Some(p) => p.clone(),
+        None => fetch::model()?,
+    };
+    let (split, default_labels) = match &args.data {
+        Some(p) => {
+            let split = dataset::split_jsonl(p)?;
+            let all: Vec<_> = split.train.iter().chain(&split.test).cloned().collect();
+            (split, dataset::labels_of(&all))
+        }
+        None => (dataset::uci_split(&fetch::uci_data()?)?, dataset::UCI_LABELS.map(String::from).to_vec()),
+    };
+    let template = match (&args.template, &args.data) {
+        (Some(t), _) => t.clone(),
+        (None, None) => dataset::UCI_TEMPLATE.to_string(),
+        (None, Some(_)) => anyhow::bail!("--data needs --template (a prompt with {{text}} ending in an answer cue)"),
+    };
+    let backbone = Backbone::load(&model).with_context(|| format!("loading {}", model.display()))?;
+    let task = Task::new(TaskSpec { template, labels: default_labels }, backbone.tokenizer())?;
+    Ok((backbone, task, split))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (backbone, task, split) = load(&args.data)?;
+    let mut test = split.test;
+    if let Some(n) = args.limit {
+        test.truncate(n);
+    }
+    anyhow::ensure!(!test.is_empty(), "no held-out examples");
+    let texts: Vec<&str> = test.iter().map(|e| e.text.as_str()).collect();
+    let last_tap = [backbone.config().num_hidden_layers - 1];
+    eprintln!(
+        "model loaded: {:.1} MB of weights, process RSS {:.1} MB; {} held-out examples",
+        backbone.llama().weight_bytes() as f64 / 1e6,
+        memory::current_rss_mb().unwrap_or(f64::NAN),
+        test.len()
+    );
+    let start = Instant::now();
+    let out = backbone.forward_all(&task, &texts, &last_tap, args.batch, |done, total| {
+        let ms = start.elapsed().as_secs_f64() * 1e3 / done as f64;
+        eprint!("\rzeroshot: {done}/{total} examples, {ms:.1} ms/sample");
+        let _ = std::io::stderr().flush();
+    })?;
+    eprintln!();
+    let elapsed = start.elapsed().as_secs_f64();
+    let predicted = out.label_logits.argmax(1)?.to_vec1::<u32>()?;
+    let correct =
+        test.iter().zip(&predicted).filter(|(ex, &p)| task.label_index(&ex.label) == Some(p as usize)).count();
+    let result = serde_json::json!({
+        "accuracy": correct as f64 / test.len() as f64,
+        "samples": test.len(),
+        "ms_per_sample": elapsed * 1e3 / test.len() as f64,
+        "peak_rss_mb": memory::peak_rss_mb(),
+    });
+    println!("{result}");
+    Ok(())
+}
