@@ -51,6 +51,10 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// A malformed, oversized or inconsistent wire frame (design §6).
+    #[error("bad frame: {0}")]
+    Frame(String),
+
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),
 }

@@ -4,14 +4,18 @@
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or from a GGUF's own vocabulary;
 //! - [`task`]: prompt templates and label words;
 //! - [`dataset`]: JSONL and UCI data with a deterministic held-out split;
+//! - [`side`]: the side network, its training objectives and the device's secrets (design §3–§5);
+//! - [`wire`]: the binary frames of the `/v1` protocol (quantised activations, targets, outputs);
 //! - [`memory`]: peak resident memory of this process, for the benchmarks.
 
 pub mod backbone;
 pub mod dataset;
 pub mod error;
 pub mod memory;
+pub mod side;
 pub mod task;
 pub mod tokenizer;
+pub mod wire;
 
 pub use backbone::{Backbone, LlamaConfig, PivotOutput};
 pub use error::{Error, Result};

@@ -2,6 +2,7 @@
 
 mod bench_forward;
 mod fetch;
+mod side_eval;
 mod zeroshot;
 
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ enum Cmd {
     },
     /// Zero-shot accuracy of the frozen backbone on a held-out split.
     Zeroshot(zeroshot::Args),
+    /// Side-network accuracy on real pivot activations: zero-shot, `pae` with secrets, cross-entropy baseline.
+    SideEval(side_eval::Args),
     /// Forward-pass speed and peak memory: candle's stock quantized model, all weights dequantized, and ours.
     BenchForward(bench_forward::Args),
     /// (internal) one benchmark variant, run in its own process so its peak RSS is its own.
@@ -57,6 +60,7 @@ fn main() -> Result<()> {
         Cmd::FetchData => println!("{}", fetch::uci_data()?.display()),
         Cmd::Test { args } => test(&args)?,
         Cmd::Zeroshot(args) => zeroshot::run(args)?,
+        Cmd::SideEval(args) => side_eval::run(args)?,
         Cmd::BenchForward(args) => bench_forward::run(args)?,
         Cmd::BenchForwardWorker(args) => bench_forward::worker(args)?,
     }

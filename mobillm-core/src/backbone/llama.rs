@@ -12,6 +12,7 @@ use candle_nn::rotary_emb::rope;
 
 use super::config::LlamaConfig;
 use super::loader::{BlockWeights, LlamaWeights};
+use super::weights::Weight;
 use crate::error::{Error, Result};
 
 /// What one forward returns for a batch of `B` examples.
@@ -45,6 +46,36 @@ impl Llama {
             .map(|b| [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down].iter().map(|m| m.storage_bytes()).sum::<usize>())
             .sum();
         blocks + w.embed.storage_bytes() + w.lm_head.as_ref().map_or(0, |h| h.storage_bytes())
+    }
+
+    /// SHA-256 (hex) of the configuration and all weights as stored.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let w = &self.weights;
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&w.config).unwrap_or_default());
+        let mut add = |weight: &Weight| {
+            h.update(weight.dtype_name().as_bytes());
+            for d in weight.dims() {
+                h.update((*d as u64).to_le_bytes());
+            }
+            weight.hash_bytes(&mut |bytes| h.update(bytes));
+        };
+        add(&w.embed);
+        if let Some(head) = &w.lm_head {
+            add(head);
+        }
+        for b in &w.blocks {
+            for m in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
+                add(m);
+            }
+        }
+        for t in std::iter::once(&w.final_norm).chain(w.blocks.iter().flat_map(|b| [&b.attn_norm, &b.ffn_norm])) {
+            for x in t.to_vec1::<f32>().unwrap_or_default() {
+                h.update(x.to_le_bytes());
+            }
+        }
+        format!("{:x}", h.finalize())
     }
 
     /// Runs the batch. `taps` are 0-based block indices in increasing order; `label_ids` index the vocabulary.

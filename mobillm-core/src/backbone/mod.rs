@@ -18,6 +18,7 @@ use crate::tokenizer::Tokenizer;
 pub struct Backbone {
     llama: Llama,
     tokenizer: Tokenizer,
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 impl Backbone {
@@ -46,7 +47,13 @@ impl Backbone {
                 llama.config().vocab_size
             )));
         }
-        Ok(Self { llama, tokenizer })
+        Ok(Self { llama, tokenizer, fingerprint: std::sync::OnceLock::new() })
+    }
+
+    /// SHA-256 (hex) of the configuration and every weight as stored: identifies the backbone an adapter was
+    /// trained against. Computed on first use (≈0.3 s for the 98 MB default model).
+    pub fn fingerprint(&self) -> &str {
+        self.fingerprint.get_or_init(|| self.llama.fingerprint())
     }
 
     pub fn config(&self) -> &LlamaConfig {

@@ -55,6 +55,24 @@ impl Weight {
         }
     }
 
+    /// Feeds the stored bytes to `sink` (for fingerprints).
+    pub fn hash_bytes(&self, sink: &mut dyn FnMut(&[u8])) {
+        match self {
+            Weight::Quantized(q) => {
+                if let Ok(bytes) = q.data() {
+                    sink(&bytes);
+                }
+            }
+            Weight::Dense(t) => {
+                if let Ok(v) = t.flatten_all().and_then(|t| t.to_vec1::<f32>()) {
+                    for x in v {
+                        sink(&x.to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+
     pub fn dtype_name(&self) -> String {
         match self {
             Weight::Quantized(q) => format!("{:?}", q.dtype()),

@@ -1,0 +1,177 @@
+//! The device adapter file: the folded side network (it runs on plain activations and outputs decoded logit
+//! corrections `[N, K]`) plus everything needed to use it and to continue the session: the task, the tapped
+//! layers, the side network's shape, the backbone fingerprint it was trained against, and the session's secret
+//! seed. One safetensors file; the non-tensor parts are JSON strings in its metadata.
+//!
+//! The file holds the session secret: apps should keep it in private storage (the FFI layer encrypts it at rest
+//! where the platform has a keystore). Saving writes a temporary file and renames it, so a crash never leaves a
+//! half-written adapter in place of a good one.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use super::config::SideConfig;
+use super::network::{normalize_taps, SideNet};
+use super::trainer::outputs_in_batches;
+use crate::backbone::Backbone;
+use crate::error::{Error, Result};
+use crate::task::{Task, TaskSpec};
+
+const FORMAT: &str = "mobillm-device-adapter";
+const FORMAT_VERSION: &str = "1";
+
+#[derive(Debug, Clone)]
+pub struct DeviceAdapter {
+    pub task: TaskSpec,
+    pub taps: Vec<usize>,
+    pub backbone_fingerprint: String,
+    /// The session's secret seed (`None` when trained without secrets).
+    pub secret_seed: Option<[u8; 32]>,
+    /// The folded network: `out` has K rows.
+    pub net: SideNet,
+}
+
+/// One prediction: the label and the probability of every label (in the task's order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub label: String,
+    pub label_index: usize,
+    pub scores: Vec<f32>,
+}
+
+impl DeviceAdapter {
+    pub fn side_config(&self) -> &SideConfig {
+        self.net.config()
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = self
+            .net
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| -> Result<_> {
+                let t = t.to_dtype(DType::F32)?;
+                let bytes: Vec<u8> = t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Ok((name.to_string(), t.dims().to_vec(), bytes))
+            })
+            .collect::<Result<_>>()?;
+        let views = tensors
+            .iter()
+            .map(|(n, shape, bytes)| {
+                TensorView::new(Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| Error::InvalidInput(format!("adapter tensor {n}: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("format_version".to_string(), FORMAT_VERSION.to_string()),
+            ("task".to_string(), to_json(&self.task)?),
+            ("taps".to_string(), to_json(&self.taps)?),
+            ("side".to_string(), to_json(self.net.config())?),
+            ("backbone".to_string(), self.backbone_fingerprint.clone()),
+        ]);
+        if let Some(seed) = self.secret_seed {
+            meta.insert("secret_seed".into(), hex(&seed));
+        }
+        let bytes = safetensors::serialize(views, Some(meta))
+            .map_err(|e| Error::InvalidInput(format!("serializing the adapter: {e}")))?;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+        std::io::Write::write_all(&mut tmp, &bytes).map_err(|e| Error::io(path, e))?;
+        tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+        tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+        Ok(())
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let invalid = |reason: String| Error::InvalidModelFile { path: path.to_path_buf(), reason };
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        let field = |k: &str| meta.get(k).ok_or_else(|| invalid(format!("no `{k}` in the adapter metadata")));
+        if field("format")? != FORMAT {
+            return Err(invalid(format!("not a MobiLLM device adapter (format {:?})", meta.get("format"))));
+        }
+        if field("format_version")? != FORMAT_VERSION {
+            return Err(invalid(format!("adapter format version {} is not supported", field("format_version")?)));
+        }
+        let parse = |k: &str| -> Result<serde_json::Value> {
+            serde_json::from_str(field(k)?).map_err(|e| invalid(format!("metadata `{k}`: {e}")))
+        };
+        let task: TaskSpec = serde_json::from_value(parse("task")?).map_err(|e| invalid(format!("task: {e}")))?;
+        let taps: Vec<usize> = serde_json::from_value(parse("taps")?).map_err(|e| invalid(format!("taps: {e}")))?;
+        let side: SideConfig = serde_json::from_value(parse("side")?).map_err(|e| invalid(format!("side: {e}")))?;
+        if taps.len() != side.taps {
+            return Err(invalid(format!("{} taps listed for a network of {}", taps.len(), side.taps)));
+        }
+        let secret_seed = match meta.get("secret_seed") {
+            Some(h) => Some(unhex(h).ok_or_else(|| invalid("malformed secret_seed".into()))?),
+            None => None,
+        };
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let mut tensors = Vec::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != Dtype::F32 {
+                return Err(invalid(format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
+            }
+            let values: Vec<f32> =
+                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            tensors.push((name, Tensor::from_vec(values, view.shape(), &Device::Cpu)?));
+        }
+        let refs: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let net = SideNet::from_tensors(&side, &refs).map_err(|e| invalid(e.to_string()))?;
+        if net.out_rows() != side.labels {
+            return Err(invalid(format!("the network has {} outputs for {} labels", net.out_rows(), side.labels)));
+        }
+        Ok(Self { task, taps, backbone_fingerprint: field("backbone")?.clone(), secret_seed, net })
+    }
+
+    /// Decoded logit corrections `[N, K]` for already-computed pivot taps `[N, T, d]` (not yet normalised).
+    pub fn corrections(&self, taps: &Tensor) -> Result<Tensor> {
+        outputs_in_batches(&self.net, &normalize_taps(taps)?, 256)
+    }
+
+    /// Predicts the label of each text with the backbone plus this adapter.
+    pub fn predict(&self, backbone: &Backbone, texts: &[&str]) -> Result<Vec<Prediction>> {
+        if backbone.fingerprint() != self.backbone_fingerprint {
+            return Err(Error::InvalidInput(
+                "this adapter was trained on another backbone (fingerprints differ)".into(),
+            ));
+        }
+        let task = Task::new(self.task.clone(), backbone.tokenizer())?;
+        let out = backbone.forward_all(&task, texts, &self.taps, 16, |_, _| {})?;
+        let logits = (out.label_logits + self.corrections(&out.taps)?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+        Ok(probs
+            .into_iter()
+            .map(|scores| {
+                let (i, _) =
+                    scores.iter().enumerate().fold((0, f32::MIN), |m, (i, &s)| if s > m.1 { (i, s) } else { m });
+                Prediction { label: self.task.labels[i].clone(), label_index: i, scores }
+            })
+            .collect())
+    }
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::InvalidInput(format!("serializing adapter metadata: {e}")))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}

@@ -1,0 +1,17 @@
+//! The side network (design §3), its training objectives (§4) and the device's secrets (§5), shared by the
+//! server's trainer and the device's fusion.
+
+pub mod adapter;
+pub mod config;
+pub mod network;
+pub mod sample;
+pub mod secrets;
+pub mod targets;
+pub mod trainer;
+
+pub use adapter::{DeviceAdapter, Prediction};
+pub use config::{Activation, Optimizer, SideConfig, TrainConfig};
+pub use network::{normalize_taps, SideNet};
+pub use sample::{CachedSample, SampleId};
+pub use secrets::Secrets;
+pub use trainer::{EpochReport, Objective, SideTrainer};

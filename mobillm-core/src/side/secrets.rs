@@ -1,0 +1,163 @@
+//! The device's per-session secrets (design §5): an independent random orthogonal `R_i` (d×d) per tapped layer and
+//! a random orthogonal `Q` (K'×K') for the output space, all derived from one 32-byte seed drawn from the OS CSPRNG.
+//! Activations leave the device as `R_i·â_i`, targets as `Q·[Δ; 0]`; outputs come back through
+//! `dec(o) = (Qᵀ·o)[:K]`; and the trained adapter is folded (`P_i ← P_i·R_i`, `W_out ← (Qᵀ·W_out)[:K]`) so the
+//! device runs it on plain activations. The seed regenerates everything, so only it needs storing.
+//!
+//! Orthogonal matrices are Haar-distributed: the Q factor of the QR decomposition of a Gaussian matrix with the
+//! signs of R's diagonal moved into Q.
+
+use candle_core::{DType, Device, Tensor};
+use nalgebra::DMatrix;
+use rand::{RngCore, SeedableRng, TryRngCore};
+use rand_chacha::ChaCha20Rng;
+use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
+
+use super::config::SideConfig;
+use super::network::{SideNet, OUT, PROJ};
+use crate::error::{Error, Result};
+
+#[derive(Clone)]
+pub struct Secrets {
+    seed: Option<[u8; 32]>,
+    labels: usize,
+    /// `[T, d, d]`.
+    rotations: Tensor,
+    /// `[K', K']`.
+    q: Tensor,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the seed.
+        f.debug_struct("Secrets").field("enabled", &self.seed.is_some()).field("labels", &self.labels).finish()
+    }
+}
+
+impl Secrets {
+    /// Fresh secrets from the operating system's CSPRNG.
+    pub fn generate(cfg: &SideConfig) -> Result<Self> {
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.try_fill_bytes(&mut seed).map_err(|e| Error::InvalidInput(format!("OS RNG: {e}")))?;
+        Self::from_seed(cfg, seed)
+    }
+
+    /// The secrets a seed determines (the same on every call).
+    pub fn from_seed(cfg: &SideConfig, seed: [u8; 32]) -> Result<Self> {
+        cfg.validate()?;
+        // One sub-seed per matrix from the master stream, so the T + 1 decompositions (≈60 ms each at d = 576)
+        // run in parallel and the result does not depend on the number of threads.
+        let mut master = ChaCha20Rng::from_seed(seed);
+        let sub_seeds: Vec<[u8; 32]> = (0..=cfg.taps)
+            .map(|_| {
+                let mut s = [0u8; 32];
+                master.fill_bytes(&mut s);
+                s
+            })
+            .collect();
+        let (d, k_out) = (cfg.hidden, cfg.outputs);
+        let rotations: Vec<f32> = sub_seeds[..cfg.taps]
+            .par_iter()
+            .map(|s| random_orthogonal(&mut ChaCha20Rng::from_seed(*s), d))
+            .collect::<Vec<_>>()
+            .concat();
+        let rotations = Tensor::from_vec(rotations, (cfg.taps, d, d), &Device::Cpu)?;
+        let q = random_orthogonal(&mut ChaCha20Rng::from_seed(sub_seeds[cfg.taps]), k_out);
+        let q = Tensor::from_vec(q, (k_out, k_out), &Device::Cpu)?;
+        Ok(Self { seed: Some(seed), labels: cfg.labels, rotations, q })
+    }
+
+    /// No secrets (R = Q = I): for comparisons and the privacy audit's "secrets off" runs only.
+    pub fn disabled(cfg: &SideConfig) -> Result<Self> {
+        cfg.validate()?;
+        let eye = |n: usize| Tensor::eye(n, DType::F32, &Device::Cpu);
+        let rotations = eye(cfg.hidden)?.unsqueeze(0)?.repeat((cfg.taps, 1, 1))?;
+        Ok(Self { seed: None, labels: cfg.labels, rotations, q: eye(cfg.outputs)? })
+    }
+
+    pub fn seed(&self) -> Option<[u8; 32]> {
+        self.seed
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.seed.is_some()
+    }
+
+    /// `[N, T, d]` unit-RMS activations → `R_i·â_i` per layer.
+    pub fn rotate_activations(&self, x: &Tensor) -> Result<Tensor> {
+        let (t, d, _) = self.rotations.dims3()?;
+        let dims = x.dims();
+        if dims.len() != 3 || dims[1] != t || dims[2] != d {
+            return Err(Error::InvalidInput(format!("activations have shape {dims:?}, expected [N, {t}, {d}]")));
+        }
+        // [T, N, d] × [T, d, d]ᵀ → [T, N, d]
+        let y = x.transpose(0, 1)?.contiguous()?.matmul(&self.rotations.transpose(1, 2)?)?;
+        Ok(y.transpose(0, 1)?.contiguous()?)
+    }
+
+    /// `Δ: [N, K]` → `Q·[Δ; 0]: [N, K']`.
+    pub fn encode_targets(&self, delta: &Tensor) -> Result<Tensor> {
+        let (n, k) = delta.dims2()?;
+        if k != self.labels {
+            return Err(Error::InvalidInput(format!("targets have {k} columns, the task has {} labels", self.labels)));
+        }
+        let k_out = self.q.dim(0)?;
+        let padded = Tensor::cat(&[delta.clone(), Tensor::zeros((n, k_out - k), delta.dtype(), delta.device())?], 1)?;
+        Ok(padded.matmul(&self.q.t()?)?)
+    }
+
+    /// `o: [N, K']` (server coordinates) → `(Qᵀ·o)[:K]: [N, K]`.
+    pub fn decode_outputs(&self, o: &Tensor) -> Result<Tensor> {
+        let (_, k_out) = o.dims2()?;
+        if k_out != self.q.dim(0)? {
+            return Err(Error::InvalidInput(format!("outputs have {k_out} columns, expected {}", self.q.dim(0)?)));
+        }
+        Ok(o.matmul(&self.q)?.narrow(1, 0, self.labels)?)
+    }
+
+    /// Folds the secrets into a network trained in server coordinates: the result maps plain unit-RMS
+    /// activations to decoded outputs `[N, K]`.
+    pub fn fold(&self, trained: &SideNet) -> Result<SideNet> {
+        let cfg = trained.config();
+        if trained.out_rows() != self.q.dim(0)? {
+            return Err(Error::InvalidInput(format!(
+                "the network has {} outputs, the secrets {}",
+                trained.out_rows(),
+                self.q.dim(0)?
+            )));
+        }
+        let tensors: Vec<(&str, Tensor)> = trained
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| -> Result<(&str, Tensor)> {
+                let t = t.to_dtype(DType::F32)?;
+                Ok(match name {
+                    PROJ => (name, t.matmul(&self.rotations)?), // [T, w, d] × [T, d, d]
+                    OUT => (name, self.q.t()?.matmul(&t)?.narrow(0, 0, self.labels)?), // (Qᵀ W)[:K]
+                    _ => (name, t),
+                })
+            })
+            .collect::<Result<_>>()?;
+        SideNet::from_tensors(cfg, &tensors)
+    }
+}
+
+/// A Haar-random n×n orthogonal matrix, row-major f32.
+fn random_orthogonal(rng: &mut ChaCha20Rng, n: usize) -> Vec<f32> {
+    let g = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(rng));
+    let qr = g.qr();
+    let (mut q, r) = (qr.q(), qr.r());
+    for j in 0..n {
+        if r[(j, j)] < 0.0 {
+            q.column_mut(j).neg_mut();
+        }
+    }
+    let mut out = Vec::with_capacity(n * n);
+    for i in 0..n {
+        for j in 0..n {
+            out.push(q[(i, j)] as f32);
+        }
+    }
+    out
+}

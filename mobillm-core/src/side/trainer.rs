@@ -1,0 +1,239 @@
+//! Training the side network by backprop (what the assist server runs): candle `Var`s, AdamW or SGD, seeded
+//! initial weights and per-epoch shuffling, one loss figure per epoch through a callback that may stop training.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer as _, VarBuilder, VarMap};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use super::config::{Optimizer, SideConfig, TrainConfig};
+use super::network::{SideNet, DOWN, GATE_ALPHA, OUT, PROJ, UP};
+use crate::error::{Error, Result};
+
+/// What the network is fitted to, one row per sample.
+#[derive(Debug, Clone)]
+pub enum Objective {
+    /// PAE mode: mean squared error to per-sample targets `[N, K']` (prediction differences, in the device's
+    /// secret output coordinates).
+    Regression { targets: Tensor },
+    /// MobiLLM mode: cross-entropy of `prior + o[:, :K]` against labels `[N]` (u32), where `prior` `[N, K]` are
+    /// the backbone's label logits.
+    CrossEntropy { labels: Tensor, prior: Tensor },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochReport {
+    /// 1-based.
+    pub epoch: usize,
+    pub epochs: usize,
+    /// Mean training loss over the epoch's mini-batches.
+    pub loss: f64,
+    pub samples: usize,
+}
+
+enum Opt {
+    AdamW(candle_nn::AdamW),
+    Sgd(candle_nn::SGD),
+}
+
+pub struct SideTrainer {
+    cfg: SideConfig,
+    train: TrainConfig,
+    varmap: VarMap,
+    net: SideNet,
+    opt: Opt,
+    rng: ChaCha8Rng,
+}
+
+impl SideTrainer {
+    /// A fresh network: `P_i` and `W_down` Gaussian (scaled so unit-RMS inputs give unit-scale outputs), gates at
+    /// α₀, `W_up` and `W_out` zero. Parameters are f32.
+    pub fn new(cfg: &SideConfig, train: &TrainConfig) -> Result<Self> {
+        Self::new_with_dtype(cfg, train, DType::F32)
+    }
+
+    /// As [`SideTrainer::new`] with another float dtype (f64 for gradient checks).
+    pub fn new_with_dtype(cfg: &SideConfig, train: &TrainConfig, dtype: DType) -> Result<Self> {
+        cfg.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
+        let (t, d, w, r, k) = (cfg.taps, cfg.hidden, cfg.width, cfg.rank, cfg.outputs);
+        let mut gaussian = |shape: &[usize], std: f64| -> Result<Tensor> {
+            let n: usize = shape.iter().product();
+            let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).map(|x: f64| x * std).collect();
+            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?)
+        };
+        let init = vec![
+            (PROJ, gaussian(&[t, w, d], 1.0 / (d as f64).sqrt())?),
+            (GATE_ALPHA, (Tensor::ones(t, dtype, &Device::Cpu)? * cfg.alpha0 as f64)?),
+            (DOWN, gaussian(&[t, r, w], 1.0 / (w as f64).sqrt())?),
+            (UP, Tensor::zeros((t, w, r), dtype, &Device::Cpu)?),
+            (OUT, Tensor::zeros((k, w), dtype, &Device::Cpu)?),
+        ];
+        Self::from_tensors(cfg, train, init)
+    }
+
+    /// Resumes training from saved parameters (e.g. after a server restart).
+    pub fn from_tensors(cfg: &SideConfig, train: &TrainConfig, tensors: Vec<(&str, Tensor)>) -> Result<Self> {
+        cfg.validate()?;
+        train.validate()?;
+        let varmap = VarMap::new();
+        let mut vars = Vec::new();
+        let dtype = tensors.first().map_or(DType::F32, |(_, t)| t.dtype());
+        {
+            let mut data = varmap.data().lock().expect("fresh VarMap");
+            for (name, t) in tensors {
+                let var = Var::from_tensor(&t)?;
+                vars.push(var.clone());
+                data.insert(name.to_string(), var);
+            }
+        }
+        let net = SideNet::new(cfg, cfg.outputs, VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu))?;
+        let opt = match train.optimizer {
+            Optimizer::AdamW => Opt::AdamW(candle_nn::AdamW::new(
+                vars,
+                candle_nn::ParamsAdamW { lr: train.lr, weight_decay: train.weight_decay, ..Default::default() },
+            )?),
+            Optimizer::Sgd => Opt::Sgd(candle_nn::SGD::new(vars, train.lr)?),
+        };
+        // Shuffling continues from a stream of its own, so resuming with the same seed does not replay epochs.
+        let rng = ChaCha8Rng::seed_from_u64(train.seed ^ 0x5EED_5EED);
+        Ok(Self { cfg: cfg.clone(), train: train.clone(), varmap, net, opt, rng })
+    }
+
+    pub fn net(&self) -> &SideNet {
+        &self.net
+    }
+
+    /// Current parameters, detached from the optimizer (what is saved or sent to the device).
+    pub fn tensors(&self) -> Vec<(&'static str, Tensor)> {
+        self.net.tensors().into_iter().map(|(n, t)| (n, t.detach())).collect()
+    }
+
+    /// All parameters as named `Var`s (for gradient checks).
+    pub fn vars(&self) -> HashMap<String, Var> {
+        self.varmap.data().lock().expect("VarMap lock").clone()
+    }
+
+    /// Loss of `objective` on rows `idx` of `x` (all rows when `None`).
+    pub fn loss(&self, x: &Tensor, objective: &Objective, idx: Option<&Tensor>) -> Result<Tensor> {
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            Ok(match idx {
+                Some(i) => t.index_select(i, 0)?,
+                None => t.clone(),
+            })
+        };
+        let o = self.net.forward(&pick(x)?)?;
+        Ok(match objective {
+            Objective::Regression { targets } => candle_nn::loss::mse(&o, &pick(targets)?)?,
+            Objective::CrossEntropy { labels, prior } => {
+                let logits = (pick(prior)? + o.narrow(1, 0, self.cfg.labels)?)?;
+                candle_nn::loss::cross_entropy(&logits, &pick(labels)?)?
+            }
+        })
+    }
+
+    /// Trains for `epochs` epochs over `x: [N, T, d]`. `on_epoch` sees each epoch's mean loss and may stop early.
+    /// Returns the reports of the epochs run.
+    pub fn fit(
+        &mut self,
+        x: &Tensor,
+        objective: &Objective,
+        epochs: usize,
+        mut on_epoch: impl FnMut(&EpochReport) -> ControlFlow<()>,
+    ) -> Result<Vec<EpochReport>> {
+        let n = check_training_data(&self.cfg, x, objective)?;
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        let mut reports = Vec::with_capacity(epochs);
+        for epoch in 1..=epochs {
+            order.shuffle(&mut self.rng);
+            let (mut total, mut batches) = (0.0f64, 0usize);
+            for chunk in order.chunks(self.train.batch_size) {
+                let idx = Tensor::from_slice(chunk, chunk.len(), &Device::Cpu)?;
+                let loss = self.loss(x, objective, Some(&idx))?;
+                let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !value.is_finite() {
+                    return Err(Error::InvalidInput(format!("training diverged: loss {value} in epoch {epoch}")));
+                }
+                let grads = loss.backward()?;
+                match &mut self.opt {
+                    Opt::AdamW(o) => o.step(&grads)?,
+                    Opt::Sgd(o) => o.step(&grads)?,
+                }
+                total += value;
+                batches += 1;
+            }
+            let report = EpochReport { epoch, epochs, loss: total / batches as f64, samples: n };
+            reports.push(report);
+            if on_epoch(&report).is_break() {
+                break;
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Outputs `[N, K']` for `x: [N, T, d]`, in batches, without building a graph.
+    pub fn outputs(&self, x: &Tensor) -> Result<Tensor> {
+        outputs_in_batches(&self.net, x, 256)
+    }
+}
+
+pub fn outputs_in_batches(net: &SideNet, x: &Tensor, batch: usize) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if n == 0 {
+        return Err(Error::InvalidInput("no samples".into()));
+    }
+    let mut parts = Vec::with_capacity(n.div_ceil(batch));
+    for start in (0..n).step_by(batch) {
+        parts.push(net.forward(&x.narrow(0, start, batch.min(n - start))?)?.detach());
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Checks shapes and finiteness of a training set; returns the number of samples.
+pub fn check_training_data(cfg: &SideConfig, x: &Tensor, objective: &Objective) -> Result<usize> {
+    let bad = |m: String| Err(Error::InvalidInput(m));
+    let dims = x.dims();
+    if dims.len() != 3 || dims[1] != cfg.taps || dims[2] != cfg.hidden {
+        return bad(format!("activations have shape {dims:?}, expected [N, {}, {}]", cfg.taps, cfg.hidden));
+    }
+    let n = dims[0];
+    if n == 0 {
+        return bad("no training samples".into());
+    }
+    check_finite(x, "activations")?;
+    match objective {
+        Objective::Regression { targets } => {
+            if targets.dims() != [n, cfg.outputs] {
+                return bad(format!("targets have shape {:?}, expected [{n}, {}]", targets.dims(), cfg.outputs));
+            }
+            check_finite(targets, "targets")?;
+        }
+        Objective::CrossEntropy { labels, prior } => {
+            if labels.dims() != [n] || labels.dtype() != DType::U32 {
+                return bad(format!("labels must be [{n}] u32, got {:?} {:?}", labels.dims(), labels.dtype()));
+            }
+            if prior.dims() != [n, cfg.labels] {
+                return bad(format!("prior logits have shape {:?}, expected [{n}, {}]", prior.dims(), cfg.labels));
+            }
+            check_finite(prior, "prior logits")?;
+            let max = labels.max(0)?.to_scalar::<u32>()?;
+            if max as usize >= cfg.labels {
+                return bad(format!("label {max} is out of range for {} labels", cfg.labels));
+            }
+        }
+    }
+    Ok(n)
+}
+
+pub fn check_finite(t: &Tensor, what: &str) -> Result<()> {
+    let sum = t.abs()?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    if !sum.is_finite() {
+        return Err(Error::InvalidInput(format!("{what} contain NaN or infinite values")));
+    }
+    Ok(())
+}

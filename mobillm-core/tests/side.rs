@@ -1,0 +1,458 @@
+//! The side network's math on synthetic activations (no model needed): zero start, pivot-only equivalence,
+//! gradients, rotation equivariance, secrets folding, adapter files and typed errors.
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, Rng};
+use mobillm_core::side::network::{DOWN, GATE_ALPHA, OUT, PROJ, UP};
+use mobillm_core::side::targets::{accuracy, predict, prediction_differences};
+use mobillm_core::side::{
+    normalize_taps, DeviceAdapter, Objective, Optimizer, Secrets, SideConfig, SideNet, SideTrainer, TrainConfig,
+};
+use mobillm_core::{Error, TaskSpec};
+
+const T: usize = 4;
+const D: usize = 24;
+const K: usize = 3;
+
+fn cfg() -> SideConfig {
+    SideConfig { width: 16, rank: 4, ..SideConfig::new(T, D, K) }
+}
+
+fn gaussian(rng: &mut Rng, shape: &[usize], dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    // Sum of uniforms: close enough to Gaussian for test data.
+    let v: Vec<f32> = (0..n).map(|_| (0..4).map(|_| rng.unit()).sum::<f32>() * 0.87).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+/// A separable synthetic task: labels are the argmax of fixed linear read-outs of the last two layers.
+struct Synthetic {
+    x: Tensor,
+    z_b: Tensor,
+    labels: Vec<u32>,
+}
+
+fn synthetic(seed: u64, n: usize) -> Synthetic {
+    let mut rng = Rng::new(seed);
+    let x = normalize_taps(&gaussian(&mut rng, &[n, T, D], DType::F32)).unwrap();
+    let mut teacher = Rng::new(4242);
+    let v = gaussian(&mut teacher, &[K, 2 * D], DType::F32);
+    let feats = x.narrow(1, T - 2, 2).unwrap().reshape((n, 2 * D)).unwrap();
+    let scores = feats.matmul(&v.t().unwrap()).unwrap();
+    let labels = scores.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    // The "backbone" knows a little: a noisy, shrunken copy of the teacher's scores.
+    let noise = gaussian(&mut rng, &[n, K], DType::F32);
+    let z_b = ((scores * 0.15).unwrap() + noise).unwrap();
+    Synthetic { x, z_b, labels }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn random_params(seed: u64, dtype: DType, out_rows: usize) -> Vec<(&'static str, Tensor)> {
+    let c = cfg();
+    let mut rng = Rng::new(seed);
+    let mut g = |shape: &[usize], s: f64| (gaussian(&mut rng, shape, dtype) * s).unwrap();
+    vec![
+        (PROJ, g(&[T, c.width, D], 0.2)),
+        (GATE_ALPHA, g(&[T], 0.5)),
+        (DOWN, g(&[T, c.rank, c.width], 0.25)),
+        (UP, g(&[T, c.width, c.rank], 0.25)),
+        (OUT, g(&[out_rows, c.width], 0.25)),
+    ]
+}
+
+#[test]
+fn a_fresh_side_network_changes_nothing() {
+    let c = cfg();
+    let data = synthetic(1, 40);
+    let trainer = SideTrainer::new(&c, &TrainConfig::default()).unwrap();
+    let o = trainer.outputs(&data.x).unwrap();
+    assert_eq!(o.dims(), &[40, c.outputs]);
+    assert!(flat(&o).iter().all(|&v| v == 0.0), "W_up and W_out start at zero");
+    let secrets = Secrets::from_seed(&c, [7; 32]).unwrap();
+    let dec = secrets.decode_outputs(&o).unwrap();
+    assert_eq!(predict(&data.z_b, Some(&dec)).unwrap(), predict(&data.z_b, None).unwrap());
+    let folded = secrets.fold(trainer.net()).unwrap();
+    assert!(flat(&folded.forward(&data.x).unwrap()).iter().all(|&v| v == 0.0));
+}
+
+/// The side network is token-wise: running it on every token and keeping the pivot's output gives the loss and
+/// gradients of running it on the pivot alone.
+#[test]
+fn pivot_only_training_equals_all_tokens_then_pivot() {
+    let c = cfg();
+    let (b, len) = (5, 7);
+    let mut rng = Rng::new(3);
+    let all_tokens = normalize_taps(&gaussian(&mut rng, &[b, len, T, D], DType::F32)).unwrap();
+    let pivots: Vec<u32> = (0..b).map(|_| rng.below(len) as u32).collect();
+    let targets = gaussian(&mut rng, &[b, c.outputs], DType::F32);
+    let trainer =
+        SideTrainer::from_tensors(&c, &TrainConfig::default(), random_params(5, DType::F32, c.outputs)).unwrap();
+
+    let pivot_rows: Vec<u32> = pivots.iter().enumerate().map(|(i, &p)| (i * len) as u32 + p).collect();
+    let pivot_idx = Tensor::new(pivot_rows.as_slice(), &Device::Cpu).unwrap();
+    let flat_tokens = all_tokens.reshape((b * len, T, D)).unwrap();
+
+    let o_all = trainer.net().forward(&flat_tokens).unwrap().index_select(&pivot_idx, 0).unwrap();
+    let loss_all = candle_nn::loss::mse(&o_all, &targets).unwrap();
+    let x_pivot = flat_tokens.index_select(&pivot_idx, 0).unwrap();
+    let loss_pivot = trainer.loss(&x_pivot, &Objective::Regression { targets: targets.clone() }, None).unwrap();
+
+    let (la, lp) = (loss_all.to_scalar::<f32>().unwrap(), loss_pivot.to_scalar::<f32>().unwrap());
+    assert!((la - lp).abs() <= 1e-6 * la.abs().max(1.0), "{la} vs {lp}");
+    let (ga, gp) = (loss_all.backward().unwrap(), loss_pivot.backward().unwrap());
+    for (name, var) in trainer.vars() {
+        let (a, p) = (ga.get(&var).unwrap(), gp.get(&var).unwrap());
+        assert_close(&flat(a), &flat(p), 1e-5, &name);
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let c = cfg();
+    let mut rng = Rng::new(11);
+    let n = 6;
+    let x = normalize_taps(&gaussian(&mut rng, &[n, T, D], DType::F64)).unwrap();
+    let objectives = [
+        Objective::Regression { targets: gaussian(&mut rng, &[n, c.outputs], DType::F64) },
+        Objective::CrossEntropy {
+            labels: Tensor::new(&[0u32, 2, 1, 1, 0, 2], &Device::Cpu).unwrap(),
+            prior: gaussian(&mut rng, &[n, K], DType::F64),
+        },
+    ];
+    for objective in &objectives {
+        let trainer =
+            SideTrainer::from_tensors(&c, &TrainConfig::default(), random_params(13, DType::F64, c.outputs)).unwrap();
+        let loss = |t: &SideTrainer| t.loss(&x, objective, None).unwrap().to_scalar::<f64>().unwrap();
+        let grads = trainer.loss(&x, objective, None).unwrap().backward().unwrap();
+        let eps = 1e-6;
+        for (name, var) in trainer.vars() {
+            let g = grads.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            for probe in 0..4 {
+                let j = (probe * 7919 + name.len()) % base.len();
+                let at = |delta: f64| {
+                    let mut v = base.clone();
+                    v[j] += delta;
+                    var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                    loss(&trainer)
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+                var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+                assert!(
+                    (numeric - g[j]).abs() <= 1e-6 + 1e-4 * numeric.abs().max(g[j].abs()),
+                    "{name}[{j}]: finite difference {numeric} vs autograd {}",
+                    g[j]
+                );
+            }
+        }
+    }
+}
+
+fn sgd(epochs: usize) -> TrainConfig {
+    TrainConfig { optimizer: Optimizer::Sgd, lr: 0.5, batch_size: 8, epochs, seed: 17, ..Default::default() }
+}
+
+/// Under SGD, a network trained on `R_i·â_i` with targets `Q·[Δ; 0]` (initialised as the rotated image of the
+/// plain network) and then folded gives the plain network's outputs: the secrets cost nothing.
+#[test]
+fn training_on_rotated_data_is_equivariant_under_sgd() {
+    let c = cfg();
+    let data = synthetic(21, 64);
+    let delta = prediction_differences(&data.z_b, None, &data.labels, 4.0).unwrap();
+    let plain_secrets = Secrets::disabled(&c).unwrap();
+    let secrets = Secrets::from_seed(&c, [9; 32]).unwrap();
+    assert!(secrets.is_enabled() && !plain_secrets.is_enabled());
+
+    let mut plain = SideTrainer::new(&c, &sgd(6)).unwrap();
+    // The rotated network starts as the image of the plain one: P' = P·Rᵀ (W_out is zero either way).
+    let rotated_init: Vec<(&str, Tensor)> = plain
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            if n == PROJ {
+                let r = secrets_rotations(&secrets, &c);
+                (n, t.matmul(&r.transpose(1, 2).unwrap()).unwrap())
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+    let mut rotated = SideTrainer::from_tensors(&c, &sgd(6), rotated_init).unwrap();
+
+    let plain_obj = Objective::Regression { targets: plain_secrets.encode_targets(&delta).unwrap() };
+    let rot_obj = Objective::Regression { targets: secrets.encode_targets(&delta).unwrap() };
+    let rot_x = secrets.rotate_activations(&data.x).unwrap();
+    assert!(flat(&rot_x) != flat(&data.x));
+    let lp = plain.fit(&data.x, &plain_obj, 6, |_| ControlFlow::Continue(())).unwrap();
+    let lr = rotated.fit(&rot_x, &rot_obj, 6, |_| ControlFlow::Continue(())).unwrap();
+    assert!(lp.last().unwrap().loss < lp[0].loss, "training reduces the loss");
+    for (a, b) in lp.iter().zip(&lr) {
+        assert!((a.loss - b.loss).abs() <= 1e-4 * a.loss, "epoch {}: {} vs {}", a.epoch, a.loss, b.loss);
+    }
+    let plain_out = plain_secrets.fold(plain.net()).unwrap().forward(&data.x).unwrap();
+    let folded_out = secrets.fold(rotated.net()).unwrap().forward(&data.x).unwrap();
+    assert_close(&flat(&folded_out), &flat(&plain_out), 1e-3, "folded outputs");
+    // Decoding the server-side outputs is the same as running the folded network.
+    let decoded = secrets.decode_outputs(&rotated.outputs(&rot_x).unwrap()).unwrap();
+    assert_close(&flat(&decoded), &flat(&folded_out), 1e-4, "decode vs fold");
+}
+
+/// The rotations, recovered through the public API: rotating the identity basis of each layer.
+fn secrets_rotations(secrets: &Secrets, c: &SideConfig) -> Tensor {
+    // rotate_activations maps e_j (at layer i) to column j of R_i; stacking D basis vectors gives R_iᵀ.
+    let eye = Tensor::eye(c.hidden, DType::F32, &Device::Cpu).unwrap();
+    let basis = eye.unsqueeze(1).unwrap().repeat((1, c.taps, 1)).unwrap(); // [D, T, D]
+    let rotated = secrets.rotate_activations(&basis).unwrap(); // [D, T, D]: row j, layer i = R_i e_j
+    rotated.transpose(0, 1).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
+    // [T, D(out), D(j)] = R_i
+}
+
+#[test]
+fn rotations_are_orthogonal_independent_and_seeded() {
+    let c = cfg();
+    let a = Secrets::from_seed(&c, [1; 32]).unwrap();
+    let b = Secrets::from_seed(&c, [1; 32]).unwrap();
+    let other = Secrets::from_seed(&c, [2; 32]).unwrap();
+    let (ra, rb, ro) = (secrets_rotations(&a, &c), secrets_rotations(&b, &c), secrets_rotations(&other, &c));
+    assert_eq!(flat(&ra), flat(&rb), "a seed determines the secrets");
+    assert_ne!(flat(&ra), flat(&ro));
+    let eye = Tensor::eye(D, DType::F32, &Device::Cpu).unwrap();
+    for i in 0..T {
+        let r = ra.get(i).unwrap();
+        let rrt = r.matmul(&r.t().unwrap()).unwrap();
+        assert_close(&flat(&rrt), &flat(&eye), 1e-5, "R Rᵀ = I");
+    }
+    assert_ne!(flat(&ra.get(0).unwrap()), flat(&ra.get(1).unwrap()), "one rotation per layer");
+    // Targets round-trip through Q, and the padding is not visible as zeros.
+    let delta = Tensor::new(&[[0.5f32, -0.25, -0.25]], &Device::Cpu).unwrap();
+    let sent = a.encode_targets(&delta).unwrap();
+    assert_eq!(sent.dims(), &[1, c.outputs]);
+    assert!(flat(&sent).iter().filter(|v| v.abs() < 1e-6).count() == 0);
+    assert_close(&flat(&a.decode_outputs(&sent).unwrap()), &flat(&delta), 1e-5, "dec(Q[Δ;0]) = Δ");
+    assert!(!format!("{a:?}").contains("1, 1"), "Debug never prints the seed");
+}
+
+/// AdamW is not rotation-equivariant step by step, but it reaches the same accuracy on rotated data.
+#[test]
+fn adamw_on_rotated_data_reaches_the_same_accuracy() {
+    let c = cfg();
+    let train = synthetic(31, 2000);
+    let test = synthetic(32, 1000);
+    let tc = TrainConfig { epochs: 20, lr: 1e-2, batch_size: 32, seed: 5, ..Default::default() };
+    let base_acc = accuracy(&predict(&test.z_b, None).unwrap(), &test.labels);
+    let mut accs = Vec::new();
+    for secrets in [Secrets::disabled(&c).unwrap(), Secrets::from_seed(&c, [3; 32]).unwrap()] {
+        let mut trainer = SideTrainer::new(&c, &tc).unwrap();
+        let mut dec = None;
+        for _round in 0..3 {
+            let delta = prediction_differences(&train.z_b, dec.as_ref(), &train.labels, 4.0).unwrap();
+            let x = secrets.rotate_activations(&train.x).unwrap();
+            let prev = trainer.outputs(&x).unwrap();
+            let targets = (prev + secrets.encode_targets(&delta).unwrap()).unwrap();
+            trainer.fit(&x, &Objective::Regression { targets }, tc.epochs, |_| ControlFlow::Continue(())).unwrap();
+            dec = Some(secrets.decode_outputs(&trainer.outputs(&x).unwrap()).unwrap());
+        }
+        let folded = secrets.fold(trainer.net()).unwrap();
+        let corr = folded.forward(&test.x).unwrap();
+        accs.push(accuracy(&predict(&test.z_b, Some(&corr)).unwrap(), &test.labels));
+    }
+    eprintln!("base {base_acc}, plain {}, rotated {}", accs[0], accs[1]);
+    assert!(accs[0] > base_acc + 0.15, "training helps: {base_acc} → {}", accs[0]);
+    assert!((accs[0] - accs[1]).abs() <= 0.04, "plain {} vs rotated {}", accs[0], accs[1]);
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let c = cfg();
+    let trainer = SideTrainer::new(&c, &TrainConfig::default()).unwrap();
+    let mut t2 = SideTrainer::new(&c, &TrainConfig::default()).unwrap();
+    let data = synthetic(41, 10);
+    let targets = Tensor::zeros((10, c.outputs), DType::F32, &Device::Cpu).unwrap();
+    let fit = |t: &mut SideTrainer, x: &Tensor, obj: &Objective| t.fit(x, obj, 1, |_| ControlFlow::Continue(()));
+    let reg = |t: Tensor| Objective::Regression { targets: t };
+    let invalid = |r: mobillm_core::Result<Vec<_>>| matches!(r, Err(Error::InvalidInput(_)));
+
+    assert!(invalid(fit(&mut t2, &data.x.narrow(2, 0, D - 1).unwrap(), &reg(targets.clone()))), "wrong d");
+    assert!(invalid(fit(&mut t2, &data.x.narrow(1, 0, T - 1).unwrap(), &reg(targets.clone()))), "wrong T");
+    assert!(invalid(fit(&mut t2, &data.x, &reg(targets.narrow(1, 0, 2).unwrap()))), "wrong K'");
+    assert!(invalid(fit(&mut t2, &data.x.narrow(0, 0, 0).unwrap(), &reg(targets.narrow(0, 0, 0).unwrap()))), "empty");
+    let mut nan = flat(&data.x);
+    nan[17] = f32::NAN;
+    let nan_x = Tensor::from_vec(nan, (10, T, D), &Device::Cpu).unwrap();
+    assert!(invalid(fit(&mut t2, &nan_x, &reg(targets.clone()))), "NaN activations");
+    let mut inf = vec![0f32; 10 * c.outputs];
+    inf[3] = f32::INFINITY;
+    let inf_t = Tensor::from_vec(inf, (10, c.outputs), &Device::Cpu).unwrap();
+    assert!(invalid(fit(&mut t2, &data.x, &reg(inf_t))), "inf targets");
+    let bad_labels = Objective::CrossEntropy {
+        labels: Tensor::new(&[0u32, 1, 2, 3, 0, 1, 2, 0, 1, 2], &Device::Cpu).unwrap(),
+        prior: data.z_b.clone(),
+    };
+    assert!(invalid(fit(&mut t2, &data.x, &bad_labels)), "label out of range");
+
+    let narrow_k = SideConfig { outputs: K - 1, ..cfg() };
+    assert!(matches!(SideTrainer::new(&narrow_k, &TrainConfig::default()), Err(Error::InvalidConfig(_))));
+    assert!(matches!(Secrets::from_seed(&narrow_k, [0; 32]), Err(Error::InvalidConfig(_))));
+    let bad_lr = TrainConfig { lr: f64::NAN, ..Default::default() };
+    assert!(matches!(SideTrainer::new(&c, &bad_lr), Err(Error::InvalidConfig(_))));
+
+    assert!(matches!(prediction_differences(&data.z_b, None, &[0; 9], 4.0), Err(Error::InvalidInput(_))));
+    assert!(matches!(prediction_differences(&data.z_b, None, &[5; 10], 4.0), Err(Error::InvalidInput(_))));
+    assert!(matches!(prediction_differences(&data.z_b, None, &[0; 10], 0.0), Err(Error::InvalidInput(_))));
+    let secrets = Secrets::from_seed(&c, [0; 32]).unwrap();
+    assert!(matches!(secrets.decode_outputs(&data.z_b), Err(Error::InvalidInput(_))), "K columns, not K'");
+    assert!(matches!(secrets.encode_targets(&targets), Err(Error::InvalidInput(_))), "K' columns, not K");
+    assert!(matches!(trainer.net().forward(&data.z_b), Err(Error::InvalidInput(_))));
+}
+
+#[test]
+fn device_adapter_files_round_trip_and_reject_damage() {
+    let c = cfg();
+    let data = synthetic(51, 20);
+    let secrets = Secrets::from_seed(&c, [4; 32]).unwrap();
+    let trained = SideNet::from_tensors(&c, &random_params(52, DType::F32, c.outputs)).unwrap();
+    let adapter = DeviceAdapter {
+        task: TaskSpec { template: "{text}:".into(), labels: vec!["a".into(), "b".into(), "c".into()] },
+        taps: (0..T).collect(),
+        backbone_fingerprint: "f".repeat(64),
+        secret_seed: secrets.seed(),
+        net: secrets.fold(&trained).unwrap(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.safetensors");
+    adapter.save(&path).unwrap();
+    let loaded = DeviceAdapter::load(&path).unwrap();
+    assert_eq!(loaded.task, adapter.task);
+    assert_eq!(loaded.taps, adapter.taps);
+    assert_eq!(loaded.secret_seed, Some([4; 32]));
+    assert_eq!(loaded.side_config(), &c);
+    let raw = data.x.clone();
+    assert_eq!(flat(&loaded.corrections(&raw).unwrap()), flat(&adapter.corrections(&raw).unwrap()));
+
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in [0, 8, bytes.len() / 2, bytes.len() - 3] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        assert!(matches!(DeviceAdapter::load(&path), Err(Error::InvalidModelFile { .. })), "cut at {cut}");
+    }
+    let other = dir.path().join("other.safetensors");
+    candle_core::safetensors::save(&std::collections::HashMap::from([("x".to_string(), data.z_b.clone())]), &other)
+        .unwrap();
+    let err = DeviceAdapter::load(&other).unwrap_err();
+    assert!(err.to_string().contains("format"), "{err}");
+    // Saving over a file replaces it whole.
+    adapter.save(&path).unwrap();
+    assert_eq!(DeviceAdapter::load(&path).unwrap().taps, adapter.taps);
+}
+
+#[test]
+fn trainer_api_over_cached_samples() {
+    use mobillm_core::side::{CachedSample, SampleId};
+    let c = cfg();
+    let data = synthetic(61, 48);
+    let delta = prediction_differences(&data.z_b, None, &data.labels, 4.0).unwrap();
+    let secrets = Secrets::from_seed(&c, [6; 32]).unwrap();
+    let x = secrets.rotate_activations(&data.x).unwrap().to_vec3::<f32>().unwrap();
+    let y = secrets.encode_targets(&delta).unwrap().to_vec2::<f32>().unwrap();
+    let samples: Vec<CachedSample> = x
+        .into_iter()
+        .zip(y)
+        .map(|(a, t)| CachedSample { id: SampleId::random().unwrap(), activations: a.concat(), target: t })
+        .collect();
+    let ids: std::collections::HashSet<_> = samples.iter().map(|s| s.id).collect();
+    assert_eq!(ids.len(), samples.len(), "random ids do not collide");
+
+    let tc = TrainConfig { batch_size: 16, lr: 1e-2, ..Default::default() };
+    let mut trainer = SideTrainer::new(&c, &tc).unwrap();
+    let reports = trainer.fit_samples(&samples, 8, |_| ControlFlow::Continue(())).unwrap();
+    assert!(reports.last().unwrap().loss < reports[0].loss);
+    let outputs = trainer.sample_outputs(&samples).unwrap();
+    assert_eq!(outputs.len(), samples.len());
+    assert!(outputs.iter().zip(&samples).all(|((id, o), s)| *id == s.id && o.len() == c.outputs));
+
+    // Early stop through the callback.
+    let stopped =
+        trainer.fit_samples(
+            &samples,
+            8,
+            |r| if r.epoch == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) },
+        );
+    assert_eq!(stopped.unwrap().len(), 2);
+
+    let mut dup = samples.clone();
+    dup[3].id = dup[0].id;
+    let err = trainer.fit_samples(&dup, 1, |_| ControlFlow::Continue(())).unwrap_err();
+    assert!(err.to_string().contains("twice"), "{err}");
+    let mut short = samples.clone();
+    short[5].activations.pop();
+    assert!(matches!(trainer.fit_samples(&short, 1, |_| ControlFlow::Continue(())), Err(Error::InvalidInput(_))));
+    assert!(matches!(trainer.fit_samples(&[], 1, |_| ControlFlow::Continue(())), Err(Error::InvalidInput(_))));
+}
+
+/// The device's whole path on a tiny real backbone: pivots → secrets → training → fold → adapter file → predict.
+#[test]
+fn device_adapter_predicts_with_its_backbone_only() {
+    use candle_core::quantized::GgmlDType;
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(70, true);
+    let path = dir.path().join("m.gguf");
+    common::write_gguf(&model, &path, GgmlDType::Q8_0);
+    let backbone = mobillm_core::Backbone::load(&path).unwrap();
+    let spec =
+        TaskSpec { template: "Text: {text}\nIs it pos or neg:".into(), labels: vec!["pos".into(), "neg".into()] };
+    let task = mobillm_core::Task::new(spec.clone(), backbone.tokenizer()).unwrap();
+    let texts: Vec<String> =
+        (0..24).map(|i| if i % 2 == 0 { format!("the pos {i} at it") } else { format!("on s{i} re") }).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let labels: Vec<u32> = (0..24).map(|i| (i % 2) as u32).collect();
+    let taps = backbone.all_taps();
+    let out = backbone.forward_all(&task, &refs, &taps, 8, |_, _| {}).unwrap();
+
+    let c = SideConfig { width: 16, rank: 4, ..SideConfig::new(taps.len(), common::HIDDEN, 2) };
+    let secrets = Secrets::from_seed(&c, [8; 32]).unwrap();
+    let x = secrets.rotate_activations(&normalize_taps(&out.taps).unwrap()).unwrap();
+    let delta = prediction_differences(&out.label_logits, None, &labels, 2.0).unwrap();
+    let objective = Objective::Regression { targets: secrets.encode_targets(&delta).unwrap() };
+    let mut trainer = SideTrainer::new(&c, &TrainConfig { batch_size: 8, lr: 1e-2, ..Default::default() }).unwrap();
+    trainer.fit(&x, &objective, 30, |_| ControlFlow::Continue(())).unwrap();
+    let adapter = DeviceAdapter {
+        task: spec,
+        taps: taps.clone(),
+        backbone_fingerprint: backbone.fingerprint().to_string(),
+        secret_seed: secrets.seed(),
+        net: secrets.fold(trainer.net()).unwrap(),
+    };
+    let file = dir.path().join("adapter.safetensors");
+    adapter.save(&file).unwrap();
+    let adapter = DeviceAdapter::load(&file).unwrap();
+
+    let predictions = adapter.predict(&backbone, &refs).unwrap();
+    let dec = secrets.decode_outputs(&trainer.outputs(&x).unwrap()).unwrap();
+    let expected = predict(&out.label_logits, Some(&dec)).unwrap();
+    for (p, e) in predictions.iter().zip(&expected) {
+        assert_eq!(p.label_index as u32, *e);
+        assert_eq!(p.label, ["pos", "neg"][p.label_index]);
+        assert!((p.scores.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+    // The random tiny backbone is very confident, so a short training run cannot flip its predictions; it must
+    // still move the margin towards the true labels.
+    let margin = |logits: &Tensor| -> f32 {
+        let l = logits.to_vec2::<f32>().unwrap();
+        labels.iter().zip(&l).map(|(&y, row)| row[y as usize] - row[1 - y as usize]).sum::<f32>() / l.len() as f32
+    };
+    let before = margin(&out.label_logits);
+    let after = margin(&(&out.label_logits + &dec).unwrap());
+    assert!(after > before + 0.5, "training moved the margin: {before} → {after}");
+    let other_path = dir.path().join("other.gguf");
+    common::write_gguf(&common::tiny_model(71, true), &other_path, GgmlDType::Q8_0);
+    let other = mobillm_core::Backbone::load(&other_path).unwrap();
+    assert_ne!(other.fingerprint(), backbone.fingerprint());
+    let err = adapter.predict(&other, &refs).unwrap_err();
+    assert!(err.to_string().contains("another backbone"), "{err}");
+}
