@@ -14,11 +14,7 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn padded_batch_equals_one_at_a_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(3, true);
-    let path = dir.path().join("m.gguf");
-    write_gguf(&model, &path, GgmlDType::Q8_0);
-    let backbone = Backbone::load(&path).unwrap();
+    let TinyBackbone { model, backbone, .. } = tiny_backbone(3, GgmlDType::Q8_0);
     let prompts = random_prompts(4, 7, model.vocab_size(), 40);
     assert!(prompts.iter().map(Vec::len).min() != prompts.iter().map(Vec::len).max(), "lengths must differ");
     let taps = [0, 2];
@@ -44,11 +40,7 @@ fn padded_batch_equals_one_at_a_time() {
 
 #[test]
 fn forward_all_keeps_input_order_across_length_buckets() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(8, true);
-    let path = dir.path().join("m.gguf");
-    write_gguf(&model, &path, GgmlDType::F32);
-    let backbone = Backbone::load(&path).unwrap();
+    let TinyBackbone { backbone, .. } = tiny_backbone(8, GgmlDType::F32);
     let task = Task::new(
         TaskSpec { template: "Text: {text}\nIs it pos or neg:".into(), labels: vec!["pos".into(), "neg".into()] },
         backbone.tokenizer(),
@@ -99,11 +91,7 @@ const MIXED_TEXTS: &[&str] = &[
 
 #[test]
 fn task_label_words_and_validation() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(1, true);
-    let path = dir.path().join("m.gguf");
-    write_gguf(&model, &path, GgmlDType::F32);
-    let backbone = Backbone::load(&path).unwrap();
+    let TinyBackbone { backbone, .. } = tiny_backbone(1, GgmlDType::F32);
     let tok = backbone.tokenizer();
     let spec = |t: &str, labels: &[&str]| TaskSpec {
         template: t.into(),
@@ -134,11 +122,7 @@ fn task_label_words_and_validation() {
 
 #[test]
 fn bad_inputs_to_the_forward_are_typed_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(1, true);
-    let path = dir.path().join("m.gguf");
-    write_gguf(&model, &path, GgmlDType::F32);
-    let backbone = Backbone::load(&path).unwrap();
+    let TinyBackbone { model, backbone, .. } = tiny_backbone(1, GgmlDType::F32);
     let llama = backbone.llama();
     let v = model.vocab_size() as u32;
     for (batch, taps, labels) in [

@@ -399,11 +399,7 @@ fn trainer_api_over_cached_samples() {
 #[test]
 fn device_adapter_predicts_with_its_backbone_only() {
     use candle_core::quantized::GgmlDType;
-    let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(70, true);
-    let path = dir.path().join("m.gguf");
-    common::write_gguf(&model, &path, GgmlDType::Q8_0);
-    let backbone = mobillm_core::Backbone::load(&path).unwrap();
+    let common::TinyBackbone { dir, backbone, .. } = common::tiny_backbone(70, GgmlDType::Q8_0);
     let spec =
         TaskSpec { template: "Text: {text}\nIs it pos or neg:".into(), labels: vec!["pos".into(), "neg".into()] };
     let task = mobillm_core::Task::new(spec.clone(), backbone.tokenizer()).unwrap();

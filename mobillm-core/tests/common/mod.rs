@@ -301,3 +301,20 @@ fn dirs_cache() -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
 }
+
+/// A tiny model written as a GGUF of `dtype` into a fresh temporary directory, and loaded.
+pub struct TinyBackbone {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub model: TinyModel,
+    pub backbone: mobillm_core::Backbone,
+}
+
+pub fn tiny_backbone(seed: u64, dtype: GgmlDType) -> TinyBackbone {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(seed, true);
+    let path = dir.path().join("m.gguf");
+    write_gguf(&model, &path, dtype);
+    let backbone = mobillm_core::Backbone::load(&path).unwrap();
+    TinyBackbone { dir, path, model, backbone }
+}
