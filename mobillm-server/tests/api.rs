@@ -1,0 +1,239 @@
+//! The HTTP API through `oneshot` on the real router and a real redb store in a temporary directory, plus the
+//! real binary on 127.0.0.1 killed with SIGKILL mid-session.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use mobillm_core::side::SampleId;
+use mobillm_core::wire::{Frame, FrameKind, Quant};
+use mobillm_server::{app, AppState, ServerConfig};
+use tower::ServiceExt;
+
+const KEY: &str = "test-api-key";
+const LAYERS: usize = 2;
+const DIM: usize = 8;
+const OUTPUTS: usize = 4;
+
+fn config(dir: &std::path::Path) -> ServerConfig {
+    ServerConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        api_keys: vec![KEY.into()],
+        max_body_bytes: 64 * 1024,
+        max_decoded_bytes: 1 << 20,
+        max_samples_per_session: 10,
+        max_sessions_per_key: 3,
+    }
+}
+
+async fn call(
+    state: &Arc<AppState>,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Vec<u8>,
+) -> (StatusCode, serde_json::Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = app(state.clone()).oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+type BadUpload<'a> = (&'a str, Option<&'a str>, Vec<u8>, StatusCode, &'a str);
+
+fn session_json() -> Vec<u8> {
+    serde_json::json!({"layers": LAYERS, "dim": DIM, "outputs": OUTPUTS, "backbone": "f00d"}).to_string().into_bytes()
+}
+
+async fn create(state: &Arc<AppState>) -> (String, String) {
+    let (status, body) = call(state, "POST", "/v1/sessions", Some(KEY), session_json()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    (body["session_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string())
+}
+
+fn frame(n: usize, seed: u32) -> (Vec<SampleId>, Vec<u8>) {
+    let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random().unwrap()).collect();
+    let acts: Vec<f32> = (0..n * LAYERS * DIM).map(|i| ((i as u32 * 7 + seed) % 13) as f32 / 6.5 - 1.0).collect();
+    let targets: Vec<f32> = (0..n * OUTPUTS).map(|i| i as f32 / 10.0).collect();
+    let bytes = Frame::samples(ids.clone(), LAYERS, DIM, acts, OUTPUTS, targets).encode(Quant::Int8).unwrap();
+    (ids, bytes)
+}
+
+async fn count(state: &Arc<AppState>, id: &str, token: &str) -> u64 {
+    let (status, body) = call(state, "GET", &format!("/v1/sessions/{id}"), Some(token), vec![]).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["samples"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn sessions_uploads_are_idempotent_and_deletion_erases() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = AppState::open(config(dir.path())).unwrap();
+    let (id, token) = create(&state).await;
+    let uri = format!("/v1/sessions/{id}/samples");
+    let (_, bytes) = frame(4, 1);
+    let (status, body) = call(&state, "PUT", &uri, Some(&token), bytes.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["stored"].as_u64(), body["duplicates"].as_u64(), body["total"].as_u64()),
+        (Some(4), Some(0), Some(4))
+    );
+    // The same frame again (a client that lost the acknowledgement) stores nothing new.
+    let (_, body) = call(&state, "PUT", &uri, Some(&token), bytes).await;
+    assert_eq!(
+        (body["stored"].as_u64(), body["duplicates"].as_u64(), body["total"].as_u64()),
+        (Some(0), Some(4), Some(4))
+    );
+    assert_eq!(count(&state, &id, &token).await, 4);
+
+    // Reopening the store on the same directory keeps everything acknowledged.
+    drop(state);
+    let state = AppState::open(config(dir.path())).unwrap();
+    assert_eq!(count(&state, &id, &token).await, 4);
+
+    let (status, _) = call(&state, "DELETE", &format!("/v1/sessions/{id}"), Some(&token), vec![]).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, body) = call(&state, "GET", &format!("/v1/sessions/{id}"), Some(&token), vec![]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[tokio::test]
+async fn bad_requests_get_the_right_status_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = AppState::open(config(dir.path())).unwrap();
+    let (id, token) = create(&state).await;
+    let (other_id, other_token) = create(&state).await;
+    let uri = format!("/v1/sessions/{id}/samples");
+    let (_, good) = frame(2, 3);
+    let (status, _) = call(&state, "PUT", &uri, Some(&token), good.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let mut bad_magic = good.clone();
+    bad_magic[0] = b'X';
+    let mut bad_version = good.clone();
+    bad_version[4] = 7;
+    let wrong_dims = Frame::samples(
+        vec![SampleId::random().unwrap()],
+        LAYERS,
+        DIM + 8,
+        vec![0.5; LAYERS * (DIM + 8)],
+        OUTPUTS,
+        vec![0.0; OUTPUTS],
+    )
+    .encode(Quant::Int8)
+    .unwrap();
+    let targets_frame = Frame::rows(FrameKind::Targets, vec![SampleId::random().unwrap()], OUTPUTS, vec![0.0; OUTPUTS])
+        .encode(Quant::Int8)
+        .unwrap();
+    let mut lying = good.clone();
+    let declared = u64::from_le_bytes(lying[12..20].try_into().unwrap());
+    lying[12..20].copy_from_slice(&(declared - 1).to_le_bytes());
+    let mut nan_scale = good[..20].to_vec();
+    let mut body = zstd::stream::decode_all(&good[20..]).unwrap();
+    body[20 + 32..20 + 34].copy_from_slice(&0x7E00u16.to_le_bytes());
+    nan_scale.extend(zstd::bulk::compress(&body, 3).unwrap());
+    let mut bomb = good[..12].to_vec();
+    bomb.extend_from_slice(&4096u64.to_le_bytes());
+    zstd::stream::copy_encode(std::io::repeat(0).take(1 << 30), &mut bomb, 19).unwrap();
+    let (_, too_many) = frame(9, 4); // 2 stored + 9 > the limit of 10
+    let oversized = vec![0u8; 70 * 1024];
+
+    // (what, token, body, expected status, expected error code)
+    let cases: Vec<BadUpload> = vec![
+        ("no token", None, good.clone(), StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("wrong token", Some("nope"), good.clone(), StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("another session's token", Some(&other_token), good.clone(), StatusCode::UNAUTHORIZED, "unauthorized"),
+        ("wrong magic", Some(&token), bad_magic, StatusCode::BAD_REQUEST, "bad_frame"),
+        ("wrong version", Some(&token), bad_version, StatusCode::BAD_REQUEST, "bad_frame"),
+        ("truncated", Some(&token), good[..good.len() / 2].to_vec(), StatusCode::BAD_REQUEST, "bad_frame"),
+        ("dims differ from the session", Some(&token), wrong_dims, StatusCode::BAD_REQUEST, "bad_frame"),
+        ("not a samples frame", Some(&token), targets_frame, StatusCode::BAD_REQUEST, "bad_frame"),
+        ("declared size lies", Some(&token), lying, StatusCode::BAD_REQUEST, "bad_frame"),
+        ("NaN scale", Some(&token), nan_scale, StatusCode::BAD_REQUEST, "bad_frame"),
+        ("zstd bomb", Some(&token), bomb, StatusCode::BAD_REQUEST, "bad_frame"),
+        ("too many samples", Some(&token), too_many, StatusCode::UNPROCESSABLE_ENTITY, "limit_exceeded"),
+        ("body over the limit", Some(&token), oversized, StatusCode::PAYLOAD_TOO_LARGE, ""),
+    ];
+    for (what, tok, body, status, code) in cases {
+        let (got, resp) = call(&state, "PUT", &uri, tok, body).await;
+        assert_eq!(got, status, "{what}: {resp}");
+        if !code.is_empty() {
+            assert_eq!(resp["code"], code, "{what}: {resp}");
+            assert!(!resp["message"].as_str().unwrap_or("").is_empty(), "{what}: a message");
+        }
+        assert_eq!(count(&state, &id, &token).await, 2, "{what} changed nothing");
+    }
+    let (status, _) =
+        call(&state, "PUT", &format!("/v1/sessions/{}/samples", "0".repeat(32)), Some(&token), good).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "unknown session");
+    assert_eq!(count(&state, &other_id, &other_token).await, 0);
+
+    // Session creation: keys, JSON, shape, and the per-key limit.
+    for (key, body, status) in [
+        (None, session_json(), StatusCode::UNAUTHORIZED),
+        (Some("wrong"), session_json(), StatusCode::UNAUTHORIZED),
+        (Some(KEY), b"{not json".to_vec(), StatusCode::BAD_REQUEST),
+        (Some(KEY), br#"{"layers":0,"dim":8,"outputs":4,"backbone":"x"}"#.to_vec(), StatusCode::BAD_REQUEST),
+    ] {
+        let (got, resp) = call(&state, "POST", "/v1/sessions", key, body).await;
+        assert_eq!(got, status, "{resp}");
+    }
+    create(&state).await; // the third session of this key
+    let (got, resp) = call(&state, "POST", "/v1/sessions", Some(KEY), session_json()).await;
+    assert_eq!(got, StatusCode::UNPROCESSABLE_ENTITY, "{resp}");
+}
+
+/// Minimal HTTP/1.1 over a real socket (no client library of ours in the loop).
+fn http(addr: &str, method: &str, path: &str, token: &str, body: &[u8]) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, resp.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+fn spawn_server(dir: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mobillm-server"))
+        .args(["--bind", "127.0.0.1:0", "--api-key", KEY, "--data-dir"])
+        .arg(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    (child, addr)
+}
+
+#[test]
+fn acknowledged_uploads_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = spawn_server(dir.path());
+    let (status, body) = http(&addr, "POST", "/v1/sessions", KEY, &session_json());
+    assert_eq!(status, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (id, token) = (created["session_id"].as_str().unwrap(), created["token"].as_str().unwrap());
+    let (_, bytes) = frame(5, 9);
+    let (status, body) = http(&addr, "PUT", &format!("/v1/sessions/{id}/samples"), token, &bytes);
+    assert_eq!(status, 200, "{body}");
+    server.kill().unwrap(); // SIGKILL
+    server.wait().unwrap();
+
+    let (mut server, addr) = spawn_server(dir.path());
+    let (status, body) = http(&addr, "GET", &format!("/v1/sessions/{id}"), token, b"");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["samples"], 5);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
