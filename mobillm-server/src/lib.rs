@@ -1,18 +1,23 @@
-//! The MobiLLM assist server (design §6). This is the first part of it: sessions with API-key creation and
-//! hashed bearer tokens, idempotent and durable sample uploads with limits, status and deletion. Training jobs,
-//! target updates, adapter and output downloads, TLS, metrics and OpenAPI come next.
+//! The MobiLLM assist server (design §6): sessions with API-key creation and hashed bearer tokens, idempotent and
+//! durable uploads with limits, training jobs that survive restarts, adapter and output downloads, deletion.
+//! (TLS, metrics and the OpenAPI document are still to come.)
 //!
 //! ```text
-//! POST   /v1/sessions               (Authorization: Bearer <api key>)   {layers, dim, outputs, backbone}
-//!                                   → 201 {session_id, token}
-//! PUT    /v1/sessions/{id}/samples  (Bearer <token>) body: a Samples frame → {stored, duplicates, total}
-//! GET    /v1/sessions/{id}          (Bearer <token>) → {session_id, samples, shape}
-//! DELETE /v1/sessions/{id}          (Bearer <token>) → 204
+//! POST   /v1/sessions               (Bearer <api key>) {layers, dim, outputs, backbone, [width, rank, activation,
+//!                                   alpha0, lr, batch_size, weight_decay, seed]} → 201 {session_id, token}
+//! PUT    /v1/sessions/{id}/samples  (Bearer <token>) Samples frame → {stored, duplicates, total}
+//! PUT    /v1/sessions/{id}/targets  (Bearer <token>) Targets frame → {updated}
+//! POST   /v1/sessions/{id}/train    (Bearer <token>) {epochs} → 202 {job}
+//! GET    /v1/sessions/{id}          (Bearer <token>) → {session_id, samples, shape, side, job}
+//! GET    /v1/sessions/{id}/outputs  (Bearer <token>) → Outputs frame (the network's K' outputs per sample)
+//! GET    /v1/sessions/{id}/adapter  (Bearer <token>) → zstd(safetensors) of the trained side network
+//! DELETE /v1/sessions/{id}          (Bearer <token>) → 204 (erases samples, weights; stops training)
 //! GET    /healthz
 //! ```
 
 pub mod config;
 pub mod error;
+pub mod jobs;
 pub mod store;
 
 use std::sync::Arc;
@@ -22,24 +27,34 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use mobillm_core::wire::{Frame, FrameKind, Limits};
+use mobillm_core::side::{weights_file, SideTrainer};
+use mobillm_core::wire::{Frame, FrameKind, Limits, Quant};
 use rand::TryRngCore;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 pub use config::ServerConfig;
 use error::ApiError;
-use store::{SessionRecord, SessionShape, Store};
+use mobillm_core::side::{Activation, SideConfig, TrainConfig};
+use store::{JobState, JobStatus, SessionRecord, SessionShape, Store};
 
 pub struct AppState {
     pub config: ServerConfig,
     pub store: Store,
+    /// Sessions with a training thread alive.
+    pub running: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl AppState {
+    /// Opens the store and resumes the training jobs a previous process left running.
     pub fn open(config: ServerConfig) -> anyhow::Result<Arc<Self>> {
         let store = Store::open(&config.data_dir)?;
-        Ok(Arc::new(Self { config, store }))
+        let state = Arc::new(Self { config, store, running: Default::default() });
+        let resumed = jobs::resume_all(&state).map_err(anyhow::Error::msg)?;
+        if resumed > 0 {
+            tracing::info!(resumed, "training jobs resumed");
+        }
+        Ok(state)
     }
 }
 
@@ -50,6 +65,10 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}", get(session_status).delete(delete_session))
         .route("/v1/sessions/{id}/samples", put(upload_samples))
+        .route("/v1/sessions/{id}/targets", put(upload_targets))
+        .route("/v1/sessions/{id}/train", post(start_training))
+        .route("/v1/sessions/{id}/outputs", get(download_outputs))
+        .route("/v1/sessions/{id}/adapter", get(download_adapter))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -93,6 +112,41 @@ struct CreateSession {
     dim: usize,
     outputs: usize,
     backbone: String,
+    width: Option<usize>,
+    rank: Option<usize>,
+    activation: Option<Activation>,
+    alpha0: Option<f32>,
+    lr: Option<f64>,
+    batch_size: Option<usize>,
+    weight_decay: Option<f64>,
+    seed: Option<u64>,
+}
+
+impl CreateSession {
+    /// The side network the server trains. It never learns K: `labels` is a placeholder only the device's own
+    /// copy of the configuration fills in (the server fits K'-wide targets and does not use it).
+    fn configs(&self) -> Result<(SideConfig, TrainConfig), ApiError> {
+        let defaults = SideConfig::new(self.layers, self.dim, 2);
+        let side = SideConfig {
+            outputs: self.outputs,
+            width: self.width.unwrap_or(defaults.width),
+            rank: self.rank.unwrap_or(defaults.rank),
+            activation: self.activation.unwrap_or(defaults.activation),
+            alpha0: self.alpha0.unwrap_or(defaults.alpha0),
+            ..defaults
+        };
+        let d = TrainConfig::default();
+        let train = TrainConfig {
+            lr: self.lr.unwrap_or(d.lr),
+            batch_size: self.batch_size.unwrap_or(d.batch_size),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            seed: self.seed.unwrap_or(d.seed),
+            ..d
+        };
+        side.validate().map_err(|e| ApiError::bad_request("bad_config", e.to_string()))?;
+        train.validate().map_err(|e| ApiError::bad_request("bad_config", e.to_string()))?;
+        Ok((side, train))
+    }
 }
 
 async fn create_session(
@@ -116,6 +170,7 @@ async fn create_session(
     if req.outputs == 0 || req.outputs > limits.max_width {
         return Err(ApiError::bad_request("bad_shape", format!("outputs {} out of range", req.outputs)));
     }
+    let (side, train) = req.configs()?;
     let key_hash = sha256_hex(key.as_bytes());
     if state.store.sessions_of_key(&key_hash)? >= state.config.max_sessions_per_key {
         return Err(ApiError::limit(format!("this key already has {} sessions", state.config.max_sessions_per_key)));
@@ -127,6 +182,9 @@ async fn create_session(
         key_hash,
         token_hash: sha256_hex(token.as_bytes()),
         shape: SessionShape { layers: req.layers, dim: req.dim, outputs: req.outputs, backbone: req.backbone },
+        side,
+        train,
+        job: JobState::default(),
         created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     };
     state.store.put_session(&rec)?;
@@ -141,7 +199,9 @@ async fn session_status(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let rec = authorize(&state, &id, &headers).await?;
     let samples = state.store.sample_count(&id)?;
-    Ok(Json(serde_json::json!({"session_id": id, "samples": samples, "shape": rec.shape})))
+    Ok(Json(serde_json::json!({
+        "session_id": id, "samples": samples, "shape": rec.shape, "side": rec.side, "job": rec.job,
+    })))
 }
 
 async fn delete_session(
@@ -208,4 +268,135 @@ async fn upload_samples(
     .await
     .map_err(|e| ApiError::internal(format!("upload task: {e}")))??;
     Ok(Json(serde_json::json!({"stored": stored, "duplicates": duplicates, "total": total})))
+}
+
+fn refuse_while_training(state: &AppState, id: &str) -> Result<(), ApiError> {
+    if state.running.lock().expect("running set").contains(id) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "training", "the session is training; wait for it to finish"));
+    }
+    Ok(())
+}
+
+async fn upload_targets(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rec = authorize(&state, &id, &headers).await?;
+    refuse_while_training(&state, &id)?;
+    let limits = Limits {
+        max_decoded_bytes: state.config.max_decoded_bytes,
+        max_samples: state.config.max_samples_per_session,
+        max_layers: 0,
+        max_dim: 0,
+        max_width: rec.shape.outputs,
+        max_tokens: 0,
+    };
+    let state2 = state.clone();
+    let updated = tokio::task::spawn_blocking(move || -> Result<usize, ApiError> {
+        let (frame, _) = Frame::decode(&body, &limits)?;
+        if frame.kind != FrameKind::Targets || frame.width != rec.shape.outputs {
+            return Err(ApiError::bad_request(
+                "bad_frame",
+                format!(
+                    "expected a Targets frame of width {}, got {:?} of width {}",
+                    rec.shape.outputs, frame.kind, frame.width
+                ),
+            ));
+        }
+        let rows: Vec<_> = frame.ids.iter().zip(frame.values.chunks_exact(frame.width)).map(|(i, v)| (*i, v)).collect();
+        match state2.store.update_targets(&rec.id, &rows, &rec.shape)? {
+            Ok(n) => Ok(n),
+            Err(missing) => {
+                Err(ApiError::bad_request("unknown_sample", format!("sample {missing} was never uploaded")))
+            }
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("targets task: {e}")))??;
+    Ok(Json(serde_json::json!({"updated": updated})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartTraining {
+    epochs: usize,
+}
+
+/// Epochs one request may ask for.
+const MAX_EPOCHS: usize = 1000;
+
+async fn start_training(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let mut rec = authorize(&state, &id, &headers).await?;
+    let req: StartTraining =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("bad_json", format!("train request: {e}")))?;
+    if req.epochs == 0 || req.epochs > MAX_EPOCHS {
+        return Err(ApiError::bad_request("bad_epochs", format!("epochs must be 1..={MAX_EPOCHS}")));
+    }
+    if state.store.sample_count(&id)? == 0 {
+        return Err(ApiError::bad_request("no_samples", "upload samples before training"));
+    }
+    if !state.running.lock().expect("running set").insert(id.clone()) {
+        return Err(ApiError::new(StatusCode::CONFLICT, "training", "the session is already training"));
+    }
+    // Continue from the current weights: a new request adds epochs on top of what was trained.
+    rec.job = JobState {
+        status: JobStatus::Running,
+        epochs_total: req.epochs,
+        epochs_done: 0,
+        loss: rec.job.loss,
+        message: None,
+    };
+    if let Err(e) = state.store.put_checkpoint(&rec, None) {
+        state.running.lock().expect("running set").remove(&id);
+        return Err(e.into());
+    }
+    jobs::spawn(state.clone(), rec.clone());
+    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"job": rec.job}))))
+}
+
+async fn download_outputs(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Vec<u8>, ApiError> {
+    let rec = authorize(&state, &id, &headers).await?;
+    refuse_while_training(&state, &id)?;
+    let state2 = state.clone();
+    tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+        let samples = state2.store.samples(&rec.id, &rec.shape)?;
+        let trainer = match state2.store.weights(&rec.id)? {
+            Some(bytes) => {
+                let (tensors, _) = weights_file::from_bytes(&bytes).map_err(ApiError::internal)?;
+                SideTrainer::from_tensors(&rec.side, &rec.train, weights_file::as_refs(&tensors))?
+            }
+            // Before any training the network is fresh: its outputs are zero.
+            None => SideTrainer::new(&rec.side, &rec.train)?,
+        };
+        if samples.is_empty() {
+            return Ok(Frame::rows(FrameKind::Outputs, vec![], rec.shape.outputs, vec![]).encode(Quant::F16)?);
+        }
+        let outputs = trainer.sample_outputs(&samples)?;
+        let (ids, values): (Vec<_>, Vec<_>) = outputs.into_iter().unzip();
+        Ok(Frame::rows(FrameKind::Outputs, ids, rec.shape.outputs, values.concat()).encode(Quant::F16)?)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("outputs task: {e}")))?
+}
+
+async fn download_adapter(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Vec<u8>, ApiError> {
+    let rec = authorize(&state, &id, &headers).await?;
+    let weights = state.store.weights(&id)?.ok_or_else(|| ApiError::not_found("nothing trained yet"))?;
+    let _ = rec;
+    zstd::bulk::compress(&weights, mobillm_core::wire::ZSTD_LEVEL).map_err(|e| ApiError::internal(format!("zstd: {e}")))
 }

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use mobillm_core::side::SampleId;
+use mobillm_core::side::{CachedSample, SampleId, SideConfig, TrainConfig};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// (session id, sample id) → f16 activations followed by f32 target.
 const SAMPLES: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("samples");
+/// session id → the side network's latest checkpoint (safetensors bytes).
+const WEIGHTS: TableDefinition<&str, &[u8]> = TableDefinition::new("weights");
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -34,6 +36,31 @@ pub struct SessionShape {
     pub backbone: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Idle,
+    Running,
+    Done,
+    Failed,
+}
+
+/// The session's training job, as clients see it in the status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobState {
+    pub status: JobStatus,
+    pub epochs_total: usize,
+    pub epochs_done: usize,
+    pub loss: Option<f64>,
+    pub message: Option<String>,
+}
+
+impl Default for JobState {
+    fn default() -> Self {
+        Self { status: JobStatus::Idle, epochs_total: 0, epochs_done: 0, loss: None, message: None }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub id: String,
@@ -42,6 +69,9 @@ pub struct SessionRecord {
     /// SHA-256 (hex) of the session's bearer token.
     pub token_hash: String,
     pub shape: SessionShape,
+    pub side: SideConfig,
+    pub train: TrainConfig,
+    pub job: JobState,
     pub created_unix: u64,
 }
 
@@ -56,6 +86,7 @@ impl Store {
         let txn = db.begin_write().map_err(se)?;
         txn.open_table(SESSIONS).map_err(se)?;
         txn.open_table(SAMPLES).map_err(se)?;
+        txn.open_table(WEIGHTS).map_err(se)?;
         txn.commit().map_err(se)?;
         Ok(Self { db })
     }
@@ -76,6 +107,17 @@ impl Store {
             Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(se)?)),
             None => Ok(None),
         }
+    }
+
+    pub fn all_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(se)?;
+        let t = txn.open_table(SESSIONS).map_err(se)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(se)? {
+            let (_, v) = row.map_err(se)?;
+            out.push(serde_json::from_slice(v.value()).map_err(se)?);
+        }
+        Ok(out)
     }
 
     pub fn sessions_of_key(&self, key_hash: &str) -> Result<usize, StoreError> {
@@ -138,11 +180,87 @@ impl Store {
             let existed = s.remove(id).map_err(se)?.is_some();
             let mut t = txn.open_table(SAMPLES).map_err(se)?;
             t.retain_in((id, &[][..])..=(id, &[0xFFu8; 16][..]), |_, _| false).map_err(se)?;
+            txn.open_table(WEIGHTS).map_err(se)?.remove(id).map_err(se)?;
             existed
         };
         txn.commit().map_err(se)?;
         Ok(existed)
     }
+}
+
+impl Store {
+    /// Every sample of a session, decoded for training (activations `layers·dim`, target `outputs`).
+    pub fn samples(&self, session: &str, shape: &SessionShape) -> Result<Vec<CachedSample>, StoreError> {
+        let txn = self.db.begin_read().map_err(se)?;
+        let t = txn.open_table(SAMPLES).map_err(se)?;
+        let mut out = Vec::new();
+        for row in t.range((session, &[][..])..=(session, &[0xFFu8; 16][..])).map_err(se)? {
+            let (k, v) = row.map_err(se)?;
+            let id = SampleId(k.value().1.try_into().map_err(se)?);
+            out.push(decode_sample(id, v.value(), shape)?);
+        }
+        Ok(out)
+    }
+
+    /// Replaces the targets of existing samples, all or nothing. `Err(id)` names the first unknown sample.
+    pub fn update_targets(
+        &self,
+        session: &str,
+        rows: &[(SampleId, &[f32])],
+        shape: &SessionShape,
+    ) -> Result<Result<usize, SampleId>, StoreError> {
+        let txn = self.db.begin_write().map_err(se)?;
+        {
+            let mut t = txn.open_table(SAMPLES).map_err(se)?;
+            for (id, target) in rows {
+                let acts_len = 2 * shape.layers * shape.dim;
+                let updated = match t.get((session, &id.0[..])).map_err(se)? {
+                    Some(v) => {
+                        let mut bytes = v.value()[..acts_len].to_vec();
+                        target.iter().for_each(|x| bytes.extend_from_slice(&x.to_le_bytes()));
+                        bytes
+                    }
+                    None => return Ok(Err(*id)), // dropping the transaction discards earlier updates
+                };
+                t.insert((session, &id.0[..]), updated.as_slice()).map_err(se)?;
+            }
+        }
+        txn.commit().map_err(se)?;
+        Ok(Ok(rows.len()))
+    }
+
+    /// Saves the job state, and with it a checkpoint of the weights when given, in one transaction.
+    pub fn put_checkpoint(&self, rec: &SessionRecord, weights: Option<&[u8]>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(se)?;
+        {
+            let mut s = txn.open_table(SESSIONS).map_err(se)?;
+            if s.get(rec.id.as_str()).map_err(se)?.is_none() {
+                return Ok(()); // deleted meanwhile: write nothing back
+            }
+            s.insert(rec.id.as_str(), serde_json::to_vec(rec).map_err(se)?.as_slice()).map_err(se)?;
+            if let Some(w) = weights {
+                txn.open_table(WEIGHTS).map_err(se)?.insert(rec.id.as_str(), w).map_err(se)?;
+            }
+        }
+        txn.commit().map_err(se)
+    }
+
+    pub fn weights(&self, session: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(se)?;
+        let t = txn.open_table(WEIGHTS).map_err(se)?;
+        Ok(t.get(session).map_err(se)?.map(|v| v.value().to_vec()))
+    }
+}
+
+fn decode_sample(id: SampleId, bytes: &[u8], shape: &SessionShape) -> Result<CachedSample, StoreError> {
+    let n_acts = shape.layers * shape.dim;
+    if bytes.len() != 2 * n_acts + 4 * shape.outputs {
+        return Err(StoreError(format!("sample {id} has {} stored bytes", bytes.len())));
+    }
+    let activations =
+        bytes[..2 * n_acts].chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+    let target = bytes[2 * n_acts..].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok(CachedSample { id, activations, target })
 }
 
 /// Encodes one sample for storage: f16 activations, then f32 target values.

@@ -202,17 +202,21 @@ fn http(addr: &str, method: &str, path: &str, token: &str, body: &[u8]) -> (u16,
 }
 
 fn spawn_server(dir: &std::path::Path) -> (std::process::Child, String) {
+    let log = dir.with_extension("log");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mobillm-server"))
         .args(["--bind", "127.0.0.1:0", "--api-key", KEY, "--data-dir"])
         .arg(dir)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on ").unwrap().to_string();
-    (child, addr)
+    let Some(addr) = line.trim().strip_prefix("listening on ") else {
+        let status = child.wait();
+        panic!("the server did not start ({status:?}): {}", std::fs::read_to_string(&log).unwrap_or_default());
+    };
+    (child, addr.to_string())
 }
 
 #[test]
@@ -234,6 +238,133 @@ fn acknowledged_uploads_survive_kill_9() {
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["samples"], 5);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+async fn wait_done(state: &Arc<AppState>, id: &str, token: &str) -> serde_json::Value {
+    for _ in 0..600 {
+        let (_, body) = call(state, "GET", &format!("/v1/sessions/{id}"), Some(token), vec![]).await;
+        match body["job"]["status"].as_str() {
+            Some("done") | Some("failed") => return body,
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    panic!("training did not finish");
+}
+
+#[tokio::test]
+async fn training_outputs_targets_and_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = AppState::open(config(dir.path())).unwrap();
+    let req = serde_json::json!({"layers": LAYERS, "dim": DIM, "outputs": OUTPUTS, "backbone": "f00d",
+                                 "width": 8, "rank": 2, "batch_size": 4, "lr": 0.02});
+    let (status, body) = call(&state, "POST", "/v1/sessions", Some(KEY), req.to_string().into_bytes()).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (id, token) = (body["session_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string());
+    let (ids, bytes) = frame(8, 5);
+    call(&state, "PUT", &format!("/v1/sessions/{id}/samples"), Some(&token), bytes).await;
+
+    // Before training the network is fresh: zero outputs; and there is no adapter yet.
+    let (status, _) = call(&state, "GET", &format!("/v1/sessions/{id}/adapter"), Some(&token), vec![]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let outputs = raw_get(&state, &format!("/v1/sessions/{id}/outputs"), &token).await;
+    let (frame0, _) = Frame::decode(&outputs, &Default::default()).unwrap();
+    assert!(frame0.values.iter().all(|&v| v == 0.0) && frame0.ids.len() == 8);
+
+    let train = |epochs: usize| serde_json::json!({"epochs": epochs}).to_string().into_bytes();
+    let (status, body) = call(&state, "POST", &format!("/v1/sessions/{id}/train"), Some(&token), train(40)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let (status, _) = call(&state, "POST", &format!("/v1/sessions/{id}/train"), Some(&token), b"{}".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "malformed train request");
+    let done = wait_done(&state, &id, &token).await;
+    assert_eq!(done["job"]["status"], "done", "{done}");
+    assert_eq!(done["job"]["epochs_done"], 40);
+
+    // The outputs moved towards the targets (i / 10 per value, see `frame`).
+    let outputs = raw_get(&state, &format!("/v1/sessions/{id}/outputs"), &token).await;
+    let (out, _) = Frame::decode(&outputs, &Default::default()).unwrap();
+    assert_eq!(out.kind, FrameKind::Outputs);
+    let mut by_id: Vec<_> = out.ids.iter().zip(out.values.chunks(OUTPUTS)).collect();
+    by_id.sort_by_key(|(i, _)| ids.iter().position(|x| x == *i).unwrap());
+    let err: f32 = by_id
+        .iter()
+        .enumerate()
+        .map(|(s, (_, o))| {
+            o.iter().enumerate().map(|(k, v)| (v - (s * OUTPUTS + k) as f32 / 10.0).powi(2)).sum::<f32>()
+        })
+        .sum();
+    let base: f32 = (0..8 * OUTPUTS).map(|i| (i as f32 / 10.0).powi(2)).sum();
+    assert!(err < 0.5 * base, "training fits the targets: {err} vs {base}");
+
+    let adapter = raw_get(&state, &format!("/v1/sessions/{id}/adapter"), &token).await;
+    let (tensors, _) =
+        mobillm_core::side::weights_file::from_bytes(&zstd::stream::decode_all(&adapter[..]).unwrap()).unwrap();
+    assert_eq!(tensors.len(), 5);
+
+    // New targets for known samples replace the old ones; an unknown id changes nothing.
+    let new_targets =
+        Frame::rows(FrameKind::Targets, ids.clone(), OUTPUTS, vec![1.0; 8 * OUTPUTS]).encode(Quant::F16).unwrap();
+    let (status, body) = call(&state, "PUT", &format!("/v1/sessions/{id}/targets"), Some(&token), new_targets).await;
+    assert_eq!((status, body["updated"].as_u64()), (StatusCode::OK, Some(8)));
+    let mut with_unknown = ids[..2].to_vec();
+    with_unknown.push(SampleId::random().unwrap());
+    let bad =
+        Frame::rows(FrameKind::Targets, with_unknown, OUTPUTS, vec![9.0; 3 * OUTPUTS]).encode(Quant::F16).unwrap();
+    let (status, body) = call(&state, "PUT", &format!("/v1/sessions/{id}/targets"), Some(&token), bad).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("unknown_sample")));
+    let samples = state.store.samples(&id, &state.store.session(&id).unwrap().unwrap().shape).unwrap();
+    assert!(samples.iter().all(|s| s.target == vec![1.0; OUTPUTS]), "the refused update left every target as it was");
+}
+
+async fn raw_get(state: &Arc<AppState>, uri: &str, token: &str) -> Vec<u8> {
+    let req = Request::builder().method("GET").uri(uri).header("authorization", format!("Bearer {token}"));
+    let resp = app(state.clone()).oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap().to_bytes().to_vec()
+}
+
+#[test]
+fn training_resumes_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, addr) = spawn_server(dir.path());
+    let req =
+        serde_json::json!({"layers": LAYERS, "dim": DIM, "outputs": OUTPUTS, "backbone": "f00d", "batch_size": 1});
+    let (_, body) = http(&addr, "POST", "/v1/sessions", KEY, req.to_string().as_bytes());
+    let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (id, token) = (created["session_id"].as_str().unwrap(), created["token"].as_str().unwrap());
+    let (_, bytes) = frame(10, 2);
+    http(&addr, "PUT", &format!("/v1/sessions/{id}/samples"), token, &bytes);
+    let (status, body) = http(&addr, "POST", &format!("/v1/sessions/{id}/train"), token, br#"{"epochs": 1000}"#);
+    assert_eq!(status, 202, "{body}");
+    let status_of = |addr: &str| -> serde_json::Value {
+        serde_json::from_str(&http(addr, "GET", &format!("/v1/sessions/{id}"), token, b"").1).unwrap()
+    };
+    let mut before = status_of(&addr);
+    for _ in 0..2000 {
+        if before["job"]["epochs_done"].as_u64().unwrap() >= 3 || before["job"]["status"] != "running" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        before = status_of(&addr);
+    }
+    assert_eq!(before["job"]["status"], "running", "{before}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let killed_at = before["job"]["epochs_done"].as_u64().unwrap();
+    assert!(killed_at < 1000, "killed mid-training");
+
+    let (mut server, addr) = spawn_server(dir.path());
+    let mut after = status_of(&addr);
+    for _ in 0..3000 {
+        if after["job"]["status"] == "done" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        after = status_of(&addr);
+    }
+    assert_eq!(after["job"]["status"], "done", "{after}");
+    assert_eq!(after["job"]["epochs_done"], 1000);
     server.kill().unwrap();
     server.wait().unwrap();
 }

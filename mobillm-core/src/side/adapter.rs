@@ -10,12 +10,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use candle_core::Tensor;
 
 use super::config::SideConfig;
 use super::network::{normalize_taps, SideNet};
 use super::trainer::outputs_in_batches;
+use super::weights_file;
 use crate::backbone::Backbone;
 use crate::error::{Error, Result};
 use crate::task::{Task, TaskSpec};
@@ -48,24 +48,6 @@ impl DeviceAdapter {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .net
-            .tensors()
-            .into_iter()
-            .map(|(name, t)| -> Result<_> {
-                let t = t.to_dtype(DType::F32)?;
-                let bytes: Vec<u8> = t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
-                Ok((name.to_string(), t.dims().to_vec(), bytes))
-            })
-            .collect::<Result<_>>()?;
-        let views = tensors
-            .iter()
-            .map(|(n, shape, bytes)| {
-                TensorView::new(Dtype::F32, shape.clone(), bytes)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| Error::InvalidInput(format!("adapter tensor {n}: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let mut meta = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("format_version".to_string(), FORMAT_VERSION.to_string()),
@@ -77,8 +59,7 @@ impl DeviceAdapter {
         if let Some(seed) = self.secret_seed {
             meta.insert("secret_seed".into(), hex(&seed));
         }
-        let bytes = safetensors::serialize(views, Some(meta))
-            .map_err(|e| Error::InvalidInput(format!("serializing the adapter: {e}")))?;
+        let bytes = weights_file::to_bytes(&self.net.tensors(), meta)?;
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
         std::io::Write::write_all(&mut tmp, &bytes).map_err(|e| Error::io(path, e))?;
@@ -90,8 +71,7 @@ impl DeviceAdapter {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let invalid = |reason: String| Error::InvalidModelFile { path: path.to_path_buf(), reason };
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
-        let meta = header.metadata().clone().unwrap_or_default();
+        let (tensors, meta) = weights_file::from_bytes(&bytes).map_err(invalid)?;
         let field = |k: &str| meta.get(k).ok_or_else(|| invalid(format!("no `{k}` in the adapter metadata")));
         if field("format")? != FORMAT {
             return Err(invalid(format!("not a MobiLLM device adapter (format {:?})", meta.get("format"))));
@@ -112,18 +92,7 @@ impl DeviceAdapter {
             Some(h) => Some(unhex(h).ok_or_else(|| invalid("malformed secret_seed".into()))?),
             None => None,
         };
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
-        let mut tensors = Vec::new();
-        for (name, view) in st.tensors() {
-            if view.dtype() != Dtype::F32 {
-                return Err(invalid(format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
-            }
-            let values: Vec<f32> =
-                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            tensors.push((name, Tensor::from_vec(values, view.shape(), &Device::Cpu)?));
-        }
-        let refs: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-        let net = SideNet::from_tensors(&side, &refs).map_err(|e| invalid(e.to_string()))?;
+        let net = SideNet::from_tensors(&side, &weights_file::as_refs(&tensors)).map_err(|e| invalid(e.to_string()))?;
         if net.out_rows() != side.labels {
             return Err(invalid(format!("the network has {} outputs for {} labels", net.out_rows(), side.labels)));
         }

@@ -8,6 +8,7 @@ pub mod sample;
 pub mod secrets;
 pub mod targets;
 pub mod trainer;
+pub mod weights_file;
 
 pub use adapter::{DeviceAdapter, Prediction};
 pub use config::{Activation, Optimizer, SideConfig, TrainConfig};

@@ -1,0 +1,81 @@
+//! Training jobs: one OS thread per training session (CPU-bound work stays off the async runtime). After every
+//! epoch the job stores a checkpoint of the weights together with its progress in one transaction, so a restarted
+//! server resumes from the last finished epoch ([`resume_all`]). The optimiser's moments are not checkpointed:
+//! a resumed job restarts AdamW's running averages, which costs a little progress, never correctness.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use mobillm_core::side::sample::stack_samples;
+use mobillm_core::side::{weights_file, Objective, SideTrainer};
+
+use crate::store::{JobStatus, SessionRecord};
+use crate::AppState;
+
+/// Starts training `epochs` epochs for the session (resuming from its checkpoint, if any) on a new thread.
+/// The caller has marked the session as running in `state.running`.
+pub fn spawn(state: Arc<AppState>, rec: SessionRecord) {
+    let id = rec.id.clone();
+    std::thread::Builder::new()
+        .name(format!("train-{}", &id[..8.min(id.len())]))
+        .spawn(move || {
+            let result = run(&state, rec.clone());
+            if let Err(message) = result {
+                tracing::error!(session = %id, %message, "training failed");
+                let mut failed = rec;
+                if let Ok(Some(latest)) = state.store.session(&id) {
+                    failed = latest;
+                }
+                failed.job.status = JobStatus::Failed;
+                failed.job.message = Some(message);
+                let _ = state.store.put_checkpoint(&failed, None);
+            }
+            state.running.lock().expect("running set").remove(&id);
+        })
+        .expect("spawning a training thread");
+}
+
+fn run(state: &AppState, mut rec: SessionRecord) -> Result<(), String> {
+    let samples = state.store.samples(&rec.id, &rec.shape).map_err(|e| e.to_string())?;
+    let mut trainer = match state.store.weights(&rec.id).map_err(|e| e.to_string())? {
+        Some(bytes) => {
+            let (tensors, _) = weights_file::from_bytes(&bytes)?;
+            SideTrainer::from_tensors(&rec.side, &rec.train, weights_file::as_refs(&tensors))
+        }
+        None => SideTrainer::new(&rec.side, &rec.train),
+    }
+    .map_err(|e| e.to_string())?;
+    let (x, targets) = stack_samples(&trainer, &samples).map_err(|e| e.to_string())?;
+    let objective = Objective::Regression { targets };
+    tracing::info!(session = %rec.id, samples = samples.len(), done = rec.job.epochs_done, total = rec.job.epochs_total, "training");
+    while rec.job.epochs_done < rec.job.epochs_total {
+        // A deleted session stops its job; nothing is written back.
+        if !matches!(state.store.session(&rec.id), Ok(Some(_))) {
+            tracing::info!(session = %rec.id, "session deleted; training stopped");
+            return Ok(());
+        }
+        let reports = trainer.fit(&x, &objective, 1, |_| ControlFlow::Continue(())).map_err(|e| e.to_string())?;
+        rec.job.epochs_done += 1;
+        rec.job.loss = reports.last().map(|r| r.loss);
+        if rec.job.epochs_done == rec.job.epochs_total {
+            rec.job.status = JobStatus::Done;
+        }
+        let weights = weights_file::to_bytes(&trainer.tensors(), HashMap::new()).map_err(|e| e.to_string())?;
+        state.store.put_checkpoint(&rec, Some(&weights)).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Marks sessions whose job was running when the server stopped and starts them again.
+pub fn resume_all(state: &Arc<AppState>) -> Result<usize, String> {
+    let mut resumed = 0;
+    for rec in state.store.all_sessions().map_err(|e| e.to_string())? {
+        if rec.job.status == JobStatus::Running && state.running.lock().expect("running set").insert(rec.id.clone()) {
+            tracing::info!(session = %rec.id, done = rec.job.epochs_done, total = rec.job.epochs_total, "resuming training");
+            spawn(state.clone(), rec);
+            resumed += 1;
+        }
+    }
+    Ok(resumed)
+}
