@@ -55,6 +55,14 @@ pub enum Error {
     #[error("bad frame: {0}")]
     Frame(String),
 
+    /// The assist server answered with an error (`code` and `message` are its JSON error body).
+    #[error("server error {status} ({code}): {message}")]
+    Server { status: u16, code: String, message: String },
+
+    /// The assist server could not be reached, or the connection broke, after retries.
+    #[error("network: {0}")]
+    Network(String),
+
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),
 }

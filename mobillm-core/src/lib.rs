@@ -6,9 +6,11 @@
 //! - [`dataset`]: JSONL and UCI data with a deterministic held-out split;
 //! - [`side`]: the side network, its training objectives and the device's secrets (design §3–§5);
 //! - [`wire`]: the binary frames of the `/v1` protocol (quantised activations, targets, outputs);
+//! - [`client`]: the device's blocking HTTP client for the assist server;
 //! - [`memory`]: peak resident memory of this process, for the benchmarks.
 
 pub mod backbone;
+pub mod client;
 pub mod dataset;
 pub mod error;
 pub mod memory;
