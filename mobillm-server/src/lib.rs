@@ -222,15 +222,7 @@ async fn upload_samples(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let rec = authorize(&state, &id, &headers).await?;
-    let shape = &rec.shape;
-    let limits = Limits {
-        max_decoded_bytes: state.config.max_decoded_bytes,
-        max_samples: state.config.max_samples_per_session,
-        max_layers: shape.layers,
-        max_dim: shape.dim,
-        max_width: shape.outputs,
-        max_tokens: 0,
-    };
+    let limits = frame_limits(&state, &rec.shape, true);
     let state2 = state.clone();
     let (stored, duplicates, total) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
         let (frame, _) = Frame::decode(&body, &limits)?;
@@ -270,6 +262,19 @@ async fn upload_samples(
     Ok(Json(serde_json::json!({"stored": stored, "duplicates": duplicates, "total": total})))
 }
 
+/// What a frame for this session may hold: its own dimensions exactly (activations only where the frame kind
+/// carries them), within the server's size limits.
+fn frame_limits(state: &AppState, shape: &SessionShape, activations: bool) -> Limits {
+    Limits {
+        max_decoded_bytes: state.config.max_decoded_bytes,
+        max_samples: state.config.max_samples_per_session,
+        max_layers: if activations { shape.layers } else { 0 },
+        max_dim: if activations { shape.dim } else { 0 },
+        max_width: shape.outputs,
+        max_tokens: 0,
+    }
+}
+
 fn refuse_while_training(state: &AppState, id: &str) -> Result<(), ApiError> {
     if state.running.lock().expect("running set").contains(id) {
         return Err(ApiError::new(StatusCode::CONFLICT, "training", "the session is training; wait for it to finish"));
@@ -285,14 +290,7 @@ async fn upload_targets(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let rec = authorize(&state, &id, &headers).await?;
     refuse_while_training(&state, &id)?;
-    let limits = Limits {
-        max_decoded_bytes: state.config.max_decoded_bytes,
-        max_samples: state.config.max_samples_per_session,
-        max_layers: 0,
-        max_dim: 0,
-        max_width: rec.shape.outputs,
-        max_tokens: 0,
-    };
+    let limits = frame_limits(&state, &rec.shape, false);
     let state2 = state.clone();
     let updated = tokio::task::spawn_blocking(move || -> Result<usize, ApiError> {
         let (frame, _) = Frame::decode(&body, &limits)?;
