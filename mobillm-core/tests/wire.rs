@@ -73,6 +73,27 @@ fn upload_bytes_per_sample_for_smollm2_pivots() {
     // Raw f32 would be 30 × 576 × 4 = 69 120 bytes.
     assert!(sizes[0] < 36_000.0 && sizes[1] < 18_500.0 && sizes[2] < 10_500.0, "{sizes:?}");
     assert!(sizes[0] > sizes[1] && sizes[1] > sizes[2]);
+
+    // `mobillm` mode sends every token of every tapped layer, every epoch: 21 tokens (the UCI prompts' mean).
+    let tokens = 21;
+    let mut rng = Rng::new(3);
+    let seq = Frame {
+        kind: FrameKind::Sequences,
+        ids: ids(8),
+        layers: LAYERS,
+        dim: DIM,
+        activations: activations(&mut rng, 8 * tokens),
+        lens: vec![tokens as u32; 8],
+        labels: vec![0; 8],
+        width: 2,
+        values: vec![0.0; 16],
+    };
+    let per_sample = seq.encode(Quant::Int8).unwrap().len() as f64 / 8.0;
+    eprintln!(
+        "Int8 full sequence ({tokens} tokens): {per_sample:.0} bytes per sample per epoch ({:.0}× the pivot frame)",
+        per_sample / sizes[1]
+    );
+    assert!(per_sample > 15.0 * sizes[1]);
 }
 
 #[test]
