@@ -345,13 +345,13 @@ fn quantize_into(x: &[f32], quant: Quant, out: &mut Vec<u8>) -> Result<()> {
             out.extend(x.iter().map(|v| if s > 0.0 { (v / s).round().clamp(-127.0, 127.0) as i8 as u8 } else { 0 }));
         }
         Quant::Int4 => {
-            for group in x.chunks(INT4_GROUP) {
-                out.extend_from_slice(&f16::from_f32(absmax(group) / 7.0).to_le_bytes());
-            }
+            let scales: Vec<f16> = x.chunks(INT4_GROUP).map(|g| f16::from_f32(absmax(g) / 7.0)).collect();
+            scales.iter().for_each(|s| out.extend_from_slice(&s.to_le_bytes()));
             let codes: Vec<u8> = x
                 .chunks(INT4_GROUP)
-                .flat_map(|group| {
-                    let s = f16::from_f32(absmax(group) / 7.0).to_f32();
+                .zip(&scales)
+                .flat_map(|(group, s)| {
+                    let s = s.to_f32();
                     group
                         .iter()
                         .map(move |v| if s > 0.0 { ((v / s).round().clamp(-7.0, 7.0) as i8 + 8) as u8 } else { 8 })
