@@ -190,8 +190,8 @@ fn training_on_rotated_data_is_equivariant_under_sgd() {
     let rot_obj = Objective::Regression { targets: secrets.encode_targets(&delta).unwrap() };
     let rot_x = secrets.rotate_activations(&data.x).unwrap();
     assert!(flat(&rot_x) != flat(&data.x));
-    let lp = plain.fit(&data.x, &plain_obj, 6, |_| ControlFlow::Continue(())).unwrap();
-    let lr = rotated.fit(&rot_x, &rot_obj, 6, |_| ControlFlow::Continue(())).unwrap();
+    let lp = plain.fit(&data.x, &plain_obj, 6, |_, _| ControlFlow::Continue(())).unwrap();
+    let lr = rotated.fit(&rot_x, &rot_obj, 6, |_, _| ControlFlow::Continue(())).unwrap();
     assert!(lp.last().unwrap().loss < lp[0].loss, "training reduces the loss");
     for (a, b) in lp.iter().zip(&lr) {
         assert!((a.loss - b.loss).abs() <= 1e-4 * a.loss, "epoch {}: {} vs {}", a.epoch, a.loss, b.loss);
@@ -256,7 +256,7 @@ fn adamw_on_rotated_data_reaches_the_same_accuracy() {
             let x = secrets.rotate_activations(&train.x).unwrap();
             let prev = trainer.outputs(&x).unwrap();
             let targets = (prev + secrets.encode_targets(&delta).unwrap()).unwrap();
-            trainer.fit(&x, &Objective::Regression { targets }, tc.epochs, |_| ControlFlow::Continue(())).unwrap();
+            trainer.fit(&x, &Objective::Regression { targets }, tc.epochs, |_, _| ControlFlow::Continue(())).unwrap();
             dec = Some(secrets.decode_outputs(&trainer.outputs(&x).unwrap()).unwrap());
         }
         let folded = secrets.fold(trainer.net()).unwrap();
@@ -275,7 +275,7 @@ fn bad_inputs_are_typed_errors() {
     let mut t2 = SideTrainer::new(&c, &TrainConfig::default()).unwrap();
     let data = synthetic(41, 10);
     let targets = Tensor::zeros((10, c.outputs), DType::F32, &Device::Cpu).unwrap();
-    let fit = |t: &mut SideTrainer, x: &Tensor, obj: &Objective| t.fit(x, obj, 1, |_| ControlFlow::Continue(()));
+    let fit = |t: &mut SideTrainer, x: &Tensor, obj: &Objective| t.fit(x, obj, 1, |_, _| ControlFlow::Continue(()));
     let reg = |t: Tensor| Objective::Regression { targets: t };
     let invalid = |r: mobillm_core::Result<Vec<_>>| matches!(r, Err(Error::InvalidInput(_)));
 
@@ -370,7 +370,7 @@ fn trainer_api_over_cached_samples() {
 
     let tc = TrainConfig { batch_size: 16, lr: 1e-2, ..Default::default() };
     let mut trainer = SideTrainer::new(&c, &tc).unwrap();
-    let reports = trainer.fit_samples(&samples, 8, |_| ControlFlow::Continue(())).unwrap();
+    let reports = trainer.fit_samples(&samples, 8, |_, _| ControlFlow::Continue(())).unwrap();
     assert!(reports.last().unwrap().loss < reports[0].loss);
     let outputs = trainer.sample_outputs(&samples).unwrap();
     assert_eq!(outputs.len(), samples.len());
@@ -381,18 +381,18 @@ fn trainer_api_over_cached_samples() {
         trainer.fit_samples(
             &samples,
             8,
-            |r| if r.epoch == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) },
+            |r, _| if r.epoch == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) },
         );
     assert_eq!(stopped.unwrap().len(), 2);
 
     let mut dup = samples.clone();
     dup[3].id = dup[0].id;
-    let err = trainer.fit_samples(&dup, 1, |_| ControlFlow::Continue(())).unwrap_err();
+    let err = trainer.fit_samples(&dup, 1, |_, _| ControlFlow::Continue(())).unwrap_err();
     assert!(err.to_string().contains("twice"), "{err}");
     let mut short = samples.clone();
     short[5].activations.pop();
-    assert!(matches!(trainer.fit_samples(&short, 1, |_| ControlFlow::Continue(())), Err(Error::InvalidInput(_))));
-    assert!(matches!(trainer.fit_samples(&[], 1, |_| ControlFlow::Continue(())), Err(Error::InvalidInput(_))));
+    assert!(matches!(trainer.fit_samples(&short, 1, |_, _| ControlFlow::Continue(())), Err(Error::InvalidInput(_))));
+    assert!(matches!(trainer.fit_samples(&[], 1, |_, _| ControlFlow::Continue(())), Err(Error::InvalidInput(_))));
 }
 
 /// The device's whole path on a tiny real backbone: pivots → secrets → training → fold → adapter file → predict.
@@ -416,7 +416,7 @@ fn device_adapter_predicts_with_its_backbone_only() {
     let delta = prediction_differences(&out.label_logits, None, &labels, 2.0).unwrap();
     let objective = Objective::Regression { targets: secrets.encode_targets(&delta).unwrap() };
     let mut trainer = SideTrainer::new(&c, &TrainConfig { batch_size: 8, lr: 1e-2, ..Default::default() }).unwrap();
-    trainer.fit(&x, &objective, 30, |_| ControlFlow::Continue(())).unwrap();
+    trainer.fit(&x, &objective, 30, |_, _| ControlFlow::Continue(())).unwrap();
     let adapter = DeviceAdapter {
         task: spec,
         taps: taps.clone(),

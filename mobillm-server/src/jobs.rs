@@ -49,20 +49,36 @@ fn run(state: &AppState, mut rec: SessionRecord) -> Result<(), String> {
     let (x, targets) = stack_samples(&trainer, &samples).map_err(|e| e.to_string())?;
     let objective = Objective::Regression { targets };
     tracing::info!(session = %rec.id, samples = samples.len(), done = rec.job.epochs_done, total = rec.job.epochs_total, "training");
-    while rec.job.epochs_done < rec.job.epochs_total {
-        // A deleted session stops its job; nothing is written back.
-        if !matches!(state.store.session(&rec.id), Ok(Some(_))) {
-            tracing::info!(session = %rec.id, "session deleted; training stopped");
-            return Ok(());
-        }
-        let reports = trainer.fit(&x, &objective, 1, |_| ControlFlow::Continue(())).map_err(|e| e.to_string())?;
-        rec.job.epochs_done += 1;
-        rec.job.loss = reports.last().map(|r| r.loss);
-        if rec.job.epochs_done == rec.job.epochs_total {
-            rec.job.status = JobStatus::Done;
-        }
-        let weights = weights_file::to_bytes(&trainer.tensors(), HashMap::new()).map_err(|e| e.to_string())?;
-        state.store.put_checkpoint(&rec, Some(&weights)).map_err(|e| e.to_string())?;
+    // One `fit` for all remaining epochs (the data is validated once); each epoch's weights and progress are
+    // checkpointed together from the callback.
+    let mut failure = None;
+    let remaining = rec.job.epochs_total.saturating_sub(rec.job.epochs_done);
+    trainer
+        .fit(&x, &objective, remaining, |report, net| {
+            // A deleted session stops its job; nothing is written back.
+            if !matches!(state.store.session(&rec.id), Ok(Some(_))) {
+                tracing::info!(session = %rec.id, "session deleted; training stopped");
+                return ControlFlow::Break(());
+            }
+            rec.job.epochs_done += 1;
+            rec.job.loss = Some(report.loss);
+            if rec.job.epochs_done == rec.job.epochs_total {
+                rec.job.status = JobStatus::Done;
+            }
+            let saved = weights_file::to_bytes(&net.tensors(), HashMap::new())
+                .map_err(|e| e.to_string())
+                .and_then(|w| state.store.put_checkpoint(&rec, Some(&w)).map_err(|e| e.to_string()));
+            match saved {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failure = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    if let Some(e) = failure {
+        return Err(e);
     }
     Ok(())
 }

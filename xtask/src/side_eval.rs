@@ -152,7 +152,7 @@ pub fn run(args: Args) -> Result<()> {
         let prev = trainer.outputs(&x_train)?;
         let targets = (prev + secrets.encode_targets(&delta)?)?;
         let start = Instant::now();
-        let reports = trainer.fit(&x_train, &Objective::Regression { targets }, args.epochs, |r| {
+        let reports = trainer.fit(&x_train, &Objective::Regression { targets }, args.epochs, |r, _| {
             eprint!("\rpae round {round}/{}: epoch {}/{} loss {:.4}", args.rounds, r.epoch, r.epochs, r.loss);
             let _ = std::io::stderr().flush();
             ControlFlow::Continue(())
@@ -179,7 +179,7 @@ pub fn run(args: Args) -> Result<()> {
         let labels = Tensor::new(train.labels.as_slice(), &Device::Cpu)?;
         let objective = Objective::CrossEntropy { labels, prior: train.logits.clone() };
         let total = args.rounds * args.epochs;
-        ce.fit(&x_train, &objective, total, |r| {
+        ce.fit(&x_train, &objective, total, |r, _| {
             eprint!("\rce baseline: epoch {}/{} loss {:.4}", r.epoch, r.epochs, r.loss);
             let _ = std::io::stderr().flush();
             ControlFlow::Continue(())

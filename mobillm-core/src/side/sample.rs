@@ -71,7 +71,7 @@ impl SideTrainer {
         &mut self,
         samples: &[CachedSample],
         epochs: usize,
-        on_epoch: impl FnMut(&EpochReport) -> ControlFlow<()>,
+        on_epoch: impl FnMut(&EpochReport, &super::SideNet) -> ControlFlow<()>,
     ) -> Result<Vec<EpochReport>> {
         let (x, targets) = stack_samples(self, samples)?;
         self.fit(&x, &Objective::Regression { targets }, epochs, on_epoch)

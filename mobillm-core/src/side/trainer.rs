@@ -137,14 +137,15 @@ impl SideTrainer {
         })
     }
 
-    /// Trains for `epochs` epochs over `x: [N, T, d]`. `on_epoch` sees each epoch's mean loss and may stop early.
+    /// Trains for `epochs` epochs over `x: [N, T, d]`, validating the data once. `on_epoch` sees each epoch's mean
+    /// loss and the network as it stands after that epoch (to checkpoint it), and may stop early.
     /// Returns the reports of the epochs run.
     pub fn fit(
         &mut self,
         x: &Tensor,
         objective: &Objective,
         epochs: usize,
-        mut on_epoch: impl FnMut(&EpochReport) -> ControlFlow<()>,
+        mut on_epoch: impl FnMut(&EpochReport, &SideNet) -> ControlFlow<()>,
     ) -> Result<Vec<EpochReport>> {
         let n = check_training_data(&self.cfg, x, objective)?;
         let mut order: Vec<u32> = (0..n as u32).collect();
@@ -169,7 +170,7 @@ impl SideTrainer {
             }
             let report = EpochReport { epoch, epochs, loss: total / batches as f64, samples: n };
             reports.push(report);
-            if on_epoch(&report).is_break() {
+            if on_epoch(&report, &self.net).is_break() {
                 break;
             }
         }
