@@ -1,7 +1,10 @@
 //! The device's client for the assist server (blocking: call it from a background thread, as the FFI does).
 //! Uploads go in chunks; a chunk that fails on the network or with a 5xx is retried with backoff, and because
 //! uploads are idempotent per sample id, retrying or re-running an interrupted upload never duplicates samples.
-//! (HTTPS support comes with the TLS work of the server issue; this build speaks plain HTTP.)
+//!
+//! HTTPS goes through rustls (`ring` provider). By default the server's certificate is checked against the
+//! platform's trust store (rustls-platform-verifier); [`AssistClient::with_ca`] trusts exactly one given CA
+//! instead, which is what a self-hosted assist server with a private CA (and the tests) need.
 
 use std::time::Duration;
 
@@ -9,11 +12,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::side::{weights_file, SampleId};
-use crate::wire::{Frame, FrameKind, Limits, Quant};
+use crate::wire::{Frame, FrameKind, Limits, Mode, Quant};
 
 /// What the device asks the server for when it creates a session.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionRequest {
+    pub mode: Mode,
+    /// K, sent in `mobillm` mode only (in `pae` mode the server never learns the number of labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub labels: Option<usize>,
     pub layers: usize,
     pub dim: usize,
     pub outputs: usize,
@@ -53,6 +60,16 @@ pub struct UploadAck {
     pub total: usize,
 }
 
+/// The server's answer to a `mobillm`-mode training step.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct StepAck {
+    /// Mean cross-entropy over the frame's mini-batches.
+    pub loss: f64,
+    pub samples: usize,
+    /// Step requests the session has trained on so far.
+    pub steps: usize,
+}
+
 pub struct AssistClient {
     http: reqwest::blocking::Client,
     base: String,
@@ -60,11 +77,29 @@ pub struct AssistClient {
 }
 
 impl AssistClient {
+    /// A client for `base_url` (`http://…` or `https://…`) that trusts the platform's certificate authorities.
     pub fn new(base_url: &str) -> Result<Self> {
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .map_err(|e| Error::Network(e.to_string()))?;
+        Self::build(base_url, None)
+    }
+
+    /// A client that trusts only the CA certificate (PEM) given, for servers with a private CA.
+    pub fn with_ca(base_url: &str, ca_pem: &[u8]) -> Result<Self> {
+        Self::build(base_url, Some(ca_pem))
+    }
+
+    fn build(base_url: &str, ca_pem: Option<&[u8]>) -> Result<Self> {
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            return Err(Error::InvalidInput(format!("server URL {base_url:?} must start with http:// or https://")));
+        }
+        // The process-wide rustls provider; an app that installed one already keeps its own.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120));
+        if let Some(pem) = ca_pem {
+            let ca =
+                reqwest::Certificate::from_pem(pem).map_err(|e| Error::InvalidInput(format!("CA certificate: {e}")))?;
+            builder = builder.tls_certs_only([ca]);
+        }
+        let http = builder.build().map_err(|e| Error::Network(e.to_string()))?;
         Ok(Self { http, base: base_url.trim_end_matches('/').to_string(), retries: 4 })
     }
 
@@ -149,6 +184,13 @@ impl AssistClient {
         let url = self.url(&format!("/v1/sessions/{}/targets", s.session_id));
         self.send(|| self.http.put(&url).bearer_auth(&s.token).body(bytes.clone()))?;
         Ok(bytes.len() as u64)
+    }
+
+    /// `mobillm` mode: sends one encoded Sequences frame; the server trains on it at once and answers with the loss.
+    pub fn train_step(&self, s: &Session, frame: &[u8]) -> Result<StepAck> {
+        let url = self.url(&format!("/v1/sessions/{}/steps", s.session_id));
+        let resp = self.send(|| self.http.post(&url).bearer_auth(&s.token).body(frame.to_vec()))?;
+        resp.json().map_err(|e| Error::Network(format!("step reply: {e}")))
     }
 
     pub fn train(&self, s: &Session, epochs: usize) -> Result<()> {

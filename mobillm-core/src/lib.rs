@@ -16,6 +16,8 @@ pub mod error;
 pub mod memory;
 pub mod side;
 pub mod task;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod tokenizer;
 pub mod wire;
 
@@ -23,5 +25,6 @@ pub use backbone::{Backbone, LlamaConfig, PivotOutput};
 pub use error::{Error, Result};
 pub use task::{Task, TaskSpec};
 pub use tokenizer::Tokenizer;
+pub use wire::Mode;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -62,6 +62,37 @@ impl Quant {
     }
 }
 
+/// How a session trains (design §1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// PAE MobiLLM (the default): pivot activations sent once, device-defined targets, secrets.
+    #[default]
+    Pae,
+    /// MobiLLM: every token's activations re-sent each epoch, labels and backbone label logits on the server.
+    Mobillm,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Pae => "pae",
+            Mode::Mobillm => "mobillm",
+        })
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pae" => Ok(Mode::Pae),
+            "mobillm" => Ok(Mode::Mobillm),
+            other => Err(Error::InvalidInput(format!("unknown mode {other:?} (pae or mobillm)"))),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {
     /// PAE upload: per sample one vector per tapped layer, plus its target row.
@@ -144,6 +175,39 @@ impl Frame {
     /// Targets (`kind = Targets`) or outputs (`kind = Outputs`): one row of `width` values per id.
     pub fn rows(kind: FrameKind, ids: Vec<SampleId>, width: usize, values: Vec<f32>) -> Self {
         Self { kind, ids, layers: 0, dim: 0, activations: vec![], lens: vec![], labels: vec![], width, values }
+    }
+
+    /// A `mobillm`-mode batch: `activations` holds every token of every sample (`lens[i]` tokens each), token
+    /// after token, each token's `layers` vectors of `dim`; `prior` holds the backbone's `width` label logits per
+    /// sample.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sequences(
+        ids: Vec<SampleId>,
+        layers: usize,
+        dim: usize,
+        activations: Vec<f32>,
+        lens: Vec<u32>,
+        labels: Vec<u32>,
+        width: usize,
+        prior: Vec<f32>,
+    ) -> Self {
+        Self { kind: FrameKind::Sequences, ids, layers, dim, activations, lens, labels, width, values: prior }
+    }
+
+    /// For a sequences frame: each sample's last token (the pivot), `[n · layers · dim]`, sample after sample.
+    pub fn pivot_rows(&self) -> Result<Vec<f32>> {
+        let per = self.layers * self.dim;
+        let tokens: usize = self.lens.iter().map(|&l| l as usize).sum();
+        if self.kind != FrameKind::Sequences || self.lens.contains(&0) || self.activations.len() != tokens * per {
+            return Err(Error::InvalidInput(format!("not a consistent sequences frame ({:?})", self.kind)));
+        }
+        let mut out = Vec::with_capacity(self.lens.len() * per);
+        let mut end = 0usize;
+        for &len in &self.lens {
+            end += len as usize;
+            out.extend_from_slice(&self.activations[(end - 1) * per..end * per]);
+        }
+        Ok(out)
     }
 
     fn vectors(&self) -> usize {

@@ -25,4 +25,10 @@ pub struct ServerConfig {
     pub max_samples_per_session: usize,
     #[arg(long, env = "MOBILLM_MAX_SESSIONS_PER_KEY", default_value_t = 16)]
     pub max_sessions_per_key: usize,
+    /// PEM certificate chain: serve HTTPS (rustls) instead of plain HTTP. Needs --tls-key.
+    #[arg(long, env = "MOBILLM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "MOBILLM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }

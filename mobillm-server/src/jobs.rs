@@ -53,6 +53,7 @@ fn run(state: &AppState, mut rec: SessionRecord) -> Result<(), String> {
     // checkpointed together from the callback.
     let mut failure = None;
     let remaining = rec.job.epochs_total.saturating_sub(rec.job.epochs_done);
+    let mut epoch_started = std::time::Instant::now();
     trainer
         .fit(&x, &objective, remaining, |report, net| {
             // A deleted session stops its job; nothing is written back.
@@ -60,6 +61,8 @@ fn run(state: &AppState, mut rec: SessionRecord) -> Result<(), String> {
                 tracing::info!(session = %rec.id, "session deleted; training stopped");
                 return ControlFlow::Break(());
             }
+            state.metrics.trained_samples.inc_by(report.samples as u64);
+            state.metrics.training_seconds.inc_by(epoch_started.elapsed().as_secs_f64());
             rec.job.epochs_done += 1;
             rec.job.loss = Some(report.loss);
             if rec.job.epochs_done == rec.job.epochs_total {
@@ -68,6 +71,7 @@ fn run(state: &AppState, mut rec: SessionRecord) -> Result<(), String> {
             let saved = weights_file::to_bytes(&net.tensors(), HashMap::new())
                 .map_err(|e| e.to_string())
                 .and_then(|w| state.store.put_checkpoint(&rec, Some(&w)).map_err(|e| e.to_string()));
+            epoch_started = std::time::Instant::now();
             match saved {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(e) => {

@@ -1,23 +1,26 @@
 //! The MobiLLM assist server (design §6): sessions with API-key creation and hashed bearer tokens, idempotent and
 //! durable uploads with limits, training jobs that survive restarts, adapter and output downloads, deletion.
-//! (TLS, metrics and the OpenAPI document are still to come.)
+//! `mobillm`-mode sessions train from Sequences frames step by step instead. TLS (rustls) is the binary's business
+//! (see `main.rs`); Prometheus metrics at `/metrics`; the OpenAPI document at `/v1/openapi.json`.
 //!
 //! ```text
-//! POST   /v1/sessions               (Bearer <api key>) {layers, dim, outputs, backbone, [width, rank, activation,
+//! POST   /v1/sessions               (Bearer <api key>) {layers, dim, outputs, backbone, [mode, labels, width, rank, activation,
 //!                                   alpha0, lr, batch_size, weight_decay, seed]} → 201 {session_id, token}
 //! PUT    /v1/sessions/{id}/samples  (Bearer <token>) Samples frame → {stored, duplicates, total}
 //! PUT    /v1/sessions/{id}/targets  (Bearer <token>) Targets frame → {updated}
 //! POST   /v1/sessions/{id}/train    (Bearer <token>) {epochs} → 202 {job}
+//! POST   /v1/sessions/{id}/steps    (Bearer <token>) Sequences frame → {loss, samples, steps}   (mobillm mode)
 //! GET    /v1/sessions/{id}          (Bearer <token>) → {session_id, samples, shape, side, job}
 //! GET    /v1/sessions/{id}/outputs  (Bearer <token>) → Outputs frame (the network's K' outputs per sample)
 //! GET    /v1/sessions/{id}/adapter  (Bearer <token>) → zstd(safetensors) of the trained side network
 //! DELETE /v1/sessions/{id}          (Bearer <token>) → 204 (erases samples, weights; stops training)
-//! GET    /healthz
+//! GET    /healthz, /metrics, /v1/openapi.json
 //! ```
 
 pub mod config;
 pub mod error;
 pub mod jobs;
+pub mod metrics;
 pub mod store;
 
 use std::sync::Arc;
@@ -27,8 +30,10 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use mobillm_core::side::network::normalize_taps;
 use mobillm_core::side::{weights_file, SideTrainer};
 use mobillm_core::wire::{Frame, FrameKind, Limits, Quant};
+use mobillm_core::Mode;
 use rand::TryRngCore;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -43,13 +48,23 @@ pub struct AppState {
     pub store: Store,
     /// Sessions with a training thread alive.
     pub running: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// `mobillm`-mode trainers kept between step requests (with their optimiser state); rebuilt from the stored
+    /// checkpoint after a restart.
+    pub live: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<SideTrainer>>>>,
+    pub metrics: metrics::Metrics,
 }
 
 impl AppState {
     /// Opens the store and resumes the training jobs a previous process left running.
     pub fn open(config: ServerConfig) -> anyhow::Result<Arc<Self>> {
         let store = Store::open(&config.data_dir)?;
-        let state = Arc::new(Self { config, store, running: Default::default() });
+        let state = Arc::new(Self {
+            config,
+            store,
+            running: Default::default(),
+            live: Default::default(),
+            metrics: Default::default(),
+        });
         let resumed = jobs::resume_all(&state).map_err(anyhow::Error::msg)?;
         if resumed > 0 {
             tracing::info!(resumed, "training jobs resumed");
@@ -62,16 +77,37 @@ pub fn app(state: Arc<AppState>) -> Router {
     let body_limit = state.config.max_body_bytes;
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(render_metrics))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/sessions", post(create_session))
         .route("/v1/sessions/{id}", get(session_status).delete(delete_session))
         .route("/v1/sessions/{id}/samples", put(upload_samples))
         .route("/v1/sessions/{id}/targets", put(upload_targets))
         .route("/v1/sessions/{id}/train", post(start_training))
+        .route("/v1/sessions/{id}/steps", post(train_step))
         .route("/v1/sessions/{id}/outputs", get(download_outputs))
         .route("/v1/sessions/{id}/adapter", get(download_adapter))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The OpenAPI 3.1 description of this API (written by hand next to the handlers; a test checks that it lists
+/// exactly the routes the router serves).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> ([(axum::http::HeaderName, &'static str); 1], &'static str) {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn render_metrics(
+    State(state): State<Arc<AppState>>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    let sessions = state.store.all_sessions()?.len();
+    state.metrics.sessions.set(sessions as i64);
+    state.metrics.running_jobs.set(state.running.lock().expect("running set").len() as i64);
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -108,6 +144,8 @@ async fn authorize(state: &AppState, id: &str, headers: &HeaderMap) -> Result<Se
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateSession {
+    mode: Option<Mode>,
+    labels: Option<usize>,
     layers: usize,
     dim: usize,
     outputs: usize,
@@ -126,7 +164,17 @@ impl CreateSession {
     /// The side network the server trains. It never learns K: `labels` is a placeholder only the device's own
     /// copy of the configuration fills in (the server fits K'-wide targets and does not use it).
     fn configs(&self) -> Result<(SideConfig, TrainConfig), ApiError> {
-        let defaults = SideConfig::new(self.layers, self.dim, 2);
+        let labels = match (self.mode.unwrap_or_default(), self.labels) {
+            (Mode::Pae, None) => 2,
+            (Mode::Pae, Some(_)) => {
+                return Err(ApiError::bad_request("bad_config", "pae sessions do not tell the server their labels"))
+            }
+            (Mode::Mobillm, Some(k)) => k,
+            (Mode::Mobillm, None) => {
+                return Err(ApiError::bad_request("bad_config", "mobillm sessions must give `labels` (K)"))
+            }
+        };
+        let defaults = SideConfig::new(self.layers, self.dim, labels);
         let side = SideConfig {
             outputs: self.outputs,
             width: self.width.unwrap_or(defaults.width),
@@ -181,7 +229,13 @@ async fn create_session(
         id: id.clone(),
         key_hash,
         token_hash: sha256_hex(token.as_bytes()),
-        shape: SessionShape { layers: req.layers, dim: req.dim, outputs: req.outputs, backbone: req.backbone },
+        shape: SessionShape {
+            mode: req.mode.unwrap_or_default(),
+            layers: req.layers,
+            dim: req.dim,
+            outputs: req.outputs,
+            backbone: req.backbone,
+        },
         side,
         train,
         job: JobState::default(),
@@ -211,6 +265,7 @@ async fn delete_session(
 ) -> Result<StatusCode, ApiError> {
     authorize(&state, &id, &headers).await?;
     state.store.delete_session(&id)?;
+    state.live.lock().expect("live trainers").remove(&id);
     tracing::info!(session = %id, "session deleted");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -222,6 +277,7 @@ async fn upload_samples(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let rec = authorize(&state, &id, &headers).await?;
+    require_mode(&rec, Mode::Pae)?;
     let limits = frame_limits(&state, &rec.shape, true);
     let state2 = state.clone();
     let (stored, duplicates, total) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
@@ -251,7 +307,10 @@ async fn upload_samples(
             .collect();
         let max = state2.config.max_samples_per_session;
         match state2.store.put_samples(&rec.id, &rows, max)? {
-            Ok((stored, dup)) => Ok((stored, dup, state2.store.sample_count(&rec.id)?)),
+            Ok((stored, dup)) => {
+                state2.metrics.samples_stored.inc_by(stored as u64);
+                Ok((stored, dup, state2.store.sample_count(&rec.id)?))
+            }
             Err(existing) => Err(ApiError::limit(format!(
                 "the session holds {existing} samples; this upload would pass the limit of {max}"
             ))),
@@ -275,6 +334,17 @@ fn frame_limits(state: &AppState, shape: &SessionShape, activations: bool) -> Li
     }
 }
 
+fn require_mode(rec: &SessionRecord, mode: Mode) -> Result<(), ApiError> {
+    if rec.shape.mode != mode {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "wrong_mode",
+            format!("this is a {} session; the endpoint is for {mode} sessions", rec.shape.mode),
+        ));
+    }
+    Ok(())
+}
+
 fn refuse_while_training(state: &AppState, id: &str) -> Result<(), ApiError> {
     if state.running.lock().expect("running set").contains(id) {
         return Err(ApiError::new(StatusCode::CONFLICT, "training", "the session is training; wait for it to finish"));
@@ -289,6 +359,7 @@ async fn upload_targets(
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let rec = authorize(&state, &id, &headers).await?;
+    require_mode(&rec, Mode::Pae)?;
     refuse_while_training(&state, &id)?;
     let limits = frame_limits(&state, &rec.shape, false);
     let state2 = state.clone();
@@ -332,6 +403,7 @@ async fn start_training(
     body: Bytes,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let mut rec = authorize(&state, &id, &headers).await?;
+    require_mode(&rec, Mode::Pae)?;
     let req: StartTraining =
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request("bad_json", format!("train request: {e}")))?;
     if req.epochs == 0 || req.epochs > MAX_EPOCHS {
@@ -350,6 +422,7 @@ async fn start_training(
         epochs_done: 0,
         loss: rec.job.loss,
         message: None,
+        steps: rec.job.steps,
     };
     if let Err(e) = state.store.put_checkpoint(&rec, None) {
         state.running.lock().expect("running set").remove(&id);
@@ -365,6 +438,7 @@ async fn download_outputs(
     headers: HeaderMap,
 ) -> Result<Vec<u8>, ApiError> {
     let rec = authorize(&state, &id, &headers).await?;
+    require_mode(&rec, Mode::Pae)?;
     refuse_while_training(&state, &id)?;
     let state2 = state.clone();
     tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
@@ -397,4 +471,93 @@ async fn download_adapter(
     let weights = state.store.weights(&id)?.ok_or_else(|| ApiError::not_found("nothing trained yet"))?;
     let _ = rec;
     zstd::bulk::compress(&weights, mobillm_core::wire::ZSTD_LEVEL).map_err(|e| ApiError::internal(format!("zstd: {e}")))
+}
+
+/// `mobillm` mode (design §1): the device sends a Sequences frame (every token's activations, labels, the
+/// backbone's label logits) and the server trains on it at once, one optimiser step per mini-batch, with
+/// cross-entropy on `prior + o[:K]`. Our side network works token by token, so only each sample's pivot (last)
+/// token reaches the loss: the server trains on the pivot rows, normalised as the device would. Every answered
+/// step is checkpointed, so a restart continues from the last acknowledged step (with fresh AdamW moments).
+async fn train_step(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rec = authorize(&state, &id, &headers).await?;
+    require_mode(&rec, Mode::Mobillm)?;
+    let limits = Limits {
+        // Step frames are not stored, so the per-session sample limit does not apply; the decoded-size limit does.
+        max_samples: Limits::default().max_samples,
+        max_width: rec.side.labels,
+        max_tokens: Limits::default().max_tokens,
+        ..frame_limits(&state, &rec.shape, true)
+    };
+    let state2 = state.clone();
+    let (loss, samples, steps) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let (frame, _) = Frame::decode(&body, &limits)?;
+        let k = rec.side.labels;
+        if frame.kind != FrameKind::Sequences
+            || (frame.layers, frame.dim, frame.width) != (rec.shape.layers, rec.shape.dim, k)
+        {
+            return Err(ApiError::bad_request(
+                "shape_mismatch",
+                format!(
+                    "expected a Sequences frame with layers {} dim {} and {k} prior logits, got {:?} with {} {} {}",
+                    rec.shape.layers, rec.shape.dim, frame.kind, frame.layers, frame.dim, frame.width
+                ),
+            ));
+        }
+        let n = frame.ids.len();
+        if n == 0 {
+            return Err(ApiError::bad_request("no_samples", "an empty training step"));
+        }
+        if let Some(bad) = frame.labels.iter().find(|&&l| l as usize >= k) {
+            return Err(ApiError::bad_request("bad_label", format!("label {bad} is out of range for {k} labels")));
+        }
+        let device = candle_core::Device::Cpu;
+        let x = candle_core::Tensor::from_vec(frame.pivot_rows()?, (n, rec.shape.layers, rec.shape.dim), &device)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let x = normalize_taps(&x)?;
+        let labels = candle_core::Tensor::from_slice(&frame.labels, n, &device)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let prior = candle_core::Tensor::from_vec(frame.values, (n, k), &device)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let trainer = live_trainer(&state2, &rec)?;
+        let mut trainer = trainer.lock().expect("trainer lock");
+        let started = std::time::Instant::now();
+        let objective = mobillm_core::side::Objective::CrossEntropy { labels, prior };
+        let reports = trainer.fit(&x, &objective, 1, |_, _| std::ops::ControlFlow::Continue(()))?;
+        let loss = reports.last().map_or(f64::NAN, |r| r.loss);
+        // Re-read the record: job state changes (steps) come only from here, under the trainer lock.
+        let mut latest = state2.store.session(&rec.id)?.ok_or_else(|| ApiError::not_found("session deleted"))?;
+        latest.job.steps += 1;
+        latest.job.loss = Some(loss);
+        let weights = weights_file::to_bytes(&trainer.tensors(), Default::default())?;
+        state2.store.put_checkpoint(&latest, Some(&weights))?;
+        state2.metrics.trained_samples.inc_by(n as u64);
+        state2.metrics.training_seconds.inc_by(started.elapsed().as_secs_f64());
+        Ok((loss, n, latest.job.steps))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("step task: {e}")))??;
+    Ok(Json(serde_json::json!({"loss": loss, "samples": samples, "steps": steps})))
+}
+
+/// The session's in-memory trainer, created from its checkpoint (or fresh) on first use.
+fn live_trainer(state: &AppState, rec: &SessionRecord) -> Result<Arc<std::sync::Mutex<SideTrainer>>, ApiError> {
+    let mut live = state.live.lock().expect("live trainers");
+    if let Some(t) = live.get(&rec.id) {
+        return Ok(t.clone());
+    }
+    let trainer = match state.store.weights(&rec.id)? {
+        Some(bytes) => {
+            let (tensors, _) = weights_file::from_bytes(&bytes).map_err(ApiError::internal)?;
+            SideTrainer::from_tensors(&rec.side, &rec.train, weights_file::as_refs(&tensors))?
+        }
+        None => SideTrainer::new(&rec.side, &rec.train)?,
+    };
+    let t = Arc::new(std::sync::Mutex::new(trainer));
+    live.insert(rec.id.clone(), t.clone());
+    Ok(t)
 }

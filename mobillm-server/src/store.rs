@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use mobillm_core::side::{CachedSample, SampleId, SideConfig, TrainConfig};
+use mobillm_core::Mode;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,8 @@ fn se(e: impl std::fmt::Display) -> StoreError {
 /// What a session's creator declared, fixed for its lifetime.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionShape {
+    #[serde(default)]
+    pub mode: Mode,
     /// Tapped layers per sample.
     pub layers: usize,
     /// Activation dimension.
@@ -53,11 +56,14 @@ pub struct JobState {
     pub epochs_done: usize,
     pub loss: Option<f64>,
     pub message: Option<String>,
+    /// `mobillm` mode: training-step requests trained on so far.
+    #[serde(default)]
+    pub steps: usize,
 }
 
 impl Default for JobState {
     fn default() -> Self {
-        Self { status: JobStatus::Idle, epochs_total: 0, epochs_done: 0, loss: None, message: None }
+        Self { status: JobStatus::Idle, epochs_total: 0, epochs_done: 0, loss: None, message: None, steps: 0 }
     }
 }
 

@@ -26,6 +26,8 @@ fn config(dir: &std::path::Path) -> ServerConfig {
         max_decoded_bytes: 1 << 20,
         max_samples_per_session: 10,
         max_sessions_per_key: 3,
+        tls_cert: None,
+        tls_key: None,
     }
 }
 
@@ -367,4 +369,140 @@ fn training_resumes_after_kill_9() {
     assert_eq!(after["job"]["epochs_done"], 1000);
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// A `mobillm`-mode batch: `n` samples of 1–4 tokens, labelled by the sign of the pivot token's first value (the
+/// rule the server must learn), backbone label logits zero.
+fn sequences(n: usize, seed: u32, bad_label: bool) -> Vec<u8> {
+    let mut acts = Vec::new();
+    let (mut lens, mut labels) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let len = 1 + (i + seed as usize) % 4;
+        for t in 0..len {
+            for j in 0..LAYERS * DIM {
+                acts.push((((i * 31 + t * 7 + j * 3) as u32 + seed) % 17) as f32 / 8.0 - 1.0);
+            }
+        }
+        let pivot_first = acts[acts.len() - LAYERS * DIM];
+        lens.push(len as u32);
+        labels.push(if bad_label && i == 0 { 5 } else { u32::from(pivot_first > 0.0) });
+    }
+    let ids = (0..n).map(|_| SampleId::random().unwrap()).collect();
+    Frame::sequences(ids, LAYERS, DIM, acts, lens, labels, 2, vec![0.0; n * 2]).encode(Quant::Int8).unwrap()
+}
+
+#[tokio::test]
+async fn mobillm_mode_trains_step_by_step_and_keeps_modes_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = AppState::open(config(dir.path())).unwrap();
+    let body = |v: serde_json::Value| v.to_string().into_bytes();
+    let base = serde_json::json!({"layers": LAYERS, "dim": DIM, "outputs": OUTPUTS, "backbone": "f00d"});
+    let with = |extra: serde_json::Value| {
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body(v)
+    };
+    // PAE sessions never tell the server K; mobillm sessions must.
+    let (status, resp) = call(&state, "POST", "/v1/sessions", Some(KEY), with(serde_json::json!({"labels": 2}))).await;
+    assert_eq!((status, resp["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_config")), "{resp}");
+    let (status, resp) =
+        call(&state, "POST", "/v1/sessions", Some(KEY), with(serde_json::json!({"mode": "mobillm"}))).await;
+    assert_eq!((status, resp["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_config")), "{resp}");
+    let (status, resp) = call(
+        &state,
+        "POST",
+        "/v1/sessions",
+        Some(KEY),
+        with(serde_json::json!({"mode": "mobillm", "labels": 2, "lr": 0.01, "batch_size": 32})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{resp}");
+    let (id, token) = (resp["session_id"].as_str().unwrap().to_string(), resp["token"].as_str().unwrap().to_string());
+    let steps = format!("/v1/sessions/{id}/steps");
+
+    let batch = sequences(32, 3, false);
+    let mut losses = Vec::new();
+    for _ in 0..30 {
+        let (status, resp) = call(&state, "POST", &steps, Some(&token), batch.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{resp}");
+        assert_eq!(resp["samples"], 32);
+        losses.push(resp["loss"].as_f64().unwrap());
+    }
+    assert!((losses[0] - std::f64::consts::LN_2).abs() < 1e-3, "a fresh network starts at ln 2: {}", losses[0]);
+    assert!(losses[29] < 0.5 * losses[0], "the loss must fall: {losses:?}");
+
+    // Bad steps change nothing.
+    let (status, resp) = call(&state, "POST", &steps, Some(&token), sequences(8, 1, true)).await;
+    assert_eq!((status, resp["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_label")), "{resp}");
+    let (status, resp) = call(&state, "POST", &steps, Some(&token), frame(4, 1).1).await;
+    assert_eq!((status, resp["code"].as_str()), (StatusCode::BAD_REQUEST, Some("bad_frame")), "{resp}");
+    // PAE endpoints refuse a mobillm session, and the steps endpoint a PAE session.
+    let (status, resp) = call(&state, "PUT", &format!("/v1/sessions/{id}/samples"), Some(&token), frame(2, 1).1).await;
+    assert_eq!((status, resp["code"].as_str()), (StatusCode::CONFLICT, Some("wrong_mode")), "{resp}");
+    let (pae, pae_token) = create(&state).await;
+    let (status, resp) =
+        call(&state, "POST", &format!("/v1/sessions/{pae}/steps"), Some(&pae_token), batch.clone()).await;
+    assert_eq!((status, resp["code"].as_str()), (StatusCode::CONFLICT, Some("wrong_mode")), "{resp}");
+
+    // A restart continues from the last acknowledged step, not from scratch.
+    drop(state);
+    let state = AppState::open(config(dir.path())).unwrap();
+    let (status, resp) = call(&state, "POST", &steps, Some(&token), batch).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
+    assert!(resp["loss"].as_f64().unwrap() < 0.5 * losses[0], "{resp}");
+    let (_, status_body) = call(&state, "GET", &format!("/v1/sessions/{id}"), Some(&token), vec![]).await;
+    assert_eq!(status_body["job"]["steps"], 31, "{status_body}");
+    assert!(!raw_get(&state, &format!("/v1/sessions/{id}/adapter"), &token).await.is_empty());
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_openapi_lists_served_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = AppState::open(config(dir.path())).unwrap();
+    let (id, token) = create(&state).await;
+    let (status, _) = call(&state, "PUT", &format!("/v1/sessions/{id}/samples"), Some(&token), frame(4, 2).1).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(&state, "GET", "/v1/sessions/0123", Some(&token), vec![]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let resp = app(state.clone()).oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    for line in [
+        r#"mobillm_http_requests_total{method="POST",route="/v1/sessions",status="201"} 1"#,
+        r#"mobillm_http_requests_total{method="PUT",route="/v1/sessions/{id}/samples",status="200"} 1"#,
+        r#"mobillm_http_requests_total{method="GET",route="/v1/sessions/{id}",status="404"} 1"#,
+        "mobillm_samples_stored_total 4",
+        "mobillm_sessions 1",
+        "mobillm_running_jobs 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
+
+    // Every operation the document lists is served: the router answers an unknown route with an empty 404 and
+    // a wrong method with 405; our handlers answer with JSON (here mostly 401/404, as no token is sent).
+    let resp = app(state.clone()).oneshot(Request::get("/v1/openapi.json").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let doc: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    let mut operations = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in ["get", "put", "post", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            operations += 1;
+            let uri = path.replace("{id}", "00000000000000000000000000000000");
+            let req = Request::builder().method(method.to_uppercase().as_str()).uri(&uri).body(Body::empty()).unwrap();
+            let resp = app(state.clone()).oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert!(status.is_success() || !bytes.is_empty(), "{method} {path}: {status} with an empty body");
+        }
+    }
+    assert_eq!(operations, 12);
+    let resp = app(state.clone()).oneshot(Request::get("/v1/nowhere").body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(resp.into_body().collect().await.unwrap().to_bytes().is_empty());
 }

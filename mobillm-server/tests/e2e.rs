@@ -10,6 +10,7 @@ use mobillm_core::client::{AssistClient, SessionRequest};
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences};
 use mobillm_core::side::{normalize_taps, weights_file, SampleId, Secrets, SideConfig, SideNet};
 use mobillm_core::wire::Quant;
+use mobillm_core::{Error, Mode};
 
 const KEY: &str = "e2e-key";
 const T: usize = 4;
@@ -26,9 +27,14 @@ impl Drop for Server {
 }
 
 fn start(dir: &std::path::Path) -> Server {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &std::path::Path, extra: &[&std::ffi::OsStr]) -> Server {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mobillm-server"))
         .args(["--bind", "127.0.0.1:0", "--api-key", KEY, "--data-dir"])
         .arg(dir)
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -70,6 +76,8 @@ fn fine_tune_through_the_server_and_fold_on_the_device() {
     let (x, z_b, labels) = synthetic(1, 400);
     let (x_test, z_test, labels_test) = synthetic(2, 400);
     let req = SessionRequest {
+        mode: Mode::Pae,
+        labels: None,
         layers: T,
         dim: D,
         outputs: cfg.outputs,
@@ -158,4 +166,70 @@ fn fine_tune_through_the_server_and_fold_on_the_device() {
     // A server that is not there is a network error after retries, not a panic.
     let gone = AssistClient::new("http://127.0.0.1:9").unwrap();
     assert!(matches!(gone.status(&session), Err(mobillm_core::Error::Network(_))));
+}
+
+/// A private CA and a certificate it signs for `localhost` and 127.0.0.1, as PEM.
+fn private_ca() -> (String, String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &ca).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[test]
+fn https_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let data = dir.path().join("data");
+    let server =
+        start_with(&data, &["--tls-cert".as_ref(), cert_path.as_os_str(), "--tls-key".as_ref(), key_path.as_os_str()]);
+    let https = server.1.replace("http://", "https://");
+
+    let client = AssistClient::with_ca(&https, ca.as_bytes()).unwrap();
+    let req = SessionRequest {
+        mode: Mode::Pae,
+        labels: None,
+        layers: 1,
+        dim: 4,
+        outputs: 2,
+        backbone: "tls".into(),
+        width: 8,
+        rank: 2,
+        lr: 1e-2,
+        batch_size: 4,
+        seed: 1,
+    };
+    let session = client.create_session(KEY, &req).unwrap();
+    let ids: Vec<SampleId> = (0..3).map(|_| SampleId::random().unwrap()).collect();
+    let acts: Vec<f32> = (0..12).map(|i| i as f32 / 12.0).collect();
+    client.upload_samples(&session, &ids, &acts, &[0.5; 6], (1, 4, 2), Quant::Int8, 2, |_, _| {}).unwrap();
+    assert_eq!(client.status(&session).unwrap().samples, 3);
+
+    // A client that does not trust this CA refuses the server; plain HTTP gets no answer from a TLS port.
+    let (other_ca, _, _) = private_ca();
+    let stranger = AssistClient::with_ca(&https, other_ca.as_bytes()).unwrap();
+    assert!(matches!(stranger.status(&session), Err(Error::Network(_))));
+    let plain = AssistClient::new(&server.1).unwrap();
+    assert!(matches!(plain.status(&session), Err(Error::Network(_))));
+    // A bad certificate path stops the server at start with a message naming it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mobillm-server"))
+        .args(["--bind", "127.0.0.1:0", "--api-key", KEY, "--tls-cert", "/nonexistent.pem", "--tls-key"])
+        .arg(&key_path)
+        .arg("--data-dir")
+        .arg(dir.path().join("data2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/nonexistent.pem"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
