@@ -60,6 +60,9 @@ pub enum Error {
     Server { status: u16, code: String, message: String },
 
     /// The assist server could not be reached, or the connection broke, after retries.
+    /// The caller cancelled the operation.
+    #[error("cancelled")]
+    Cancelled,
     #[error("network: {0}")]
     Network(String),
 

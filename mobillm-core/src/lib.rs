@@ -14,6 +14,7 @@ pub mod client;
 pub mod dataset;
 pub mod error;
 pub mod memory;
+pub mod session;
 pub mod side;
 pub mod task;
 #[cfg(feature = "testkit")]

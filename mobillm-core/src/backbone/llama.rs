@@ -80,6 +80,34 @@ impl Llama {
 
     /// Runs the batch. `taps` are 0-based block indices in increasing order; `label_ids` index the vocabulary.
     pub fn forward_pivots(&self, batch: &[Vec<u32>], taps: &[usize], label_ids: &[u32]) -> Result<PivotOutput> {
+        Ok(self.forward(batch, taps, label_ids, false)?.0)
+    }
+
+    /// As [`Llama::forward_pivots`], and also every token's hidden state after each tapped block, one tensor
+    /// `[len_i, taps, d]` per example (what `mobillm` mode sends).
+    pub fn forward_sequences(
+        &self,
+        batch: &[Vec<u32>],
+        taps: &[usize],
+        label_ids: &[u32],
+    ) -> Result<(PivotOutput, Vec<Tensor>)> {
+        let (out, tokens) = self.forward(batch, taps, label_ids, true)?;
+        let tokens = tokens.expect("asked for tokens"); // [B, T, taps, d]
+        let per_example = batch
+            .iter()
+            .enumerate()
+            .map(|(i, seq)| Ok(tokens.get(i)?.narrow(0, 0, seq.len())?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((out, per_example))
+    }
+
+    fn forward(
+        &self,
+        batch: &[Vec<u32>],
+        taps: &[usize],
+        label_ids: &[u32],
+        keep_tokens: bool,
+    ) -> Result<(PivotOutput, Option<Tensor>)> {
         let cfg = &self.weights.config;
         self.check_inputs(batch, taps, label_ids)?;
         let (b, t) = (batch.len(), batch.iter().map(Vec::len).max().unwrap_or(0));
@@ -105,22 +133,27 @@ impl Llama {
         let ctx = AttnShape { b, t, d, heads, kv_heads, hd, n_rep };
 
         let mut tapped = Vec::with_capacity(taps.len());
+        let mut tokens = Vec::new();
         let mut next_tap = taps.iter().peekable();
         for (layer, block) in self.weights.blocks.iter().enumerate() {
             x = block_forward(&x, block, &ctx, &cos, &sin, &mask, cfg.rms_norm_eps as f32)?;
             if next_tap.peek() == Some(&&layer) {
                 next_tap.next();
                 tapped.push(x.index_select(&pivot_rows, 0)?);
+                if keep_tokens {
+                    tokens.push(x.clone());
+                }
             }
         }
         let taps_t = Tensor::stack(&tapped, 1)?; // [B, taps, d]
+        let tokens = if keep_tokens { Some(Tensor::stack(&tokens, 1)?.reshape((b, t, taps.len(), d))?) } else { None };
 
         let last = x.index_select(&pivot_rows, 0)?;
         let last = rms_norm(&last, &self.weights.final_norm, cfg.rms_norm_eps as f32)?;
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
         let label_rows = head.rows(label_ids)?; // [K, d]
         let label_logits = last.matmul(&label_rows.t()?)?;
-        Ok(PivotOutput { taps: taps_t, label_logits })
+        Ok((PivotOutput { taps: taps_t, label_logits }, tokens))
     }
 
     fn check_inputs(&self, batch: &[Vec<u32>], taps: &[usize], label_ids: &[u32]) -> Result<()> {

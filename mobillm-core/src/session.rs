@@ -1,0 +1,595 @@
+//! The whole device side of a fine-tune (design §1, §4, §5), in either mode:
+//!
+//! * `pae` (default): every training example is forwarded once, in padded batches sorted by length; its pivot
+//!   activations are normalised, rotated by the session's secrets, quantised and uploaded with its first target
+//!   `Q·[τ(onehot − softmax(z_b)); 0]` while the next batch computes (a second thread uploads). The server trains;
+//!   meanwhile the device forwards the held-out set. Each refinement round downloads the server's outputs, decodes
+//!   them, and uploads new targets only. Finally the device downloads the adapter, folds its secrets in, evaluates
+//!   and keeps the result as a [`DeviceAdapter`].
+//! * `mobillm`: no secrets, labels on the server. Every epoch the device forwards every example again and sends
+//!   all tokens' activations of every tapped layer with the label and the backbone's label logits; the server takes
+//!   one optimiser step per frame (one forward batch).
+//!
+//! The device never keeps the training activations (2400 samples × 30 layers × 576 floats would be 166 MB): only
+//! the label logits `z_b` and the random sample ids, which is all later rounds need. The server session is
+//! deleted when the fine-tune ends, fails or is cancelled (unless asked to keep it), so no activation outlives it.
+//! A cancelled fine-tune returns [`Error::Cancelled`] within one batch or one poll.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::backbone::Backbone;
+use crate::client::{AssistClient, Session, SessionRequest};
+use crate::dataset::Example;
+use crate::error::{Error, Result};
+use crate::side::targets::{accuracy, predict, prediction_differences};
+use crate::side::{normalize_taps, weights_file, DeviceAdapter, SampleId, Secrets, SideConfig, SideNet};
+use crate::task::{Task, TaskSpec};
+use crate::wire::{Frame, Mode, Quant};
+
+/// Everything a fine-tune needs besides the backbone, the task and the data. `Default` gives the measured
+/// defaults (docs/side-network.md) against a server on `http://127.0.0.1:8787`.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub server_url: String,
+    pub api_key: String,
+    /// Trust only this CA (PEM) for HTTPS; `None` uses the platform's trust store.
+    pub ca_pem: Option<Vec<u8>>,
+    pub mode: Mode,
+    /// Tapped blocks; `None` taps them all.
+    pub taps: Option<Vec<usize>>,
+    pub width: usize,
+    pub rank: usize,
+    pub lr: f64,
+    /// Server mini-batch (`pae`); in `mobillm` mode a step is one forward batch.
+    pub batch_size: usize,
+    pub seed: u64,
+    /// `pae`: server epochs per round. `mobillm`: passes over the data, each a new device forward.
+    pub epochs: usize,
+    /// `pae` refinement rounds.
+    pub rounds: usize,
+    pub tau: f64,
+    pub quant: Quant,
+    /// Examples per device forward.
+    pub forward_batch: usize,
+    /// Samples per `pae` upload frame.
+    pub upload_chunk: usize,
+    /// `pae` only: rotate with secret matrices (on by default; off only to measure what they protect).
+    pub secrets: bool,
+    /// Keep the server session after the fine-tune (for inspection); by default it is deleted.
+    pub keep_server_session: bool,
+    /// How often to ask the server about training progress.
+    pub poll: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            server_url: "http://127.0.0.1:8787".into(),
+            api_key: String::new(),
+            ca_pem: None,
+            mode: Mode::Pae,
+            taps: None,
+            width: 128,
+            rank: 16,
+            lr: 3e-3,
+            batch_size: 128,
+            seed: 0,
+            epochs: 10,
+            rounds: 3,
+            tau: crate::side::targets::DEFAULT_TAU,
+            quant: Quant::Int8,
+            forward_batch: 16,
+            upload_chunk: 64,
+            secrets: true,
+            keep_server_session: false,
+            poll: Duration::from_millis(250),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Drawing the session's secret matrices.
+    Secrets,
+    /// Device forward of the training examples (and upload, overlapped).
+    Forward,
+    /// Server training; `done`/`total` count epochs (`pae`) or steps (`mobillm`).
+    Train,
+    /// Sending refinement targets.
+    Targets,
+    /// Device forward of the held-out examples and scoring.
+    Evaluate,
+    Done,
+}
+
+/// What a progress listener hears: the phase, its progress, the refinement round (`pae`) or epoch (`mobillm`),
+/// and the latest training loss.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Progress {
+    pub phase: Phase,
+    pub done: usize,
+    pub total: usize,
+    pub round: usize,
+    pub loss: Option<f64>,
+}
+
+/// Cancels a running fine-tune from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+/// The result of a fine-tune.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub mode: Mode,
+    pub adapter: DeviceAdapter,
+    pub train_samples: usize,
+    pub test_samples: usize,
+    /// Held-out accuracy of the backbone alone and with the adapter (`None` without held-out examples).
+    pub zero_shot_acc: Option<f64>,
+    pub finetuned_acc: Option<f64>,
+    /// Bytes of every frame the device sent (activations, targets).
+    pub upload_bytes: u64,
+    /// Seconds the device spent in backbone forwards of training examples.
+    pub device_forward_s: f64,
+    /// Seconds between asking the server to train and its reporting done, summed over rounds (`pae`); the
+    /// server's step time as seen by the device (`mobillm`).
+    pub server_train_s: f64,
+    pub wall_s: f64,
+}
+
+/// Deletes the server session when dropped (end, error or cancel), unless asked to keep it.
+struct ServerSession<'a> {
+    client: &'a AssistClient,
+    session: Session,
+    keep: bool,
+}
+
+impl Drop for ServerSession<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = self.client.delete(&self.session) {
+                warn(&format!("could not delete server session {}: {e}", self.session.session_id));
+            }
+        }
+    }
+}
+
+// The core crate has no logging dependency; a failed clean-up is reported on stderr, never silently.
+fn warn(message: &str) {
+    eprintln!("mobillm: warning: {message}");
+}
+
+/// Runs a whole fine-tune: see the module documentation. `test` may be empty (no evaluation).
+pub fn fine_tune(
+    backbone: &Backbone,
+    spec: TaskSpec,
+    train: &[Example],
+    test: &[Example],
+    cfg: &SessionConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let task = Task::new(spec, backbone.tokenizer())?;
+    if train.is_empty() {
+        return Err(Error::InvalidInput("no training examples".into()));
+    }
+    let labels = label_indices(&task, train)?;
+    let test_labels = label_indices(&task, test)?;
+    let taps = cfg.taps.clone().unwrap_or_else(|| backbone.all_taps());
+    let side = SideConfig {
+        width: cfg.width,
+        rank: cfg.rank,
+        ..SideConfig::new(taps.len(), backbone.config().hidden_size, task.labels().len())
+    };
+    side.validate()?;
+    if cfg.forward_batch == 0 || cfg.upload_chunk == 0 || cfg.epochs == 0 || (cfg.mode == Mode::Pae && cfg.rounds == 0)
+    {
+        return Err(Error::InvalidInput("forward_batch, upload_chunk, epochs and rounds must be positive".into()));
+    }
+    let client = match &cfg.ca_pem {
+        Some(pem) => AssistClient::with_ca(&cfg.server_url, pem)?,
+        None => AssistClient::new(&cfg.server_url)?,
+    };
+    let secrets = if cfg.mode == Mode::Pae && cfg.secrets {
+        progress(&Progress { phase: Phase::Secrets, done: 0, total: 1, round: 0, loss: None });
+        Secrets::generate(&side)?
+    } else {
+        Secrets::disabled(&side)?
+    };
+    cancel.check()?;
+    let request = SessionRequest {
+        mode: cfg.mode,
+        labels: (cfg.mode == Mode::Mobillm).then_some(side.labels),
+        layers: side.taps,
+        dim: side.hidden,
+        outputs: side.outputs,
+        backbone: backbone.fingerprint().to_string(),
+        width: side.width,
+        rank: side.rank,
+        lr: cfg.lr,
+        batch_size: cfg.batch_size,
+        seed: cfg.seed,
+    };
+    let session = client.create_session(&cfg.api_key, &request)?;
+    let server = ServerSession { client: &client, session, keep: cfg.keep_server_session };
+    let run = Run { backbone, task: &task, taps: &taps, side: &side, secrets: &secrets, cfg, cancel, server: &server };
+    let trained = match cfg.mode {
+        Mode::Pae => run.pae(train, &labels, test, progress)?,
+        Mode::Mobillm => run.mobillm(train, &labels, test, progress)?,
+    };
+
+    progress(&Progress { phase: Phase::Evaluate, done: 0, total: test.len(), round: 0, loss: None });
+    let adapter = DeviceAdapter {
+        task: task.spec().clone(),
+        taps: taps.clone(),
+        backbone_fingerprint: backbone.fingerprint().to_string(),
+        secret_seed: secrets.seed(),
+        net: trained.folded,
+    };
+    let (zero_shot_acc, finetuned_acc) = match &trained.test {
+        Some(t) => {
+            let corrections = adapter.corrections(&t.taps)?;
+            (
+                Some(accuracy(&predict(&t.logits, None)?, &test_labels)),
+                Some(accuracy(&predict(&t.logits, Some(&corrections))?, &test_labels)),
+            )
+        }
+        None => (None, None),
+    };
+    progress(&Progress { phase: Phase::Done, done: 1, total: 1, round: 0, loss: trained.loss });
+    Ok(Outcome {
+        mode: cfg.mode,
+        adapter,
+        train_samples: train.len(),
+        test_samples: test.len(),
+        zero_shot_acc,
+        finetuned_acc,
+        upload_bytes: trained.upload_bytes,
+        device_forward_s: trained.device_forward_s,
+        server_train_s: trained.server_train_s,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn label_indices(task: &Task, examples: &[Example]) -> Result<Vec<u32>> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            task.label_index(&e.label).map(|l| l as u32).ok_or_else(|| {
+                Error::InvalidInput(format!("example {i}: label {:?} is not one of {:?}", e.label, task.labels()))
+            })
+        })
+        .collect()
+}
+
+struct Run<'a> {
+    backbone: &'a Backbone,
+    task: &'a Task,
+    taps: &'a [usize],
+    side: &'a SideConfig,
+    secrets: &'a Secrets,
+    cfg: &'a SessionConfig,
+    cancel: &'a CancelToken,
+    server: &'a ServerSession<'a>,
+}
+
+/// Held-out pivots: taps `[N, T, d]` and label logits `[N, K]`.
+struct Pivots {
+    taps: Tensor,
+    logits: Tensor,
+}
+
+struct Trained {
+    folded: SideNet,
+    test: Option<Pivots>,
+    upload_bytes: u64,
+    device_forward_s: f64,
+    server_train_s: f64,
+    loss: Option<f64>,
+}
+
+/// What the forward thread hands the upload thread.
+enum Upload {
+    Samples(Frame),
+    Step(Frame),
+}
+
+impl Run<'_> {
+    fn client(&self) -> &AssistClient {
+        self.server.client
+    }
+
+    /// Example indices in forward batches: sorted by prompt length so padding stays small.
+    fn batches(&self, examples: &[Example]) -> Result<(Vec<Vec<u32>>, Vec<Vec<usize>>)> {
+        let tokenizer = self.backbone.tokenizer();
+        let encoded =
+            examples.iter().map(|e| self.task.encode(tokenizer, &e.text)).collect::<Result<Vec<Vec<u32>>>>()?;
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        order.sort_by_key(|&i| encoded[i].len());
+        Ok((encoded, order.chunks(self.cfg.forward_batch).map(<[usize]>::to_vec).collect()))
+    }
+
+    /// Runs `produce` on this thread while a second thread uploads what it sends. Returns the bytes uploaded.
+    fn with_uploader(
+        &self,
+        uploaded: &AtomicUsize,
+        produce: impl FnOnce(&dyn Fn(Upload) -> Result<()>) -> Result<()>,
+        mut on_step: impl FnMut(f64, f64) + Send,
+    ) -> Result<u64> {
+        let bytes = AtomicU64::new(0);
+        let (tx, rx) = sync_channel::<Upload>(2);
+        std::thread::scope(|scope| {
+            let uploader = scope.spawn(|| -> Result<()> {
+                for item in rx {
+                    self.cancel.check()?;
+                    let session = &self.server.session;
+                    match item {
+                        Upload::Samples(frame) => {
+                            let encoded = frame.encode(self.cfg.quant)?;
+                            self.client().upload_frame(session, &encoded)?;
+                            bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                            uploaded.fetch_add(frame.ids.len(), Ordering::Relaxed);
+                        }
+                        Upload::Step(frame) => {
+                            let encoded = frame.encode(self.cfg.quant)?;
+                            let sent = Instant::now();
+                            let ack = self.client().train_step(session, &encoded)?;
+                            bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                            uploaded.fetch_add(frame.ids.len(), Ordering::Relaxed);
+                            on_step(ack.loss, sent.elapsed().as_secs_f64());
+                        }
+                    }
+                }
+                Ok(())
+            });
+            let send = |item: Upload| tx.send(item).map_err(|_| Error::Network("the upload thread stopped".into()));
+            let produced = produce(&send);
+            drop(tx);
+            let upload_result = uploader.join().map_err(|_| Error::Network("the upload thread panicked".into()))?;
+            // The uploader's error explains a failed send better than the send itself.
+            upload_result.and(produced)
+        })?;
+        Ok(bytes.into_inner())
+    }
+
+    fn forward_test(&self, test: &[Example], progress: &mut dyn FnMut(&Progress)) -> Result<Option<Pivots>> {
+        if test.is_empty() {
+            return Ok(None);
+        }
+        let texts: Vec<&str> = test.iter().map(|e| e.text.as_str()).collect();
+        let mut cancelled = false;
+        let out = self.backbone.forward_all(self.task, &texts, self.taps, self.cfg.forward_batch, |done, total| {
+            cancelled |= self.cancel.is_cancelled();
+            progress(&Progress { phase: Phase::Evaluate, done, total, round: 0, loss: None });
+        })?;
+        if cancelled {
+            return Err(Error::Cancelled);
+        }
+        Ok(Some(Pivots { taps: out.taps, logits: out.label_logits }))
+    }
+
+    fn pae(
+        &self,
+        train: &[Example],
+        labels: &[u32],
+        test: &[Example],
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Trained> {
+        let (n, k, k_out) = (train.len(), self.side.labels, self.side.outputs);
+        let (t, d) = (self.side.taps, self.side.hidden);
+        let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_>>()?;
+        let (encoded, batches) = self.batches(train)?;
+        let mut z_b = vec![0f32; n * k];
+        let uploaded = AtomicUsize::new(0);
+        let mut forward_s = 0.0;
+        let mut upload_bytes = self.with_uploader(
+            &uploaded,
+            |send| {
+                let mut pending: Vec<usize> = Vec::new();
+                let (mut acts, mut targets) = (Vec::new(), Vec::new());
+                for (b, chunk) in batches.iter().enumerate() {
+                    self.cancel.check()?;
+                    let start = Instant::now();
+                    let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+                    let out = self.backbone.llama().forward_pivots(&batch, self.taps, self.task.label_token_ids())?;
+                    forward_s += start.elapsed().as_secs_f64();
+                    let chunk_labels: Vec<u32> = chunk.iter().map(|&i| labels[i]).collect();
+                    let x = self.secrets.rotate_activations(&normalize_taps(&out.taps)?)?;
+                    let delta = prediction_differences(&out.label_logits, None, &chunk_labels, self.cfg.tau)?;
+                    let y = self.secrets.encode_targets(&delta)?;
+                    for (j, row) in out.label_logits.to_vec2::<f32>()?.into_iter().enumerate() {
+                        z_b[chunk[j] * k..(chunk[j] + 1) * k].copy_from_slice(&row);
+                    }
+                    acts.extend(x.flatten_all()?.to_vec1::<f32>()?);
+                    targets.extend(y.flatten_all()?.to_vec1::<f32>()?);
+                    pending.extend_from_slice(chunk);
+                    let last = b + 1 == batches.len();
+                    while pending.len() >= self.cfg.upload_chunk || (last && !pending.is_empty()) {
+                        let m = pending.len().min(self.cfg.upload_chunk);
+                        let frame_ids = pending.drain(..m).map(|i| ids[i]).collect();
+                        let frame_acts = acts.drain(..m * t * d).collect();
+                        let frame_targets = targets.drain(..m * k_out).collect();
+                        send(Upload::Samples(Frame::samples(frame_ids, t, d, frame_acts, k_out, frame_targets)))?;
+                    }
+                    let done = (b + 1) * self.cfg.forward_batch;
+                    progress(&Progress { phase: Phase::Forward, done: done.min(n), total: n, round: 1, loss: None });
+                }
+                Ok(())
+            },
+            |_, _| {},
+        )?;
+        let z_b = Tensor::from_vec(z_b, (n, k), &Device::Cpu)?;
+        let index: HashMap<SampleId, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+
+        let mut server_s = 0.0;
+        let mut test_pivots = None;
+        let mut loss = None;
+        for round in 1..=self.cfg.rounds {
+            if round > 1 {
+                // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
+                progress(&Progress { phase: Phase::Targets, done: 0, total: n, round, loss });
+                let outputs = self.client().outputs(&self.server.session)?;
+                let mut o = vec![0f32; n * k_out];
+                let mut seen = 0;
+                for (id, row) in outputs {
+                    if let (Some(&i), true) = (index.get(&id), row.len() == k_out) {
+                        o[i * k_out..(i + 1) * k_out].copy_from_slice(&row);
+                        seen += 1;
+                    }
+                }
+                if seen != n {
+                    return Err(Error::Frame(format!("the server returned outputs for {seen} of {n} samples")));
+                }
+                let o = Tensor::from_vec(o, (n, k_out), &Device::Cpu)?;
+                let dec = self.secrets.decode_outputs(&o)?;
+                let delta = prediction_differences(&z_b, Some(&dec), labels, self.cfg.tau)?;
+                let targets = (o + self.secrets.encode_targets(&delta)?)?.flatten_all()?.to_vec1::<f32>()?;
+                for (c, id_chunk) in ids.chunks(4096).enumerate() {
+                    let rows = &targets[c * 4096 * k_out..(c * 4096 + id_chunk.len()) * k_out];
+                    upload_bytes += self.client().upload_targets(&self.server.session, id_chunk, rows, k_out)?;
+                }
+            }
+            self.cancel.check()?;
+            let start = Instant::now();
+            self.client().train(&self.server.session, self.cfg.epochs)?;
+            if test_pivots.is_none() {
+                // The server trains the first round while the device forwards the held-out set.
+                test_pivots = Some(self.forward_test(test, progress)?);
+            }
+            loss = self.wait_trained(round, progress)?;
+            server_s += start.elapsed().as_secs_f64();
+        }
+        let trained = self.download_adapter()?;
+        Ok(Trained {
+            folded: self.secrets.fold(&trained)?,
+            test: test_pivots.flatten(),
+            upload_bytes,
+            device_forward_s: forward_s,
+            server_train_s: server_s,
+            loss,
+        })
+    }
+
+    fn mobillm(
+        &self,
+        train: &[Example],
+        labels: &[u32],
+        test: &[Example],
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Trained> {
+        let (n, k) = (train.len(), self.side.labels);
+        let (t, d) = (self.side.taps, self.side.hidden);
+        let (encoded, mut batches) = self.batches(train)?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.cfg.seed);
+        let (mut forward_s, mut upload_bytes) = (0.0, 0u64);
+        let step_s = std::sync::Mutex::new(0.0f64);
+        let last_loss = std::sync::Mutex::new(None);
+        for epoch in 1..=self.cfg.epochs {
+            // Batches keep their length grouping; their order changes every epoch.
+            batches.shuffle(&mut rng);
+            let uploaded = AtomicUsize::new(0);
+            upload_bytes += self.with_uploader(
+                &uploaded,
+                |send| {
+                    for (b, chunk) in batches.iter().enumerate() {
+                        self.cancel.check()?;
+                        let start = Instant::now();
+                        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+                        let (out, tokens) =
+                            self.backbone.llama().forward_sequences(&batch, self.taps, self.task.label_token_ids())?;
+                        forward_s += start.elapsed().as_secs_f64();
+                        let lens: Vec<u32> = batch.iter().map(|s| s.len() as u32).collect();
+                        let acts = Tensor::cat(&tokens, 0)?.flatten_all()?.to_vec1::<f32>()?;
+                        let ids = (0..chunk.len()).map(|_| SampleId::random()).collect::<Result<_>>()?;
+                        let chunk_labels = chunk.iter().map(|&i| labels[i]).collect();
+                        let prior = out.label_logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                        send(Upload::Step(Frame::sequences(ids, t, d, acts, lens, chunk_labels, k, prior)))?;
+                        progress(&Progress {
+                            phase: Phase::Forward,
+                            done: ((b + 1) * self.cfg.forward_batch).min(n),
+                            total: n,
+                            round: epoch,
+                            loss: *last_loss.lock().expect("loss"),
+                        });
+                    }
+                    Ok(())
+                },
+                |loss, seconds| {
+                    *step_s.lock().expect("step time") += seconds;
+                    *last_loss.lock().expect("loss") = Some(loss);
+                },
+            )?;
+        }
+        let test_pivots = self.forward_test(test, progress)?;
+        let trained = self.download_adapter()?;
+        let loss = *last_loss.lock().expect("loss");
+        let server_train_s = *step_s.lock().expect("step time");
+        Ok(Trained {
+            folded: self.secrets.fold(&trained)?,
+            test: test_pivots,
+            upload_bytes,
+            device_forward_s: forward_s,
+            server_train_s,
+            loss,
+        })
+    }
+
+    /// Polls the training job until it is done. A cancel is noticed at the next poll (deleting the session, which
+    /// the caller's guard does, stops the server's job).
+    fn wait_trained(&self, round: usize, progress: &mut dyn FnMut(&Progress)) -> Result<Option<f64>> {
+        loop {
+            self.cancel.check()?;
+            let job = self.client().status(&self.server.session)?.job;
+            let p =
+                Progress { phase: Phase::Train, done: job.epochs_done, total: job.epochs_total, round, loss: job.loss };
+            progress(&p);
+            match job.status.as_str() {
+                "done" => return Ok(job.loss),
+                "failed" => {
+                    return Err(Error::Server {
+                        status: 500,
+                        code: "training_failed".into(),
+                        message: job.message.unwrap_or_default(),
+                    })
+                }
+                _ => std::thread::sleep(self.cfg.poll),
+            }
+        }
+    }
+
+    /// The trained network in server coordinates, checked against the session's shape.
+    fn download_adapter(&self) -> Result<SideNet> {
+        let tensors = self.client().adapter(&self.server.session)?;
+        SideNet::from_tensors(self.side, &weights_file::as_refs(&tensors))
+            .map_err(|e| Error::Frame(format!("the server's adapter does not fit this session: {e}")))
+    }
+}
