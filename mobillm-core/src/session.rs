@@ -317,6 +317,8 @@ struct Trained {
     loss: Option<f64>,
 }
 
+type Batches = (Vec<Vec<u32>>, Vec<Vec<usize>>);
+
 /// What the forward thread hands the upload thread.
 enum Upload {
     Samples(Frame),
@@ -328,8 +330,9 @@ impl Run<'_> {
         self.server.client
     }
 
-    /// Example indices in forward batches: sorted by prompt length so padding stays small.
-    fn batches(&self, examples: &[Example]) -> Result<(Vec<Vec<u32>>, Vec<Vec<usize>>)> {
+    /// Token ids of every example, and example indices in forward batches sorted by prompt length so padding
+    /// stays small.
+    fn batches(&self, examples: &[Example]) -> Result<Batches> {
         let tokenizer = self.backbone.tokenizer();
         let encoded =
             examples.iter().map(|e| self.task.encode(tokenizer, &e.text)).collect::<Result<Vec<Vec<u32>>>>()?;
