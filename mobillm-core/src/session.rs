@@ -246,7 +246,6 @@ pub fn fine_tune(
         Mode::Mobillm => run.mobillm(train, &labels, test, progress)?,
     };
 
-    progress(&Progress { phase: Phase::Evaluate, done: 0, total: test.len(), round: 0, loss: None });
     let adapter = DeviceAdapter {
         task: task.spec().clone(),
         taps: taps.clone(),
@@ -256,7 +255,12 @@ pub fn fine_tune(
     };
     let (zero_shot_acc, finetuned_acc) = match &trained.test {
         Some(t) => {
-            let corrections = adapter.corrections(&t.taps)?;
+            let n = t.taps.dim(0)?;
+            let parts = (0..n)
+                .step_by(64)
+                .map(|s| adapter.corrections(&t.taps.narrow(0, s, 64.min(n - s))?.to_dtype(DType::F32)?))
+                .collect::<Result<Vec<_>>>()?;
+            let corrections = Tensor::cat(&parts, 0)?;
             (
                 Some(accuracy(&predict(&t.logits, None)?, &test_labels)),
                 Some(accuracy(&predict(&t.logits, Some(&corrections))?, &test_labels)),
@@ -302,7 +306,7 @@ struct Run<'a> {
     server: &'a ServerSession<'a>,
 }
 
-/// Held-out pivots: taps `[N, T, d]` and label logits `[N, K]`.
+/// Held-out pivots: taps `[N, T, d]` (f16) and label logits `[N, K]`.
 struct Pivots {
     taps: Tensor,
     logits: Tensor,
@@ -316,6 +320,12 @@ struct Trained {
     server_train_s: f64,
     loss: Option<f64>,
 }
+
+/// Padded tokens per forward batch: the longest prompts go in smaller batches, so the forward's working memory
+/// stays flat (the cost per token is the same).
+const FORWARD_BATCH_TOKENS: usize = 640;
+/// Padded tokens per `mobillm` forward batch (and step frame).
+const MOBILLM_MAX_BATCH_TOKENS: usize = 512;
 
 type Batches = (Vec<Vec<u32>>, Vec<Vec<usize>>);
 
@@ -331,14 +341,25 @@ impl Run<'_> {
     }
 
     /// Token ids of every example, and example indices in forward batches sorted by prompt length so padding
-    /// stays small.
-    fn batches(&self, examples: &[Example]) -> Result<Batches> {
+    /// stays small. With `max_tokens`, a batch also holds at most that many (padded) tokens.
+    fn batches(&self, examples: &[Example], max_tokens: Option<usize>) -> Result<Batches> {
         let tokenizer = self.backbone.tokenizer();
         let encoded =
             examples.iter().map(|e| self.task.encode(tokenizer, &e.text)).collect::<Result<Vec<Vec<u32>>>>()?;
         let mut order: Vec<usize> = (0..examples.len()).collect();
         order.sort_by_key(|&i| encoded[i].len());
-        Ok((encoded, order.chunks(self.cfg.forward_batch).map(<[usize]>::to_vec).collect()))
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        for i in order {
+            // Sorted ascending, so the newcomer is the batch's longest prompt.
+            let fits = batches.last().is_some_and(|b| {
+                b.len() < self.cfg.forward_batch && max_tokens.is_none_or(|m| (b.len() + 1) * encoded[i].len() <= m)
+            });
+            match batches.last_mut() {
+                Some(b) if fits => b.push(i),
+                _ => batches.push(vec![i]),
+            }
+        }
+        Ok((encoded, batches))
     }
 
     /// Runs `produce` on this thread while a second thread uploads what it sends. Returns the bytes uploaded.
@@ -384,20 +405,35 @@ impl Run<'_> {
         Ok(bytes.into_inner())
     }
 
+    /// Forwards the held-out examples, keeping their pivot taps as f16 (half the memory; the adapter's
+    /// corrections are computed from them in f32 chunks).
     fn forward_test(&self, test: &[Example], progress: &mut dyn FnMut(&Progress)) -> Result<Option<Pivots>> {
         if test.is_empty() {
             return Ok(None);
         }
-        let texts: Vec<&str> = test.iter().map(|e| e.text.as_str()).collect();
-        let mut cancelled = false;
-        let out = self.backbone.forward_all(self.task, &texts, self.taps, self.cfg.forward_batch, |done, total| {
-            cancelled |= self.cancel.is_cancelled();
-            progress(&Progress { phase: Phase::Evaluate, done, total, round: 0, loss: None });
-        })?;
-        if cancelled {
-            return Err(Error::Cancelled);
+        let (n, k) = (test.len(), self.side.labels);
+        let per = self.side.taps * self.side.hidden;
+        let (encoded, batches) = self.batches(test, Some(FORWARD_BATCH_TOKENS))?;
+        let mut taps = vec![half::f16::ZERO; n * per];
+        let mut logits = vec![0f32; n * k];
+        let mut done = 0;
+        for chunk in &batches {
+            self.cancel.check()?;
+            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+            let out = self.backbone.llama().forward_pivots(&batch, self.taps, self.task.label_token_ids())?;
+            let rows = out.taps.to_dtype(DType::F16)?.flatten_all()?.to_vec1::<half::f16>()?;
+            let z = out.label_logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for (j, &i) in chunk.iter().enumerate() {
+                taps[i * per..(i + 1) * per].copy_from_slice(&rows[j * per..(j + 1) * per]);
+                logits[i * k..(i + 1) * k].copy_from_slice(&z[j * k..(j + 1) * k]);
+            }
+            done += chunk.len();
+            progress(&Progress { phase: Phase::Evaluate, done, total: n, round: 0, loss: None });
         }
-        Ok(Some(Pivots { taps: out.taps, logits: out.label_logits }))
+        Ok(Some(Pivots {
+            taps: Tensor::from_vec(taps, (n, self.side.taps, self.side.hidden), &Device::Cpu)?,
+            logits: Tensor::from_vec(logits, (n, k), &Device::Cpu)?,
+        }))
     }
 
     fn pae(
@@ -410,7 +446,7 @@ impl Run<'_> {
         let (n, k, k_out) = (train.len(), self.side.labels, self.side.outputs);
         let (t, d) = (self.side.taps, self.side.hidden);
         let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_>>()?;
-        let (encoded, batches) = self.batches(train)?;
+        let (encoded, batches) = self.batches(train, Some(FORWARD_BATCH_TOKENS))?;
         let mut z_b = vec![0f32; n * k];
         let uploaded = AtomicUsize::new(0);
         let mut forward_s = 0.0;
@@ -418,6 +454,7 @@ impl Run<'_> {
             &uploaded,
             |send| {
                 let mut pending: Vec<usize> = Vec::new();
+                let mut forwarded = 0;
                 let (mut acts, mut targets) = (Vec::new(), Vec::new());
                 for (b, chunk) in batches.iter().enumerate() {
                     self.cancel.check()?;
@@ -443,8 +480,8 @@ impl Run<'_> {
                         let frame_targets = targets.drain(..m * k_out).collect();
                         send(Upload::Samples(Frame::samples(frame_ids, t, d, frame_acts, k_out, frame_targets)))?;
                     }
-                    let done = (b + 1) * self.cfg.forward_batch;
-                    progress(&Progress { phase: Phase::Forward, done: done.min(n), total: n, round: 1, loss: None });
+                    forwarded += chunk.len();
+                    progress(&Progress { phase: Phase::Forward, done: forwarded, total: n, round: 1, loss: None });
                 }
                 Ok(())
             },
@@ -511,7 +548,9 @@ impl Run<'_> {
     ) -> Result<Trained> {
         let (n, k) = (train.len(), self.side.labels);
         let (t, d) = (self.side.taps, self.side.hidden);
-        let (encoded, mut batches) = self.batches(train)?;
+        // A step frame holds every token of its batch: 512 tokens × 30 layers × 578 bytes ≈ 9 MB at int8, under the
+        // server's default 16 MB body limit, and a 35 MB f32 tensor on the device.
+        let (encoded, mut batches) = self.batches(train, Some(MOBILLM_MAX_BATCH_TOKENS))?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.cfg.seed);
         let (mut forward_s, mut upload_bytes) = (0.0, 0u64);
         let step_s = std::sync::Mutex::new(0.0f64);
@@ -523,7 +562,8 @@ impl Run<'_> {
             upload_bytes += self.with_uploader(
                 &uploaded,
                 |send| {
-                    for (b, chunk) in batches.iter().enumerate() {
+                    let mut done = 0;
+                    for chunk in &batches {
                         self.cancel.check()?;
                         let start = Instant::now();
                         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
@@ -536,9 +576,10 @@ impl Run<'_> {
                         let chunk_labels = chunk.iter().map(|&i| labels[i]).collect();
                         let prior = out.label_logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                         send(Upload::Step(Frame::sequences(ids, t, d, acts, lens, chunk_labels, k, prior)))?;
+                        done += chunk.len();
                         progress(&Progress {
                             phase: Phase::Forward,
-                            done: ((b + 1) * self.cfg.forward_batch).min(n),
+                            done,
                             total: n,
                             round: epoch,
                             loss: *last_loss.lock().expect("loss"),

@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask <command>` (the alias builds this crate in release mode).
 
 mod bench_forward;
+mod demo;
 mod fetch;
 mod side_eval;
 mod zeroshot;
@@ -23,6 +24,9 @@ enum Cmd {
     FetchModel,
     /// Download (once) and verify the UCI Sentiment Labelled Sentences and print their directory.
     FetchData,
+    /// The main job: an end-to-end fine-tune (device process + assist server on loopback) on the default model
+    /// and the UCI sentences; prints one JSON line.
+    Demo(demo::Args),
     /// Fetch the model and data, then run every test of the workspace in release mode (the README's test command).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -58,6 +62,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::FetchModel => println!("{}", fetch::model()?.display()),
         Cmd::FetchData => println!("{}", fetch::uci_data()?.display()),
+        Cmd::Demo(args) => println!("{}", demo::run(args)?),
         Cmd::Test { args } => test(&args)?,
         Cmd::Zeroshot(args) => zeroshot::run(args)?,
         Cmd::SideEval(args) => side_eval::run(args)?,
@@ -79,5 +84,26 @@ fn test(args: &[String]) -> Result<()> {
         .env("MOBILLM_REQUIRE_MODEL", "1")
         .status()?;
     anyhow::ensure!(status.success(), "cargo test failed ({status})");
+    if !args.is_empty() {
+        return Ok(()); // a filtered run: only the tests asked for
+    }
+    // The main job, small: the real model, server and device binaries as separate processes, UCI data.
+    eprintln!("test: demo smoke run (160 train / 100 held-out UCI sentences)");
+    let result = demo::run(demo::Args {
+        mode: "pae".into(),
+        train: Some(160),
+        test: Some(100),
+        epochs: Some(5),
+        ..Default::default()
+    })?;
+    println!("{result}");
+    let (zero, tuned) = (result["zero_shot_acc"].as_f64(), result["finetuned_acc"].as_f64());
+    let per_sample = result["upload_bytes_per_sample"].as_f64().unwrap_or(f64::INFINITY);
+    anyhow::ensure!(
+        matches!((zero, tuned), (Some(z), Some(t)) if t >= z + 0.05),
+        "the demo's fine-tune did not beat zero-shot by 5 points: {result}"
+    );
+    anyhow::ensure!(per_sample <= 20_000.0, "the demo uploaded {per_sample} bytes per sample (goal ≤ 20 KB)");
+    eprintln!("test: demo smoke run passed");
     Ok(())
 }

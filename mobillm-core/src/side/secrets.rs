@@ -21,9 +21,11 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct Secrets {
     seed: Option<[u8; 32]>,
+    taps: usize,
+    hidden: usize,
     labels: usize,
-    /// `[T, d, d]`.
-    rotations: Tensor,
+    /// `[T, d, d]`; `None` when disabled (identity, not stored).
+    rotations: Option<Tensor>,
     /// `[K', K']`.
     q: Tensor,
 }
@@ -57,23 +59,25 @@ impl Secrets {
             })
             .collect();
         let (d, k_out) = (cfg.hidden, cfg.outputs);
-        let rotations: Vec<f32> = sub_seeds[..cfg.taps]
-            .par_iter()
-            .map(|s| random_orthogonal(&mut ChaCha20Rng::from_seed(*s), d))
-            .collect::<Vec<_>>()
-            .concat();
-        let rotations = Tensor::from_vec(rotations, (cfg.taps, d, d), &Device::Cpu)?;
-        let q = random_orthogonal(&mut ChaCha20Rng::from_seed(sub_seeds[cfg.taps]), k_out);
+        // Each matrix is written straight into its slot of one buffer: no per-matrix copies to concatenate
+        // (the T matrices are 40 MB at SmolLM2's size, and the device's memory budget is tight).
+        let mut rotations = vec![0f32; cfg.taps * d * d];
+        rotations
+            .par_chunks_mut(d * d)
+            .zip(&sub_seeds[..cfg.taps])
+            .for_each(|(slot, s)| random_orthogonal_into(&mut ChaCha20Rng::from_seed(*s), d, slot));
+        let rotations = Some(Tensor::from_vec(rotations, (cfg.taps, d, d), &Device::Cpu)?);
+        let mut q = vec![0f32; k_out * k_out];
+        random_orthogonal_into(&mut ChaCha20Rng::from_seed(sub_seeds[cfg.taps]), k_out, &mut q);
         let q = Tensor::from_vec(q, (k_out, k_out), &Device::Cpu)?;
-        Ok(Self { seed: Some(seed), labels: cfg.labels, rotations, q })
+        Ok(Self { seed: Some(seed), taps: cfg.taps, hidden: d, labels: cfg.labels, rotations, q })
     }
 
     /// No secrets (R = Q = I): for comparisons and the privacy audit's "secrets off" runs only.
     pub fn disabled(cfg: &SideConfig) -> Result<Self> {
         cfg.validate()?;
-        let eye = |n: usize| Tensor::eye(n, DType::F32, &Device::Cpu);
-        let rotations = eye(cfg.hidden)?.unsqueeze(0)?.repeat((cfg.taps, 1, 1))?;
-        Ok(Self { seed: None, labels: cfg.labels, rotations, q: eye(cfg.outputs)? })
+        let q = Tensor::eye(cfg.outputs, DType::F32, &Device::Cpu)?;
+        Ok(Self { seed: None, taps: cfg.taps, hidden: cfg.hidden, labels: cfg.labels, rotations: None, q })
     }
 
     pub fn seed(&self) -> Option<[u8; 32]> {
@@ -86,13 +90,14 @@ impl Secrets {
 
     /// `[N, T, d]` unit-RMS activations → `R_i·â_i` per layer.
     pub fn rotate_activations(&self, x: &Tensor) -> Result<Tensor> {
-        let (t, d, _) = self.rotations.dims3()?;
+        let (t, d) = (self.taps, self.hidden);
         let dims = x.dims();
         if dims.len() != 3 || dims[1] != t || dims[2] != d {
             return Err(Error::InvalidInput(format!("activations have shape {dims:?}, expected [N, {t}, {d}]")));
         }
+        let Some(rotations) = &self.rotations else { return Ok(x.clone()) };
         // [T, N, d] × [T, d, d]ᵀ → [T, N, d]
-        let y = x.transpose(0, 1)?.contiguous()?.matmul(&self.rotations.transpose(1, 2)?)?;
+        let y = x.transpose(0, 1)?.contiguous()?.matmul(&rotations.transpose(1, 2)?)?;
         Ok(y.transpose(0, 1)?.contiguous()?)
     }
 
@@ -133,7 +138,10 @@ impl Secrets {
             .map(|(name, t)| -> Result<(&str, Tensor)> {
                 let t = t.to_dtype(DType::F32)?;
                 Ok(match name {
-                    PROJ => (name, t.matmul(&self.rotations)?), // [T, w, d] × [T, d, d]
+                    PROJ => match &self.rotations {
+                        Some(r) => (name, t.matmul(r)?), // [T, w, d] × [T, d, d]
+                        None => (name, t),
+                    },
                     OUT => (name, self.q.t()?.matmul(&t)?.narrow(0, 0, self.labels)?), // (Qᵀ W)[:K]
                     _ => (name, t),
                 })
@@ -143,8 +151,8 @@ impl Secrets {
     }
 }
 
-/// A Haar-random n×n orthogonal matrix, row-major f32.
-fn random_orthogonal(rng: &mut ChaCha20Rng, n: usize) -> Vec<f32> {
+/// A Haar-random n×n orthogonal matrix, written row-major into `out` (n² values).
+fn random_orthogonal_into(rng: &mut ChaCha20Rng, n: usize, out: &mut [f32]) {
     let g = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(rng));
     let qr = g.qr();
     let (mut q, r) = (qr.q(), qr.r());
@@ -153,11 +161,9 @@ fn random_orthogonal(rng: &mut ChaCha20Rng, n: usize) -> Vec<f32> {
             q.column_mut(j).neg_mut();
         }
     }
-    let mut out = Vec::with_capacity(n * n);
     for i in 0..n {
         for j in 0..n {
-            out.push(q[(i, j)] as f32);
+            out[i * n + j] = q[(i, j)] as f32;
         }
     }
-    out
 }

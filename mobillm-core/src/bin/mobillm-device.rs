@@ -1,0 +1,241 @@
+//! `mobillm-device`: the device side of MobiLLM as a command-line program (what an app does through the SDK), in
+//! its own process so its memory is measured on its own. Progress goes to stderr; `fine-tune` ends with one JSON
+//! line on stdout.
+//!
+//! ```text
+//! mobillm-device fine-tune --model M.gguf --server http://127.0.0.1:8787 --api-key K (--uci DIR | --data F.jsonl
+//!                --template T) [--mode pae|mobillm] [--train N] [--test N] [--epochs E] [--save adapter.safetensors]
+//! mobillm-device predict --model M.gguf --adapter adapter.safetensors "some text" …
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use mobillm_core::dataset::{self, Split};
+use mobillm_core::session::{fine_tune, CancelToken, Phase, Progress, SessionConfig};
+use mobillm_core::side::DeviceAdapter;
+use mobillm_core::wire::Quant;
+use mobillm_core::{memory, Backbone, Mode, TaskSpec};
+
+#[derive(Parser)]
+#[command(name = "mobillm-device", about = "MobiLLM device side: fine-tune through an assist server, predict")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Forward the examples, train through the assist server, fold and evaluate the adapter.
+    FineTune(Box<FineTuneArgs>),
+    /// Predict labels of texts with the backbone and a saved adapter.
+    Predict {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        texts: Vec<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct FineTuneArgs {
+    /// The backbone: a GGUF file or a safetensors directory.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, env = "MOBILLM_SERVER", default_value = "http://127.0.0.1:8787")]
+    server: String,
+    #[arg(long, env = "MOBILLM_API_KEY")]
+    api_key: String,
+    /// Trust only this CA certificate (PEM) for an https:// server.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The UCI Sentiment Labelled Sentences directory (`cargo xtask fetch-data`).
+    #[arg(long, conflicts_with = "data")]
+    uci: Option<PathBuf>,
+    /// JSONL of {"text","label"}; 20% is held out by text hash.
+    #[arg(long, requires = "template")]
+    data: Option<PathBuf>,
+    /// Prompt with one {text} slot ending in an answer cue (default: the UCI sentiment prompt).
+    #[arg(long)]
+    template: Option<String>,
+    /// Labels in order (comma-separated; default: as they first appear in the data).
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    #[arg(long, default_value = "pae")]
+    mode: Mode,
+    /// Use at most N training examples.
+    #[arg(long)]
+    train: Option<usize>,
+    /// Use at most N held-out examples.
+    #[arg(long)]
+    test: Option<usize>,
+    /// pae: server epochs per round (default 10). mobillm: passes over the data, each a device forward (default 3).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// pae refinement rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[arg(long, value_enum, default_value_t = QuantArg::Int8)]
+    quant: QuantArg,
+    /// Examples per device forward.
+    #[arg(long, default_value_t = 16)]
+    forward_batch: usize,
+    /// Server learning rate (default 3e-3 for pae, 1e-3 for mobillm's small steps).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Save the device adapter here.
+    #[arg(long)]
+    save: Option<PathBuf>,
+    /// Send plain activations and targets (measurement only: the server then sees them unprotected).
+    #[arg(long, hide = true)]
+    no_secrets: bool,
+    /// Leave the session (and its cached activations) on the server.
+    #[arg(long)]
+    keep_session: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum QuantArg {
+    F16,
+    Int8,
+    Int4,
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::FineTune(args) => report(run_fine_tune(*args)),
+        Command::Predict { model, adapter, texts } => report(run_predict(&model, &adapter, &texts)),
+    }
+}
+
+fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mobillm-device: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_split(args: &FineTuneArgs) -> Result<(Split, TaskSpec), Box<dyn std::error::Error>> {
+    let (mut split, labels, template) = match (&args.data, &args.uci) {
+        (Some(path), _) => {
+            let split = dataset::split_jsonl(path)?;
+            let all: Vec<_> = split.train.iter().chain(&split.test).cloned().collect();
+            let template = args.template.clone().ok_or("--data needs --template")?;
+            (split, dataset::labels_of(&all), template)
+        }
+        (None, Some(dir)) => (
+            dataset::uci_split(dir)?,
+            dataset::UCI_LABELS.map(String::from).to_vec(),
+            args.template.clone().unwrap_or_else(|| dataset::UCI_TEMPLATE.to_string()),
+        ),
+        (None, None) => return Err("give the data: --uci DIR or --data FILE.jsonl --template T".into()),
+    };
+    if let Some(n) = args.train {
+        split.train.truncate(n);
+    }
+    if let Some(n) = args.test {
+        split.test.truncate(n);
+    }
+    let labels = args.labels.clone().unwrap_or(labels);
+    Ok((split, TaskSpec { template, labels }))
+}
+
+fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let (split, spec) = load_split(&args)?;
+    let backbone = Backbone::load(&args.model)?;
+    eprintln!(
+        "device: {} ({} blocks, d={}), {} train / {} held-out examples, labels {:?}, mode {}",
+        args.model.display(),
+        backbone.config().num_hidden_layers,
+        backbone.config().hidden_size,
+        split.train.len(),
+        split.test.len(),
+        spec.labels,
+        args.mode
+    );
+    let mobillm = args.mode == Mode::Mobillm;
+    let cfg = SessionConfig {
+        server_url: args.server.clone(),
+        api_key: args.api_key.clone(),
+        ca_pem: args.ca.as_ref().map(std::fs::read).transpose()?,
+        mode: args.mode,
+        epochs: args.epochs.unwrap_or(if mobillm { 3 } else { 10 }),
+        rounds: args.rounds,
+        lr: args.lr.unwrap_or(if mobillm { 1e-3 } else { 3e-3 }),
+        quant: match args.quant {
+            QuantArg::F16 => Quant::F16,
+            QuantArg::Int8 => Quant::Int8,
+            QuantArg::Int4 => Quant::Int4,
+        },
+        forward_batch: args.forward_batch,
+        secrets: !args.no_secrets,
+        keep_server_session: args.keep_session,
+        ..SessionConfig::default()
+    };
+    let cancel = CancelToken::new();
+    let mut last_line = Instant::now();
+    let mut last_phase = None;
+    let outcome = fine_tune(&backbone, spec, &split.train, &split.test, &cfg, &cancel, &mut |p: &Progress| {
+        // One line per phase change and at most two per second otherwise.
+        if last_phase == Some(p.phase) && last_line.elapsed().as_millis() < 500 && p.done != p.total {
+            return;
+        }
+        last_phase = Some(p.phase);
+        last_line = Instant::now();
+        let loss = p.loss.map(|l| format!(", loss {l:.4}")).unwrap_or_default();
+        let what = match p.phase {
+            Phase::Secrets => "drawing secrets".to_string(),
+            Phase::Forward => format!("forward + upload {}/{} (pass {})", p.done, p.total, p.round),
+            Phase::Train => format!("server training round {}: epoch {}/{}", p.round, p.done, p.total),
+            Phase::Targets => format!("round {}: new targets", p.round),
+            Phase::Evaluate => format!("held-out forward {}/{}", p.done, p.total),
+            Phase::Done => "done".to_string(),
+        };
+        let rss = memory::current_rss_mb().map(|m| format!(" [rss {m:.0} MB]")).unwrap_or_default();
+        eprintln!("[{:7.1}s] {what}{loss}{rss}", started.elapsed().as_secs_f64());
+        let _ = std::io::stderr().flush();
+    })?;
+    if let Some(path) = &args.save {
+        outcome.adapter.save(path)?;
+        eprintln!("adapter saved to {}", path.display());
+    }
+    let result = serde_json::json!({
+        "mode": outcome.mode.to_string(),
+        "zero_shot_acc": outcome.zero_shot_acc,
+        "finetuned_acc": outcome.finetuned_acc,
+        "train_samples": outcome.train_samples,
+        "test_samples": outcome.test_samples,
+        "upload_bytes": outcome.upload_bytes,
+        "upload_bytes_per_sample": outcome.upload_bytes as f64 / outcome.train_samples.max(1) as f64,
+        "device_forward_s": outcome.device_forward_s,
+        "device_peak_rss_mb": memory::peak_rss_mb(),
+        "server_train_s": outcome.server_train_s,
+        "wall_s": started.elapsed().as_secs_f64(),
+    });
+    println!("{result}");
+    Ok(())
+}
+
+fn run_predict(
+    model: &std::path::Path,
+    adapter: &std::path::Path,
+    texts: &[String],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let backbone = Backbone::load(model)?;
+    let adapter = DeviceAdapter::load(adapter)?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    for (text, p) in texts.iter().zip(adapter.predict(&backbone, &refs)?) {
+        let scores: serde_json::Map<_, _> =
+            adapter.task.labels.iter().cloned().zip(p.scores.iter().map(|s| serde_json::json!(s))).collect();
+        println!("{}", serde_json::json!({"text": text, "label": p.label, "scores": scores}));
+    }
+    Ok(())
+}

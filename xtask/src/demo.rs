@@ -1,0 +1,131 @@
+//! `cargo xtask demo`: the main job end to end. Fetches the model and data if needed, builds and starts
+//! `mobillm-server` on a free loopback port with a temporary data dir, runs `mobillm-device fine-tune` against it
+//! in its own process (progress on stderr), and prints the device's JSON result as the last line.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::fetch;
+
+#[derive(clap::Args, Default)]
+pub struct Args {
+    /// `pae` (default): pivots once, device-defined targets, secrets. `mobillm`: all tokens every epoch, labels
+    /// on the server.
+    #[arg(long, default_value = "pae")]
+    pub mode: String,
+    /// A GGUF file or a safetensors directory (default: the fetched SmolLM2-135M-Instruct Q4_1).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// JSONL of {"text","label"} (default: the UCI sentences); needs --template.
+    #[arg(long, requires = "template")]
+    pub data: Option<PathBuf>,
+    /// Prompt with one {text} slot, ending in an answer cue.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// At most N training examples (default: all; UCI has 2400).
+    #[arg(long)]
+    pub train: Option<usize>,
+    /// At most N held-out examples (default: all; UCI has 600).
+    #[arg(long)]
+    pub test: Option<usize>,
+    /// pae: server epochs per round (default 10, 3 rounds); mobillm: passes over the data (default 3).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Save the device adapter here.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
+    /// Further arguments for `mobillm-device fine-tune` (after `--`).
+    #[arg(last = true)]
+    pub device_args: Vec<String>,
+}
+
+/// Kills the server when the demo ends, however it ends.
+pub struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Builds the server and device binaries (release) and returns the directory holding them.
+pub fn build_binaries() -> Result<PathBuf> {
+    eprintln!("demo: building mobillm-server and mobillm-device (release)…");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet", "-p", "mobillm-server", "-p", "mobillm-core"])
+        .args(["--features", "mobillm-core/cli", "--bin", "mobillm-server", "--bin", "mobillm-device"])
+        .status()?;
+    anyhow::ensure!(status.success(), "building the binaries failed ({status})");
+    // This program runs from the same target directory (`cargo xtask` builds it in release).
+    let exe = std::env::current_exe()?;
+    Ok(exe.parent().context("xtask binary has no directory")?.to_path_buf())
+}
+
+/// Starts `mobillm-server` on 127.0.0.1 port 0; returns the process and its URL. Logs go to `log`.
+pub fn start_server(bin_dir: &Path, data_dir: &Path, api_key: &str, log: &Path) -> Result<(ServerProcess, String)> {
+    let mut child = Command::new(bin_dir.join("mobillm-server"))
+        .args(["--bind", "127.0.0.1:0", "--api-key", api_key, "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .context("starting mobillm-server")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
+    let guard = ServerProcess(child);
+    let Some(addr) = line.trim().strip_prefix("listening on ") else {
+        bail!("mobillm-server did not start; its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    };
+    Ok((guard, format!("http://{addr}")))
+}
+
+/// Runs the demo; returns the device's JSON result (also printed by `cargo xtask demo`).
+pub fn run(args: Args) -> Result<serde_json::Value> {
+    let model = match &args.model {
+        Some(p) => p.clone(),
+        None => fetch::model()?,
+    };
+    let data = match &args.data {
+        Some(p) => vec!["--data".into(), p.display().to_string()],
+        None => vec!["--uci".into(), fetch::uci_data()?.display().to_string()],
+    };
+    let bin_dir = build_binaries()?;
+    let work = tempfile::tempdir()?;
+    let api_key = format!("demo-{}", std::process::id());
+    let log = work.path().join("server.log");
+    let (_server, url) = start_server(&bin_dir, &work.path().join("data"), &api_key, &log)?;
+    eprintln!("demo: assist server at {url} (log: {})", log.display());
+
+    let mut device = Command::new(bin_dir.join("mobillm-device"));
+    device.arg("fine-tune").arg("--model").arg(&model).args(["--server", &url, "--api-key", &api_key]);
+    device.args(&data).args(["--mode", &args.mode]);
+    if let Some(t) = &args.template {
+        device.args(["--template", t]);
+    }
+    for (flag, value) in [("--train", args.train), ("--test", args.test), ("--epochs", args.epochs)] {
+        if let Some(v) = value {
+            device.args([flag, &v.to_string()]);
+        }
+    }
+    if let Some(p) = &args.save {
+        device.arg("--save").arg(p);
+    }
+    device.args(&args.device_args);
+    let out = device.stderr(Stdio::inherit()).output().context("running mobillm-device")?;
+    if !out.status.success() {
+        let server_log = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = server_log.lines().rev().take(20).collect();
+        bail!(
+            "mobillm-device failed ({}); last server log lines:\n{}",
+            out.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let result = String::from_utf8(out.stdout)?;
+    let last = result.lines().last().context("mobillm-device printed no result")?;
+    Ok(serde_json::from_str(last).with_context(|| format!("mobillm-device printed {last:?}"))?)
+}
