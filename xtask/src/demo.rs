@@ -127,5 +127,5 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
     }
     let result = String::from_utf8(out.stdout)?;
     let last = result.lines().last().context("mobillm-device printed no result")?;
-    Ok(serde_json::from_str(last).with_context(|| format!("mobillm-device printed {last:?}"))?)
+    serde_json::from_str(last).with_context(|| format!("mobillm-device printed {last:?}"))
 }

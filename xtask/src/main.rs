@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask <command>` (the alias builds this crate in release mode).
 
 mod bench_forward;
+mod bindings;
 mod demo;
 mod fetch;
 mod side_eval;
@@ -39,6 +40,20 @@ enum Cmd {
     SideEval(side_eval::Args),
     /// Forward-pass speed and peak memory: candle's stock quantized model, all weights dequantized, and ours.
     BenchForward(bench_forward::Args),
+    /// Regenerate the Swift package and Kotlin module in bindings/ (library mode); with --check, fail if the
+    /// committed copy differs from a fresh generation.
+    Bindings {
+        #[arg(long)]
+        check: bool,
+    },
+    /// Compile the generated Kotlin and its tests with kotlinc and run them on the JVM against the real library.
+    KotlinTest,
+    /// Static checks of the Swift side: syntax (tree-sitter-swift), header compile, exported symbols.
+    SwiftCheck,
+    /// Build the Android libraries per ABI (needs the NDK and cargo-ndk).
+    Android,
+    /// Build the iOS xcframework (needs macOS with Xcode).
+    Ios,
     /// (internal) one benchmark variant, run in its own process so its peak RSS is its own.
     #[command(hide = true)]
     BenchForwardWorker(bench_forward::WorkerArgs),
@@ -62,6 +77,11 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::FetchModel => println!("{}", fetch::model()?.display()),
         Cmd::FetchData => println!("{}", fetch::uci_data()?.display()),
+        Cmd::Bindings { check } => bindings::bindings(check)?,
+        Cmd::KotlinTest => bindings::kotlin_test()?,
+        Cmd::SwiftCheck => bindings::swift_check()?,
+        Cmd::Android => bindings::android()?,
+        Cmd::Ios => bindings::ios()?,
         Cmd::Demo(args) => println!("{}", demo::run(args)?),
         Cmd::Test { args } => test(&args)?,
         Cmd::Zeroshot(args) => zeroshot::run(args)?,
@@ -87,6 +107,10 @@ fn test(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         return Ok(()); // a filtered run: only the tests asked for
     }
+    // The SDK: committed bindings are current, Swift passes its static checks, Kotlin tests pass on the JVM.
+    bindings::bindings(true)?;
+    bindings::swift_check()?;
+    bindings::kotlin_test()?;
     // The main job, small: the real model, server and device binaries as separate processes, UCI data.
     eprintln!("test: demo smoke run (160 train / 100 held-out UCI sentences)");
     let result = demo::run(demo::Args {
