@@ -127,5 +127,31 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
     }
     let result = String::from_utf8(out.stdout)?;
     let last = result.lines().last().context("mobillm-device printed no result")?;
-    serde_json::from_str(last).with_context(|| format!("mobillm-device printed {last:?}"))
+    let mut result: serde_json::Value =
+        serde_json::from_str(last).with_context(|| format!("mobillm-device printed {last:?}"))?;
+    // The server's own training throughput, from its metrics (samples × epochs per second of training).
+    if let Ok(metrics) = http_get(&url, "/metrics") {
+        let value = |name: &str| -> Option<f64> {
+            metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        };
+        if let (Some(samples), Some(seconds)) =
+            (value("mobillm_trained_samples_total"), value("mobillm_training_seconds_total"))
+        {
+            result["server_train_samples_per_s"] = serde_json::json!(samples / seconds.max(1e-9));
+        }
+    }
+    Ok(result)
+}
+
+/// A plain HTTP/1.1 GET on loopback (the demo's server speaks plain HTTP).
+fn http_get(base: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let addr = base.strip_prefix("http://").context("not an http:// URL")?;
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {}", head.lines().next().unwrap_or(""));
+    Ok(body.to_string())
 }
