@@ -38,14 +38,7 @@ pub fn spawn(state: Arc<AppState>, rec: SessionRecord) {
 
 fn run(state: &AppState, mut rec: SessionRecord) -> Result<(), String> {
     let samples = state.store.samples(&rec.id, &rec.shape).map_err(|e| e.to_string())?;
-    let mut trainer = match state.store.weights(&rec.id).map_err(|e| e.to_string())? {
-        Some(bytes) => {
-            let (tensors, _) = weights_file::from_bytes(&bytes)?;
-            SideTrainer::from_tensors(&rec.side, &rec.train, weights_file::as_refs(&tensors))
-        }
-        None => SideTrainer::new(&rec.side, &rec.train),
-    }
-    .map_err(|e| e.to_string())?;
+    let mut trainer = load_trainer(state, &rec)?;
     let (x, targets) = stack_samples(&trainer, &samples).map_err(|e| e.to_string())?;
     let objective = Objective::Regression { targets };
     tracing::info!(session = %rec.id, samples = samples.len(), done = rec.job.epochs_done, total = rec.job.epochs_total, "training");
@@ -85,6 +78,18 @@ fn run(state: &AppState, mut rec: SessionRecord) -> Result<(), String> {
         return Err(e);
     }
     Ok(())
+}
+
+/// The session's network as last checkpointed, or a fresh one (whose outputs are zero) before any training.
+pub fn load_trainer(state: &AppState, rec: &SessionRecord) -> Result<SideTrainer, String> {
+    match state.store.weights(&rec.id).map_err(|e| e.to_string())? {
+        Some(bytes) => {
+            let (tensors, _) = weights_file::from_bytes(&bytes)?;
+            SideTrainer::from_tensors(&rec.side, &rec.train, weights_file::as_refs(&tensors))
+        }
+        None => SideTrainer::new(&rec.side, &rec.train),
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// Marks sessions whose job was running when the server stopped and starts them again.

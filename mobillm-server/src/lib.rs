@@ -443,14 +443,7 @@ async fn download_outputs(
     let state2 = state.clone();
     tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
         let samples = state2.store.samples(&rec.id, &rec.shape)?;
-        let trainer = match state2.store.weights(&rec.id)? {
-            Some(bytes) => {
-                let (tensors, _) = weights_file::from_bytes(&bytes).map_err(ApiError::internal)?;
-                SideTrainer::from_tensors(&rec.side, &rec.train, weights_file::as_refs(&tensors))?
-            }
-            // Before any training the network is fresh: its outputs are zero.
-            None => SideTrainer::new(&rec.side, &rec.train)?,
-        };
+        let trainer = jobs::load_trainer(&state2, &rec).map_err(ApiError::internal)?;
         if samples.is_empty() {
             return Ok(Frame::rows(FrameKind::Outputs, vec![], rec.shape.outputs, vec![]).encode(Quant::F16)?);
         }
@@ -550,13 +543,7 @@ fn live_trainer(state: &AppState, rec: &SessionRecord) -> Result<Arc<std::sync::
     if let Some(t) = live.get(&rec.id) {
         return Ok(t.clone());
     }
-    let trainer = match state.store.weights(&rec.id)? {
-        Some(bytes) => {
-            let (tensors, _) = weights_file::from_bytes(&bytes).map_err(ApiError::internal)?;
-            SideTrainer::from_tensors(&rec.side, &rec.train, weights_file::as_refs(&tensors))?
-        }
-        None => SideTrainer::new(&rec.side, &rec.train)?,
-    };
+    let trainer = jobs::load_trainer(state, rec).map_err(ApiError::internal)?;
     let t = Arc::new(std::sync::Mutex::new(trainer));
     live.insert(rec.id.clone(), t.clone());
     Ok(t)

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::fetch;
+use crate::{fetch, DataArgs};
 
 #[derive(clap::Args, Default)]
 pub struct Args {
@@ -16,15 +16,8 @@ pub struct Args {
     /// on the server.
     #[arg(long, default_value = "pae")]
     pub mode: String,
-    /// A GGUF file or a safetensors directory (default: the fetched SmolLM2-135M-Instruct Q4_1).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// JSONL of {"text","label"} (default: the UCI sentences); needs --template.
-    #[arg(long, requires = "template")]
-    pub data: Option<PathBuf>,
-    /// Prompt with one {text} slot, ending in an answer cue.
-    #[arg(long)]
-    pub template: Option<String>,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// At most N training examples (default: all; UCI has 2400).
     #[arg(long)]
     pub train: Option<usize>,
@@ -85,11 +78,11 @@ pub fn start_server(bin_dir: &Path, data_dir: &Path, api_key: &str, log: &Path) 
 
 /// Runs the demo; returns the device's JSON result (also printed by `cargo xtask demo`).
 pub fn run(args: Args) -> Result<serde_json::Value> {
-    let model = match &args.model {
+    let model = match &args.data.model {
         Some(p) => p.clone(),
         None => fetch::model()?,
     };
-    let data = match &args.data {
+    let data = match &args.data.data {
         Some(p) => vec!["--data".into(), p.display().to_string()],
         None => vec!["--uci".into(), fetch::uci_data()?.display().to_string()],
     };
@@ -103,7 +96,7 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
     let mut device = Command::new(bin_dir.join("mobillm-device"));
     device.arg("fine-tune").arg("--model").arg(&model).args(["--server", &url, "--api-key", &api_key]);
     device.args(&data).args(["--mode", &args.mode]);
-    if let Some(t) = &args.template {
+    if let Some(t) = &args.data.template {
         device.args(["--template", t]);
     }
     for (flag, value) in [("--train", args.train), ("--test", args.test), ("--epochs", args.epochs)] {

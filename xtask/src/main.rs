@@ -60,7 +60,7 @@ enum Cmd {
 }
 
 /// Model and data options shared by the commands that run the backbone.
-#[derive(clap::Args, Clone, Debug)]
+#[derive(clap::Args, Clone, Debug, Default)]
 pub struct DataArgs {
     /// A GGUF file or a safetensors directory (default: the fetched SmolLM2-135M-Instruct Q4_1).
     #[arg(long)]
