@@ -162,6 +162,16 @@ pub struct Outcome {
     /// server's step time as seen by the device (`mobillm`).
     pub server_train_s: f64,
     pub wall_s: f64,
+    /// Held-out accuracy after each refinement round (`pae`) or pass over the data (`mobillm`), with the time
+    /// since the fine-tune started (for time-to-accuracy); empty without held-out examples.
+    pub rounds: Vec<RoundReport>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RoundReport {
+    pub round: usize,
+    pub finetuned_acc: f64,
+    pub elapsed_s: f64,
 }
 
 /// Deletes the server session when dropped (end, error or cancel), unless asked to keep it.
@@ -240,7 +250,18 @@ pub fn fine_tune(
     };
     let session = client.create_session(&cfg.api_key, &request)?;
     let server = ServerSession { client: &client, session, keep: cfg.keep_server_session };
-    let run = Run { backbone, task: &task, taps: &taps, side: &side, secrets: &secrets, cfg, cancel, server: &server };
+    let run = Run {
+        backbone,
+        task: &task,
+        taps: &taps,
+        side: &side,
+        secrets: &secrets,
+        cfg,
+        cancel,
+        server: &server,
+        test_labels: &test_labels,
+        started,
+    };
     let trained = match cfg.mode {
         Mode::Pae => run.pae(train, &labels, test, progress)?,
         Mode::Mobillm => run.mobillm(train, &labels, test, progress)?,
@@ -254,18 +275,10 @@ pub fn fine_tune(
         net: trained.folded,
     };
     let (zero_shot_acc, finetuned_acc) = match &trained.test {
-        Some(t) => {
-            let n = t.taps.dim(0)?;
-            let parts = (0..n)
-                .step_by(64)
-                .map(|s| adapter.corrections(&t.taps.narrow(0, s, 64.min(n - s))?.to_dtype(DType::F32)?))
-                .collect::<Result<Vec<_>>>()?;
-            let corrections = Tensor::cat(&parts, 0)?;
-            (
-                Some(accuracy(&predict(&t.logits, None)?, &test_labels)),
-                Some(accuracy(&predict(&t.logits, Some(&corrections))?, &test_labels)),
-            )
-        }
+        Some(t) => (
+            Some(held_out_accuracy(None, t, &test_labels)?),
+            Some(held_out_accuracy(Some(&adapter.net), t, &test_labels)?),
+        ),
         None => (None, None),
     };
     progress(&Progress { phase: Phase::Done, done: 1, total: 1, round: 0, loss: trained.loss });
@@ -280,7 +293,28 @@ pub fn fine_tune(
         device_forward_s: trained.device_forward_s,
         server_train_s: trained.server_train_s,
         wall_s: started.elapsed().as_secs_f64(),
+        rounds: trained.rounds,
     })
+}
+
+/// Accuracy of the backbone's label logits plus, with `net`, the folded network's corrections, over held-out
+/// pivots (evaluated 64 at a time, converting the f16 taps as it goes).
+fn held_out_accuracy(net: Option<&SideNet>, pivots: &Pivots, labels: &[u32]) -> Result<f64> {
+    let corrections = match net {
+        Some(net) => {
+            let n = pivots.taps.dim(0)?;
+            let parts = (0..n)
+                .step_by(64)
+                .map(|s| -> Result<Tensor> {
+                    let x = normalize_taps(&pivots.taps.narrow(0, s, 64.min(n - s))?.to_dtype(DType::F32)?)?;
+                    Ok(net.forward(&x)?.to_dtype(DType::F32)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        }
+        None => None,
+    };
+    Ok(accuracy(&predict(&pivots.logits, corrections.as_ref())?, labels))
 }
 
 fn label_indices(task: &Task, examples: &[Example]) -> Result<Vec<u32>> {
@@ -304,6 +338,8 @@ struct Run<'a> {
     cfg: &'a SessionConfig,
     cancel: &'a CancelToken,
     server: &'a ServerSession<'a>,
+    test_labels: &'a [u32],
+    started: Instant,
 }
 
 /// Held-out pivots: taps `[N, T, d]` (f16) and label logits `[N, K]`.
@@ -319,6 +355,7 @@ struct Trained {
     device_forward_s: f64,
     server_train_s: f64,
     loss: Option<f64>,
+    rounds: Vec<RoundReport>,
 }
 
 /// Padded tokens per forward batch: the longest prompts go in smaller batches, so the forward's working memory
@@ -492,6 +529,7 @@ impl Run<'_> {
 
         let mut server_s = 0.0;
         let mut test_pivots = None;
+        let (mut rounds, mut folded) = (Vec::new(), None);
         let mut loss = None;
         for round in 1..=self.cfg.rounds {
             if round > 1 {
@@ -527,15 +565,18 @@ impl Run<'_> {
             }
             loss = self.wait_trained(round, progress)?;
             server_s += start.elapsed().as_secs_f64();
+            let net = self.secrets.fold(&self.download_adapter()?)?;
+            self.report_round(round, &net, test_pivots.as_ref().and_then(Option::as_ref), &mut rounds)?;
+            folded = Some(net);
         }
-        let trained = self.download_adapter()?;
         Ok(Trained {
-            folded: self.secrets.fold(&trained)?,
+            folded: folded.ok_or_else(|| Error::InvalidInput("no refinement round ran".into()))?,
             test: test_pivots.flatten(),
             upload_bytes,
             device_forward_s: forward_s,
             server_train_s: server_s,
             loss,
+            rounds,
         })
     }
 
@@ -555,6 +596,9 @@ impl Run<'_> {
         let (mut forward_s, mut upload_bytes) = (0.0, 0u64);
         let step_s = std::sync::Mutex::new(0.0f64);
         let last_loss = std::sync::Mutex::new(None);
+        // Held-out pivots first, so every pass can be scored as it ends.
+        let test_pivots = self.forward_test(test, progress)?;
+        let (mut rounds, mut folded) = (Vec::new(), None);
         for epoch in 1..=self.cfg.epochs {
             // Batches keep their length grouping; their order changes every epoch.
             batches.shuffle(&mut rng);
@@ -592,19 +636,36 @@ impl Run<'_> {
                     *last_loss.lock().expect("loss") = Some(loss);
                 },
             )?;
+            let net = self.secrets.fold(&self.download_adapter()?)?;
+            self.report_round(epoch, &net, test_pivots.as_ref(), &mut rounds)?;
+            folded = Some(net);
         }
-        let test_pivots = self.forward_test(test, progress)?;
-        let trained = self.download_adapter()?;
         let loss = *last_loss.lock().expect("loss");
         let server_train_s = *step_s.lock().expect("step time");
         Ok(Trained {
-            folded: self.secrets.fold(&trained)?,
+            folded: folded.ok_or_else(|| Error::InvalidInput("no pass over the data ran".into()))?,
             test: test_pivots,
             upload_bytes,
             device_forward_s: forward_s,
             server_train_s,
             loss,
+            rounds,
         })
+    }
+
+    /// Scores the folded network on the held-out pivots (if any) and records the round.
+    fn report_round(
+        &self,
+        round: usize,
+        net: &SideNet,
+        pivots: Option<&Pivots>,
+        rounds: &mut Vec<RoundReport>,
+    ) -> Result<()> {
+        if let Some(p) = pivots {
+            let finetuned_acc = held_out_accuracy(Some(net), p, self.test_labels)?;
+            rounds.push(RoundReport { round, finetuned_acc, elapsed_s: self.started.elapsed().as_secs_f64() });
+        }
+        Ok(())
     }
 
     /// Polls the training job until it is done. A cancel is noticed at the next poll (deleting the session, which

@@ -1,9 +1,11 @@
 //! Project automation: `cargo xtask <command>` (the alias builds this crate in release mode).
 
+mod bench;
 mod bench_forward;
 mod bindings;
 mod demo;
 mod fetch;
+mod lora;
 mod side_eval;
 mod zeroshot;
 
@@ -54,6 +56,12 @@ enum Cmd {
     Android,
     /// Build the iOS xcframework (needs macOS with Xcode).
     Ios,
+    /// MobiLLM (`pae`, `mobillm`) against on-device LoRA: device memory and time, upload, accuracy, time to
+    /// accuracy; writes docs/bench.json and docs/benchmarks.md.
+    Bench(bench::Args),
+    /// On-device LoRA (the usual alternative) on the UCI sentences, in this process: accuracy per epoch, device
+    /// seconds per training sample, peak RSS. The baseline of the benchmarks.
+    BenchLora(lora::WorkerArgs),
     /// (internal) one benchmark variant, run in its own process so its peak RSS is its own.
     #[command(hide = true)]
     BenchForwardWorker(bench_forward::WorkerArgs),
@@ -82,6 +90,8 @@ fn main() -> Result<()> {
         Cmd::SwiftCheck => bindings::swift_check()?,
         Cmd::Android => bindings::android()?,
         Cmd::Ios => bindings::ios()?,
+        Cmd::Bench(args) => bench::run(args)?,
+        Cmd::BenchLora(args) => lora::worker(args)?,
         Cmd::Demo(args) => println!("{}", demo::run(args)?),
         Cmd::Test { args } => test(&args)?,
         Cmd::Zeroshot(args) => zeroshot::run(args)?,

@@ -219,6 +219,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         "device_peak_rss_mb": memory::peak_rss_mb(),
         "server_train_s": outcome.server_train_s,
         "wall_s": started.elapsed().as_secs_f64(),
+        "rounds": outcome.rounds,
     });
     println!("{result}");
     Ok(())
