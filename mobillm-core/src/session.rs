@@ -48,7 +48,9 @@ pub struct SessionConfig {
     pub width: usize,
     pub rank: usize,
     pub lr: f64,
-    /// Server mini-batch (`pae`); in `mobillm` mode a step is one forward batch.
+    /// Largest server mini-batch (`pae`): a small data set gets `n/8` (at least 16), so every epoch takes at least
+    /// 8 optimiser steps (measured: 256 examples reach 93% after one round at 32, 78.5% at 128). In `mobillm` mode
+    /// a step is one forward batch.
     pub batch_size: usize,
     pub seed: u64,
     /// `pae`: server epochs per round. `mobillm`: passes over the data, each a new device forward.
@@ -245,7 +247,7 @@ pub fn fine_tune(
         width: side.width,
         rank: side.rank,
         lr: cfg.lr,
-        batch_size: cfg.batch_size,
+        batch_size: cfg.batch_size.min((train.len() / 8).max(16)),
         seed: cfg.seed,
     };
     let session = client.create_session(&cfg.api_key, &request)?;

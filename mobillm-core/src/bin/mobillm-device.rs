@@ -84,6 +84,9 @@ struct FineTuneArgs {
     /// Examples per device forward.
     #[arg(long, default_value_t = 16)]
     forward_batch: usize,
+    /// Server mini-batch (pae).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Server learning rate (default 3e-3 for pae, 1e-3 for mobillm's small steps).
     #[arg(long)]
     lr: Option<f64>,
@@ -176,6 +179,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
             QuantArg::Int4 => Quant::Int4,
         },
         forward_batch: args.forward_batch,
+        batch_size: args.batch_size.unwrap_or(SessionConfig::default().batch_size),
         secrets: !args.no_secrets,
         keep_server_session: args.keep_session,
         ..SessionConfig::default()
