@@ -16,7 +16,7 @@
 //! A cancelled fine-tune returns [`Error::Cancelled`] within one batch or one poll.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -404,7 +404,6 @@ impl Run<'_> {
     /// Runs `produce` on this thread while a second thread uploads what it sends. Returns the bytes uploaded.
     fn with_uploader(
         &self,
-        uploaded: &AtomicUsize,
         produce: impl FnOnce(&dyn Fn(Upload) -> Result<()>) -> Result<()>,
         mut on_step: impl FnMut(f64, f64) + Send,
     ) -> Result<u64> {
@@ -420,14 +419,12 @@ impl Run<'_> {
                             let encoded = frame.encode(self.cfg.quant)?;
                             self.client().upload_frame(session, &encoded)?;
                             bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-                            uploaded.fetch_add(frame.ids.len(), Ordering::Relaxed);
                         }
                         Upload::Step(frame) => {
                             let encoded = frame.encode(self.cfg.quant)?;
                             let sent = Instant::now();
                             let ack = self.client().train_step(session, &encoded)?;
                             bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
-                            uploaded.fetch_add(frame.ids.len(), Ordering::Relaxed);
                             on_step(ack.loss, sent.elapsed().as_secs_f64());
                         }
                     }
@@ -487,10 +484,8 @@ impl Run<'_> {
         let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_>>()?;
         let (encoded, batches) = self.batches(train, Some(FORWARD_BATCH_TOKENS))?;
         let mut z_b = vec![0f32; n * k];
-        let uploaded = AtomicUsize::new(0);
         let mut forward_s = 0.0;
         let mut upload_bytes = self.with_uploader(
-            &uploaded,
             |send| {
                 let mut pending: Vec<usize> = Vec::new();
                 let mut forwarded = 0;
@@ -604,9 +599,7 @@ impl Run<'_> {
         for epoch in 1..=self.cfg.epochs {
             // Batches keep their length grouping; their order changes every epoch.
             batches.shuffle(&mut rng);
-            let uploaded = AtomicUsize::new(0);
             upload_bytes += self.with_uploader(
-                &uploaded,
                 |send| {
                     let mut done = 0;
                     for chunk in &batches {
