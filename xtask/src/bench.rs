@@ -24,7 +24,7 @@ pub struct Args {
     pub epochs: usize,
 }
 
-fn machine() -> String {
+pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -37,7 +37,7 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores")
 }
 
-fn today() -> String {
+pub fn today() -> String {
     Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d")
@@ -208,12 +208,17 @@ Ratios: device RSS LoRA/pae **{r_rss}×**, device time LoRA (all epochs)/pae **{
         r_up = f(&ra["upload_mobillm_over_pae"], 1),
         r_tta = f(&ra["time_to_accuracy_lora_over_pae"], 1),
     );
-    let path = docs.join("benchmarks.md");
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let text = match (text.find(START), text.find(END)) {
-        (Some(a), Some(b)) if a < b => format!("{}{section}{}", &text[..a], &text[b + END.len()..]),
+    replace_generated(&docs.join("benchmarks.md"), START, END, &section)
+}
+
+/// Replaces the text from `start` to `end` (markers included; `section` carries its own) in the file at `path`,
+/// or appends `section` when the markers are missing.
+pub fn replace_generated(path: &std::path::Path, start: &str, end: &str, section: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = match (text.find(start), text.find(end)) {
+        (Some(a), Some(b)) if a < b => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
         _ => format!("{}\n{section}\n", text.trim_end()),
     };
-    std::fs::write(&path, text)?;
+    std::fs::write(path, text)?;
     Ok(())
 }

@@ -78,6 +78,13 @@ pub fn start_server(bin_dir: &Path, data_dir: &Path, api_key: &str, log: &Path) 
 
 /// Runs the demo; returns the device's JSON result (also printed by `cargo xtask demo`).
 pub fn run(args: Args) -> Result<serde_json::Value> {
+    let work = tempfile::tempdir()?;
+    run_in(args, work.path())
+}
+
+/// Runs the demo with the server's data dir (`work/data`) and log (`work/server.log`) in `work`, which outlive
+/// the run (the privacy audit reads them afterwards). The server is stopped before this returns.
+pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
     let model = match &args.data.model {
         Some(p) => p.clone(),
         None => fetch::model()?,
@@ -87,10 +94,9 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
         None => vec!["--uci".into(), fetch::uci_data()?.display().to_string()],
     };
     let bin_dir = build_binaries()?;
-    let work = tempfile::tempdir()?;
     let api_key = format!("demo-{}", std::process::id());
-    let log = work.path().join("server.log");
-    let (_server, url) = start_server(&bin_dir, &work.path().join("data"), &api_key, &log)?;
+    let log = work.join("server.log");
+    let (_server, url) = start_server(&bin_dir, &work.join("data"), &api_key, &log)?;
     eprintln!("demo: assist server at {url} (log: {})", log.display());
 
     let mut device = Command::new(bin_dir.join("mobillm-device"));

@@ -1,5 +1,6 @@
 //! Project automation: `cargo xtask <command>` (the alias builds this crate in release mode).
 
+mod audit;
 mod bench;
 mod bench_forward;
 mod bindings;
@@ -62,6 +63,9 @@ enum Cmd {
     /// On-device LoRA (the usual alternative) on the UCI sentences, in this process: accuracy per epoch, device
     /// seconds per training sample, peak RSS. The baseline of the benchmarks.
     BenchLora(lora::WorkerArgs),
+    /// Privacy audit: fine-tunes with secrets on and off, then plays the server and attacks labels, texts and
+    /// the model from what it stored; writes docs/privacy-audit.json and docs/privacy.md's results; prints JSON.
+    Audit(audit::Args),
     /// (internal) one benchmark variant, run in its own process so its peak RSS is its own.
     #[command(hide = true)]
     BenchForwardWorker(bench_forward::WorkerArgs),
@@ -91,6 +95,7 @@ fn main() -> Result<()> {
         Cmd::Android => bindings::android()?,
         Cmd::Ios => bindings::ios()?,
         Cmd::Bench(args) => bench::run(args)?,
+        Cmd::Audit(args) => audit::run(args)?,
         Cmd::BenchLora(args) => lora::worker(args)?,
         Cmd::Demo(args) => println!("{}", demo::run(args)?),
         Cmd::Test { args } => test(&args)?,

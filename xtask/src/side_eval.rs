@@ -49,6 +49,10 @@ pub struct Args {
     /// Train without secrets (R = Q = I), for comparison.
     #[arg(long)]
     pub no_secrets: bool,
+    /// Whiten each layer (W from the training split's own second moments) before rotating: the design change
+    /// docs/privacy.md proposes against the alignment attack, to measure what it costs in accuracy.
+    #[arg(long)]
+    pub whiten: bool,
     /// Skip the cross-entropy baseline.
     #[arg(long)]
     pub no_baseline: bool,
@@ -61,15 +65,17 @@ pub enum ActivationArg {
     Relu,
 }
 
-struct Pivots {
-    taps: Tensor,
-    logits: Tensor,
-    labels: Vec<u32>,
+pub struct Pivots {
+    /// `[N, taps, d]`, as the backbone computed them (not normalised).
+    pub taps: Tensor,
+    /// `[N, K]`.
+    pub logits: Tensor,
+    pub labels: Vec<u32>,
 }
 
 /// Pivot taps (all blocks) and label logits of `examples`, from the cache when this model, task and data were
 /// forwarded before.
-fn pivots(backbone: &Backbone, task: &Task, examples: &[Example], what: &str) -> Result<Pivots> {
+pub fn pivots(backbone: &Backbone, task: &Task, examples: &[Example], what: &str) -> Result<Pivots> {
     let labels = examples
         .iter()
         .map(|e| task.label_index(&e.label).map(|i| i as u32).context("label not in the task"))
@@ -139,8 +145,14 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!("zero-shot: {:.1}% on {} held-out", zero_shot * 100.0, test.labels.len());
 
     // What the device sends: unit-RMS, rotated activations (once) and rotated targets (per round).
-    let x_train = secrets.rotate_activations(&normalize_taps(&train.taps)?)?;
-    let x_test_plain = normalize_taps(&test.taps)?;
+    let whitening =
+        if args.whiten { Some(crate::audit::whitening_matrices(&normalize_taps(&train.taps)?)?) } else { None };
+    let prepare = |taps: &Tensor| -> Result<Tensor> {
+        let x = normalize_taps(taps)?;
+        whitening.as_ref().map_or(Ok(x.clone()), |w| crate::audit::whiten(&x, w))
+    };
+    let x_train = secrets.rotate_activations(&prepare(&train.taps)?)?;
+    let x_test_plain = prepare(&test.taps)?;
 
     let mut trainer = SideTrainer::new(&cfg, &tc)?;
     let mut dec: Option<Tensor> = None;
@@ -200,6 +212,7 @@ pub fn run(args: Args) -> Result<()> {
         "pae_rounds": rounds,
         "ce_baseline": baseline,
         "secrets": secrets.is_enabled(),
+        "whitened": args.whiten,
         "side": cfg,
         "train": {"lr": args.lr, "batch": args.batch, "epochs_per_round": args.epochs, "rounds": args.rounds, "tau": args.tau},
         "epoch_s": epoch_s,

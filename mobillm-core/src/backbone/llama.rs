@@ -37,6 +37,11 @@ impl Llama {
         &self.weights.config
     }
 
+    /// The weights (the privacy audit decodes activations against the public embedding matrix).
+    pub fn weights(&self) -> &LlamaWeights {
+        &self.weights
+    }
+
     /// Bytes the weights occupy in memory as stored (quantized or dense).
     pub fn weight_bytes(&self) -> usize {
         let w = &self.weights;
