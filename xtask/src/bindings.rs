@@ -110,7 +110,8 @@ fn generated_files(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+/// Every file below `dir`, recursively.
+pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();

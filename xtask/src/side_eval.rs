@@ -49,10 +49,11 @@ pub struct Args {
     /// Train without secrets (R = Q = I), for comparison.
     #[arg(long)]
     pub no_secrets: bool,
-    /// Whiten each layer (W from the training split's own second moments) before rotating: the design change
-    /// docs/privacy.md proposes against the alignment attack, to measure what it costs in accuracy.
-    #[arg(long)]
-    pub whiten: bool,
+    /// Centre and whiten each layer before rotating, with the mean and covariance of the training split and ε =
+    /// EPS times the mean eigenvalue (the audit simulates 0.1): the design change docs/privacy.md proposes against
+    /// the alignment attack, to measure what it costs in accuracy.
+    #[arg(long, value_name = "EPS")]
+    pub whiten: Option<f64>,
     /// Skip the cross-entropy baseline.
     #[arg(long)]
     pub no_baseline: bool,
@@ -145,11 +146,13 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!("zero-shot: {:.1}% on {} held-out", zero_shot * 100.0, test.labels.len());
 
     // What the device sends: unit-RMS, rotated activations (once) and rotated targets (per round).
-    let whitening =
-        if args.whiten { Some(crate::audit::whitening_matrices(&normalize_taps(&train.taps)?)?) } else { None };
+    let whitening = match args.whiten {
+        Some(eps) => Some(crate::audit::Whitening::fit(&normalize_taps(&train.taps)?, eps, true)?),
+        None => None,
+    };
     let prepare = |taps: &Tensor| -> Result<Tensor> {
         let x = normalize_taps(taps)?;
-        whitening.as_ref().map_or(Ok(x.clone()), |w| crate::audit::whiten(&x, w))
+        whitening.as_ref().map_or(Ok(x.clone()), |w| w.apply(&x))
     };
     let x_train = secrets.rotate_activations(&prepare(&train.taps)?)?;
     let x_test_plain = prepare(&test.taps)?;
