@@ -379,7 +379,8 @@ fn attack(view: &ServerView, truth: &[usize], k: &Knowledge, args: &Args) -> Res
         ("aligned_probe", accuracy(&aligned_predictions, &y)),
         ("backbone_zero_shot_readout", accuracy(&argmax_rows(&readout.predict(&acts.layer(&all, t - 1))), &y)),
     ];
-    // The number of labels: Q·[Δ; 0] spans only K − 1 of the K' dimensions (Δ sums to zero).
+    // The number of labels, as far as the targets show it: Q·[Δ; 0] spans only K − 1 of the K' dimensions (Δ sums
+    // to zero), but the server's own outputs, added from round 2 on, spread further (AdamW steps per coordinate).
     let target_rank = {
         let sv = view.targets.clone().cast::<f64>().singular_values();
         let top = sv.max();
