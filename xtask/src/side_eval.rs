@@ -146,16 +146,15 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!("zero-shot: {:.1}% on {} held-out", zero_shot * 100.0, test.labels.len());
 
     // What the device sends: unit-RMS, rotated activations (once) and rotated targets (per round).
-    let whitening = match args.whiten {
-        Some(eps) => Some(crate::audit::Whitening::fit(&normalize_taps(&train.taps)?, eps, true)?),
-        None => None,
+    let (x_train_plain, x_test_plain) = (normalize_taps(&train.taps)?, normalize_taps(&test.taps)?);
+    let (x_train_plain, x_test_plain) = match args.whiten {
+        Some(eps) => {
+            let whitening = crate::audit::Whitening::fit(&x_train_plain, eps, true)?;
+            (whitening.apply(&x_train_plain)?, whitening.apply(&x_test_plain)?)
+        }
+        None => (x_train_plain, x_test_plain),
     };
-    let prepare = |taps: &Tensor| -> Result<Tensor> {
-        let x = normalize_taps(taps)?;
-        whitening.as_ref().map_or(Ok(x.clone()), |w| w.apply(&x))
-    };
-    let x_train = secrets.rotate_activations(&prepare(&train.taps)?)?;
-    let x_test_plain = prepare(&test.taps)?;
+    let x_train = secrets.rotate_activations(&x_train_plain)?;
 
     let mut trainer = SideTrainer::new(&cfg, &tc)?;
     let mut dec: Option<Tensor> = None;
