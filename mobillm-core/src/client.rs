@@ -1,141 +1,160 @@
 //! The device's client for the assist server (blocking: call it from a background thread, as the FFI does).
-//! Uploads go in chunks; a chunk that fails on the network or with a 5xx is retried with backoff, and because
-//! uploads are idempotent per sample id, retrying or re-running an interrupted upload never duplicates samples.
+//!
+//! Every request is safe to repeat, so every request is retried on a network failure, a 5xx, a `429` or a `503`
+//! (honouring `Retry-After`): uploads and target updates are idempotent per sample id, reads and deletes are
+//! idempotent by nature, and each `POST` carries an `Idempotency-Key` that the server answers with the first
+//! outcome (a retried create returns the same session, a retried training step is not trained twice). Response
+//! bodies are read up to a bound fixed by what the answer can hold, and waiting for training has a deadline.
 //!
 //! HTTPS goes through rustls (`ring` provider). By default the server's certificate is checked against the
-//! platform's trust store (rustls-platform-verifier); [`AssistClient::with_ca`] trusts exactly one given CA
-//! instead, which is what a self-hosted assist server with a private CA (and the tests) need.
+//! platform's trust store (rustls-platform-verifier); a given CA (PEM) is trusted exclusively instead, which is
+//! what a self-hosted assist server with a private CA (and the tests) need. Plain `http://` is refused for any
+//! host but loopback unless the caller opts in (an emulator reaching its host, for instance).
 
-use std::time::Duration;
+use std::io::Read;
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use rand::TryRngCore;
+use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
+use crate::protocol::{
+    CreateSession, ErrorBody, JobState, JobStatus, SessionCreated, SessionStatus, StepAck, TargetsAck, TrainRequest,
+    UploadAck, IDEMPOTENCY_KEY,
+};
 use crate::side::{weights_file, SampleId};
-use crate::wire::{Frame, FrameKind, Limits, Mode, Quant};
+use crate::wire::{Frame, FrameKind, Limits, Quant};
 
-/// What the device asks the server for when it creates a session.
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionRequest {
-    pub mode: Mode,
-    /// K, sent in `mobillm` mode only (in `pae` mode the server never learns the number of labels).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub labels: Option<usize>,
-    pub layers: usize,
-    pub dim: usize,
-    pub outputs: usize,
-    pub backbone: String,
-    pub width: usize,
-    pub rank: usize,
-    pub lr: f64,
-    pub batch_size: usize,
-    pub seed: u64,
-}
+/// Largest JSON answer the client reads.
+const MAX_JSON_BYTES: u64 = 1 << 20;
+/// Largest adapter download (compressed); a side network is a few MB.
+const MAX_ADAPTER_BYTES: u64 = 256 << 20;
+/// Attempts per request, and the longest pause between two.
+const ATTEMPTS: usize = 6;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A session on the assist server: its id and bearer token (never printed by `Debug`).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Session {
     pub session_id: String,
     pub token: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Job {
-    pub status: String,
-    pub epochs_total: usize,
-    pub epochs_done: usize,
-    pub loss: Option<f64>,
-    pub message: Option<String>,
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("session_id", &self.session_id).field("token", &"<redacted>").finish()
+    }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Status {
-    pub samples: usize,
-    pub job: Job,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct UploadAck {
-    pub stored: usize,
-    pub duplicates: usize,
-    pub total: usize,
-}
-
-/// The server's answer to a `mobillm`-mode training step.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-pub struct StepAck {
-    /// Mean cross-entropy over the frame's mini-batches.
-    pub loss: f64,
-    pub samples: usize,
-    /// Step requests the session has trained on so far.
-    pub steps: usize,
+/// How the client reaches the server.
+#[derive(Clone, Default)]
+pub struct Connection {
+    /// Trust only this CA (PEM) for HTTPS; `None` uses the platform's trust store.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Allow plain `http://` to hosts other than loopback. Off by default: activations and tokens would cross
+    /// the network in the clear.
+    pub insecure_http: bool,
 }
 
 pub struct AssistClient {
     http: reqwest::blocking::Client,
     base: String,
-    retries: usize,
 }
 
 impl AssistClient {
-    /// A client for `base_url` (`http://…` or `https://…`) that trusts the platform's certificate authorities.
+    /// A client for `base_url` that trusts the platform's certificate authorities.
     pub fn new(base_url: &str) -> Result<Self> {
-        Self::build(base_url, None)
+        Self::connect(base_url, &Connection::default())
     }
 
     /// A client that trusts only the CA certificate (PEM) given, for servers with a private CA.
     pub fn with_ca(base_url: &str, ca_pem: &[u8]) -> Result<Self> {
-        Self::build(base_url, Some(ca_pem))
+        Self::connect(base_url, &Connection { ca_pem: Some(ca_pem.to_vec()), insecure_http: false })
     }
 
-    fn build(base_url: &str, ca_pem: Option<&[u8]>) -> Result<Self> {
-        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
-            return Err(Error::InvalidInput(format!("server URL {base_url:?} must start with http:// or https://")));
+    pub fn connect(base_url: &str, connection: &Connection) -> Result<Self> {
+        let url =
+            reqwest::Url::parse(base_url).map_err(|e| Error::InvalidInput(format!("server URL {base_url:?}: {e}")))?;
+        match url.scheme() {
+            "https" => {}
+            "http" if connection.insecure_http || is_loopback(&url) => {}
+            "http" => {
+                return Err(Error::InvalidInput(format!(
+                    "server URL {base_url:?} is plain http to a host that is not loopback: use https (or opt in to \
+                     insecure http for a development setup)"
+                )))
+            }
+            other => return Err(Error::InvalidInput(format!("server URL {base_url:?}: unsupported scheme {other:?}"))),
         }
         // The process-wide rustls provider; an app that installed one already keeps its own.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120));
-        if let Some(pem) = ca_pem {
+        let mut builder = reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(120));
+        if let Some(pem) = &connection.ca_pem {
             let ca =
                 reqwest::Certificate::from_pem(pem).map_err(|e| Error::InvalidInput(format!("CA certificate: {e}")))?;
             builder = builder.tls_certs_only([ca]);
         }
         let http = builder.build().map_err(|e| Error::Network(e.to_string()))?;
-        Ok(Self { http, base: base_url.trim_end_matches('/').to_string(), retries: 4 })
+        Ok(Self { http, base: base_url.trim_end_matches('/').to_string() })
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    /// Sends a request built by `build`, retrying network failures and 5xx answers with exponential backoff.
-    fn send(&self, build: impl Fn() -> reqwest::blocking::RequestBuilder) -> Result<reqwest::blocking::Response> {
-        let mut delay = Duration::from_millis(200);
-        let mut attempt = 0;
-        loop {
-            let outcome = build().send();
-            let retryable = match &outcome {
-                Ok(r) => r.status().is_server_error(),
-                Err(e) => e.is_connect() || e.is_timeout() || e.is_request(),
-            };
-            if !retryable || attempt == self.retries {
-                let resp = outcome.map_err(|e| Error::Network(e.to_string()))?;
-                return check(resp);
-            }
-            attempt += 1;
-            std::thread::sleep(delay);
-            delay *= 2;
-        }
+    fn session_url(&self, s: &Session, tail: &str) -> String {
+        self.url(&format!("/v1/sessions/{}{tail}", s.session_id))
     }
 
-    pub fn create_session(&self, api_key: &str, req: &SessionRequest) -> Result<Session> {
-        let resp = self.send(|| self.http.post(self.url("/v1/sessions")).bearer_auth(api_key).json(req))?;
-        resp.json().map_err(|e| Error::Network(format!("session reply: {e}")))
+    /// Sends a request built by `build` (called once per attempt), retrying what may be retried; any other
+    /// error answer becomes [`Error::Server`].
+    fn send(&self, build: impl Fn() -> reqwest::blocking::RequestBuilder) -> Result<reqwest::blocking::Response> {
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=ATTEMPTS {
+            let last = attempt == ATTEMPTS;
+            match build().send() {
+                Ok(resp) if resp.status().is_success() => return Ok(resp),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retryable = status.is_server_error() || status.as_u16() == 429;
+                    if !retryable || last {
+                        return Err(server_error(resp));
+                    }
+                    let wait = retry_after(&resp).unwrap_or(delay).min(MAX_BACKOFF);
+                    drop(resp);
+                    std::thread::sleep(wait);
+                }
+                Err(e) if last || !(e.is_connect() || e.is_timeout() || e.is_request() || e.is_body()) => {
+                    return Err(Error::Network(e.to_string()))
+                }
+                Err(_) => std::thread::sleep(delay),
+            }
+            delay = (delay * 2).min(MAX_BACKOFF);
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    fn json<T: DeserializeOwned>(&self, resp: reqwest::blocking::Response, what: &str) -> Result<T> {
+        let bytes = read_bounded(resp, MAX_JSON_BYTES, what)?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::Network(format!("unreadable {what} answer: {e}")))
+    }
+
+    /// Creates a session. Retrying with the same idempotency key returns the same session.
+    pub fn create_session(&self, api_key: &str, req: &CreateSession) -> Result<Session> {
+        let key = idempotency_key()?;
+        let resp = self.send(|| {
+            self.http.post(self.url("/v1/sessions")).bearer_auth(api_key).header(IDEMPOTENCY_KEY, &key).json(req)
+        })?;
+        let created: SessionCreated = self.json(resp, "session")?;
+        Ok(Session { session_id: created.session_id, token: created.token })
     }
 
     pub fn upload_frame(&self, s: &Session, bytes: &[u8]) -> Result<UploadAck> {
-        let url = self.url(&format!("/v1/sessions/{}/samples", s.session_id));
+        let url = self.session_url(s, "/samples");
         let resp = self.send(|| self.http.put(&url).bearer_auth(&s.token).body(bytes.to_vec()))?;
-        resp.json().map_err(|e| Error::Network(format!("upload reply: {e}")))
+        self.json(resp, "upload")
     }
 
     /// Uploads samples (`activations`: n × layers × dim, `targets`: n × width) in frames of `chunk` samples.
@@ -179,96 +198,161 @@ impl AssistClient {
         Ok(sent)
     }
 
+    /// Replaces the targets of uploaded samples (all or nothing). Returns the bytes sent.
     pub fn upload_targets(&self, s: &Session, ids: &[SampleId], values: &[f32], width: usize) -> Result<u64> {
         let bytes = Frame::rows(FrameKind::Targets, ids.to_vec(), width, values.to_vec()).encode(Quant::F16)?;
-        let url = self.url(&format!("/v1/sessions/{}/targets", s.session_id));
-        self.send(|| self.http.put(&url).bearer_auth(&s.token).body(bytes.clone()))?;
+        let url = self.session_url(s, "/targets");
+        let ack: TargetsAck =
+            self.json(self.send(|| self.http.put(&url).bearer_auth(&s.token).body(bytes.clone()))?, "targets")?;
+        if ack.updated != ids.len() {
+            return Err(Error::Protocol(format!("the server updated {} of {} targets", ack.updated, ids.len())));
+        }
         Ok(bytes.len() as u64)
     }
 
-    /// `mobillm` mode: sends one encoded Sequences frame; the server trains on it at once and answers with the loss.
+    /// `mobillm` mode: sends one encoded Sequences frame; the server trains on it at once and answers with the
+    /// loss. A retry after a lost answer gets the first answer back instead of a second optimiser step.
     pub fn train_step(&self, s: &Session, frame: &[u8]) -> Result<StepAck> {
-        let url = self.url(&format!("/v1/sessions/{}/steps", s.session_id));
-        let resp = self.send(|| self.http.post(&url).bearer_auth(&s.token).body(frame.to_vec()))?;
-        resp.json().map_err(|e| Error::Network(format!("step reply: {e}")))
+        let url = self.session_url(s, "/steps");
+        let key = idempotency_key()?;
+        let resp = self
+            .send(|| self.http.post(&url).bearer_auth(&s.token).header(IDEMPOTENCY_KEY, &key).body(frame.to_vec()))?;
+        self.json(resp, "step")
     }
 
-    pub fn train(&self, s: &Session, epochs: usize) -> Result<()> {
-        let url = self.url(&format!("/v1/sessions/{}/train", s.session_id));
-        self.send(|| self.http.post(&url).bearer_auth(&s.token).json(&serde_json::json!({"epochs": epochs})))?;
-        Ok(())
+    /// Asks the server to train `epochs` more epochs from the current weights (the job is queued, then runs).
+    pub fn train(&self, s: &Session, epochs: usize) -> Result<JobState> {
+        let url = self.session_url(s, "/train");
+        let key = idempotency_key()?;
+        let req = TrainRequest { epochs };
+        let resp = self.send(|| self.http.post(&url).bearer_auth(&s.token).header(IDEMPOTENCY_KEY, &key).json(&req))?;
+        Ok(self.json::<crate::protocol::TrainAccepted>(resp, "train")?.job)
     }
 
-    pub fn status(&self, s: &Session) -> Result<Status> {
-        let url = self.url(&format!("/v1/sessions/{}", s.session_id));
-        self.send(|| self.http.get(&url).bearer_auth(&s.token))?
-            .json()
-            .map_err(|e| Error::Network(format!("status: {e}")))
+    pub fn status(&self, s: &Session) -> Result<SessionStatus> {
+        let url = self.session_url(s, "");
+        self.json(self.send(|| self.http.get(&url).bearer_auth(&s.token))?, "status")
     }
 
-    /// Polls until the training job ends; `progress` sees every poll. A failed job is an error.
-    pub fn wait_trained(&self, s: &Session, poll: Duration, mut progress: impl FnMut(&Job)) -> Result<Status> {
+    /// Polls until the training job ends, at most `deadline` long. `on_poll` sees every poll and may stop the
+    /// wait by returning an error (a cancel, say). A failed job is [`Error::TrainingFailed`].
+    pub fn wait_trained(
+        &self,
+        s: &Session,
+        poll: Duration,
+        deadline: Duration,
+        mut on_poll: impl FnMut(&JobState) -> Result<()>,
+    ) -> Result<SessionStatus> {
+        let started = Instant::now();
         loop {
             let st = self.status(s)?;
-            progress(&st.job);
-            match st.job.status.as_str() {
-                "done" => return Ok(st),
-                "failed" => {
-                    return Err(Error::Server {
-                        status: 500,
-                        code: "training_failed".into(),
-                        message: st.job.message.unwrap_or_default(),
-                    })
+            on_poll(&st.job)?;
+            match st.job.status {
+                JobStatus::Done => return Ok(st),
+                JobStatus::Failed => return Err(Error::TrainingFailed(st.job.message.unwrap_or_default())),
+                JobStatus::Idle => {
+                    return Err(Error::Protocol("the server reports no training job for this session".into()))
                 }
-                _ => std::thread::sleep(poll),
+                JobStatus::Queued | JobStatus::Running if started.elapsed() >= deadline => {
+                    return Err(Error::Network(format!(
+                        "training did not finish within {} s ({} of {} epochs done)",
+                        deadline.as_secs(),
+                        st.job.epochs_done,
+                        st.job.epochs_total
+                    )))
+                }
+                JobStatus::Queued | JobStatus::Running => std::thread::sleep(poll),
             }
         }
     }
 
-    /// The server's current outputs per sample (K' values each).
-    pub fn outputs(&self, s: &Session) -> Result<Vec<(SampleId, Vec<f32>)>> {
-        let url = self.url(&format!("/v1/sessions/{}/outputs", s.session_id));
-        let bytes = self
-            .send(|| self.http.get(&url).bearer_auth(&s.token))?
-            .bytes()
-            .map_err(|e| Error::Network(e.to_string()))?;
-        let (frame, _) = Frame::decode(&bytes, &Limits { max_samples: 1 << 20, ..Limits::default() })?;
-        if frame.kind != FrameKind::Outputs {
-            return Err(Error::Frame(format!("expected outputs, got {:?}", frame.kind)));
+    /// The server's current outputs per sample (`width` values each) for a session of `samples` samples.
+    pub fn outputs(&self, s: &Session, samples: usize, width: usize) -> Result<Vec<(SampleId, Vec<f32>)>> {
+        let url = self.session_url(s, "/outputs");
+        let resp = self.send(|| self.http.get(&url).bearer_auth(&s.token))?;
+        // 40 bytes of counts and prefix, then per sample its id and its values; zstd never grows data by much.
+        let decoded = 64 + samples * (16 + 4 * width);
+        let bytes = read_bounded(resp, (decoded + decoded / 8 + 4096) as u64, "outputs")?;
+        let limits = Limits {
+            max_decoded_bytes: decoded,
+            max_samples: samples,
+            max_width: width,
+            max_layers: 0,
+            max_dim: 0,
+            max_tokens: 0,
+            ..Limits::default()
+        };
+        let (frame, _) = Frame::decode(&bytes, &limits)?;
+        if frame.kind != FrameKind::Outputs || frame.width != width {
+            return Err(Error::Protocol(format!(
+                "expected outputs of width {width}, got a {:?} frame of width {}",
+                frame.kind, frame.width
+            )));
         }
-        let width = frame.width.max(1);
         Ok(frame.ids.into_iter().zip(frame.values.chunks(width).map(<[f32]>::to_vec)).collect())
     }
 
     /// The trained side network's parameters, in server coordinates (fold them with the session's secrets).
     pub fn adapter(&self, s: &Session) -> Result<weights_file::Named> {
-        let url = self.url(&format!("/v1/sessions/{}/adapter", s.session_id));
-        let bytes = self
-            .send(|| self.http.get(&url).bearer_auth(&s.token))?
-            .bytes()
-            .map_err(|e| Error::Network(e.to_string()))?;
-        // An adapter is a few MB; 256 MB bounds a hostile answer.
-        let raw = zstd::bulk::decompress(&bytes, 256 << 20).map_err(|e| Error::Frame(format!("adapter: {e}")))?;
-        let (tensors, _) = weights_file::from_bytes(&raw).map_err(|e| Error::Frame(format!("adapter: {e}")))?;
+        let url = self.session_url(s, "/adapter");
+        let bytes =
+            read_bounded(self.send(|| self.http.get(&url).bearer_auth(&s.token))?, MAX_ADAPTER_BYTES, "adapter")?;
+        let raw = zstd::bulk::decompress(&bytes, 4 * MAX_ADAPTER_BYTES as usize)
+            .map_err(|e| Error::Protocol(format!("adapter: {e}")))?;
+        let (tensors, _) = weights_file::from_bytes(&raw).map_err(|e| Error::Protocol(format!("adapter: {e}")))?;
         Ok(tensors)
     }
 
+    /// Deletes the session and everything it holds on the server. A session already gone counts as deleted.
     pub fn delete(&self, s: &Session) -> Result<()> {
-        let url = self.url(&format!("/v1/sessions/{}", s.session_id));
-        self.send(|| self.http.delete(&url).bearer_auth(&s.token))?;
-        Ok(())
+        let url = self.session_url(s, "");
+        match self.send(|| self.http.delete(&url).bearer_auth(&s.token)) {
+            Ok(_) | Err(Error::Server { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 }
 
-fn check(resp: reqwest::blocking::Response) -> Result<reqwest::blocking::Response> {
-    if resp.status().is_success() {
-        return Ok(resp);
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A fresh random key for one logical request, reused by its retries.
+fn idempotency_key() -> Result<String> {
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.try_fill_bytes(&mut b).map_err(|e| Error::InvalidInput(format!("OS RNG: {e}")))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Seconds of a `Retry-After` header (the server sends whole seconds).
+fn retry_after(resp: &reqwest::blocking::Response) -> Option<Duration> {
+    let v = resp.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Reads a body of at most `limit` bytes; a longer one is an error, not a larger allocation.
+fn read_bounded(resp: reqwest::blocking::Response, limit: u64, what: &str) -> Result<Vec<u8>> {
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(Error::Protocol(format!("the {what} answer is larger than {limit} bytes")));
     }
+    let mut out = Vec::new();
+    resp.take(limit + 1).read_to_end(&mut out).map_err(|e| Error::Network(format!("{what} answer: {e}")))?;
+    if out.len() as u64 > limit {
+        return Err(Error::Protocol(format!("the {what} answer is larger than {limit} bytes")));
+    }
+    Ok(out)
+}
+
+/// An error answer as [`Error::Server`], its body read up to a bound.
+fn server_error(resp: reqwest::blocking::Response) -> Error {
     let status = resp.status().as_u16();
-    let body: serde_json::Value = resp.json().unwrap_or(serde_json::Value::Null);
-    Err(Error::Server {
-        status,
-        code: body["code"].as_str().unwrap_or("unknown").to_string(),
-        message: body["message"].as_str().unwrap_or("").to_string(),
-    })
+    let body = read_bounded(resp, 64 << 10, "error").ok();
+    let parsed: Option<ErrorBody> = body.as_deref().and_then(|b| serde_json::from_slice(b).ok());
+    let (code, message) = match parsed {
+        Some(e) => (e.code, e.message),
+        None => ("unknown".to_string(), String::new()),
+    };
+    Error::Server { status, code, message }
 }

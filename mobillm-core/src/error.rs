@@ -59,12 +59,21 @@ pub enum Error {
     #[error("server error {status} ({code}): {message}")]
     Server { status: u16, code: String, message: String },
 
+    /// The assist server's answer does not fit the protocol (wrong frame kind, missing samples, unreadable body).
+    #[error("protocol: {0}")]
+    Protocol(String),
+
+    /// The server's training job failed; the message is the server's.
+    #[error("training failed on the server: {0}")]
+    TrainingFailed(String),
+
     /// The assist server could not be reached, or the connection broke, after retries.
+    #[error("network: {0}")]
+    Network(String),
+
     /// The caller cancelled the operation.
     #[error("cancelled")]
     Cancelled,
-    #[error("network: {0}")]
-    Network(String),
 
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),

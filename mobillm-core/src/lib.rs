@@ -6,6 +6,7 @@
 //! - [`dataset`]: JSONL and UCI data with a deterministic held-out split;
 //! - [`side`]: the side network, its training objectives and the device's secrets (design §3–§5);
 //! - [`wire`]: the binary frames of the `/v1` protocol (quantised activations, targets, outputs);
+//! - [`protocol`]: the JSON messages of the `/v1` API and the bounds of every client-chosen size;
 //! - [`client`]: the device's blocking HTTP client for the assist server;
 //! - [`memory`]: peak resident memory of this process, for the benchmarks.
 
@@ -14,6 +15,7 @@ pub mod client;
 pub mod dataset;
 pub mod error;
 pub mod memory;
+pub mod protocol;
 pub mod session;
 pub mod side;
 pub mod task;
@@ -24,8 +26,8 @@ pub mod wire;
 
 pub use backbone::{Backbone, LlamaConfig, PivotOutput};
 pub use error::{Error, Result};
+pub use protocol::Mode;
 pub use task::{Task, TaskSpec};
 pub use tokenizer::Tokenizer;
-pub use wire::Mode;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -26,22 +26,25 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::backbone::Backbone;
-use crate::client::{AssistClient, Session, SessionRequest};
+use crate::client::{AssistClient, Connection, Session};
 use crate::dataset::Example;
 use crate::error::{Error, Result};
+use crate::protocol::{CreateSession, Mode};
 use crate::side::targets::{accuracy, predict, prediction_differences};
 use crate::side::{normalize_taps, weights_file, DeviceAdapter, SampleId, Secrets, SideConfig, SideNet};
 use crate::task::{Task, TaskSpec};
-use crate::wire::{Frame, Mode, Quant};
+use crate::wire::{Frame, Quant};
 
 /// Everything a fine-tune needs besides the backbone, the task and the data. `Default` gives the measured
-/// defaults (docs/side-network.md) against a server on `http://127.0.0.1:8787`.
-#[derive(Debug, Clone)]
+/// defaults (docs/side-network.md) against a server on `http://127.0.0.1:8787`. `Debug` never prints the API key.
+#[derive(Clone)]
 pub struct SessionConfig {
     pub server_url: String,
     pub api_key: String,
     /// Trust only this CA (PEM) for HTTPS; `None` uses the platform's trust store.
     pub ca_pem: Option<Vec<u8>>,
+    /// Allow plain `http://` to a host that is not loopback (development only: an emulator reaching its host).
+    pub insecure_http: bool,
     pub mode: Mode,
     /// Tapped blocks; `None` taps them all.
     pub taps: Option<Vec<usize>>,
@@ -69,6 +72,36 @@ pub struct SessionConfig {
     pub keep_server_session: bool,
     /// How often to ask the server about training progress.
     pub poll: Duration,
+    /// How long one round of server training (queue included) may take before the fine-tune gives up.
+    pub max_train_wait: Duration,
+}
+
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("server_url", &self.server_url)
+            .field("api_key", &"<redacted>")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("{} bytes", p.len())))
+            .field("insecure_http", &self.insecure_http)
+            .field("mode", &self.mode)
+            .field("taps", &self.taps)
+            .field("width", &self.width)
+            .field("rank", &self.rank)
+            .field("lr", &self.lr)
+            .field("batch_size", &self.batch_size)
+            .field("seed", &self.seed)
+            .field("epochs", &self.epochs)
+            .field("rounds", &self.rounds)
+            .field("tau", &self.tau)
+            .field("quant", &self.quant)
+            .field("forward_batch", &self.forward_batch)
+            .field("upload_chunk", &self.upload_chunk)
+            .field("secrets", &self.secrets)
+            .field("keep_server_session", &self.keep_server_session)
+            .field("poll", &self.poll)
+            .field("max_train_wait", &self.max_train_wait)
+            .finish()
+    }
 }
 
 impl Default for SessionConfig {
@@ -77,6 +110,7 @@ impl Default for SessionConfig {
             server_url: "http://127.0.0.1:8787".into(),
             api_key: String::new(),
             ca_pem: None,
+            insecure_http: false,
             mode: Mode::Pae,
             taps: None,
             width: 128,
@@ -93,6 +127,7 @@ impl Default for SessionConfig {
             secrets: true,
             keep_server_session: false,
             poll: Duration::from_millis(250),
+            max_train_wait: Duration::from_secs(3600),
         }
     }
 }
@@ -226,10 +261,10 @@ pub fn fine_tune(
     {
         return Err(Error::InvalidInput("forward_batch, upload_chunk, epochs and rounds must be positive".into()));
     }
-    let client = match &cfg.ca_pem {
-        Some(pem) => AssistClient::with_ca(&cfg.server_url, pem)?,
-        None => AssistClient::new(&cfg.server_url)?,
-    };
+    let client = AssistClient::connect(
+        &cfg.server_url,
+        &Connection { ca_pem: cfg.ca_pem.clone(), insecure_http: cfg.insecure_http },
+    )?;
     let secrets = if cfg.mode == Mode::Pae && cfg.secrets {
         progress(&Progress { phase: Phase::Secrets, done: 0, total: 1, round: 0, loss: None });
         Secrets::generate(&side)?
@@ -237,18 +272,21 @@ pub fn fine_tune(
         Secrets::disabled(&side)?
     };
     cancel.check()?;
-    let request = SessionRequest {
+    let request = CreateSession {
         mode: cfg.mode,
         labels: (cfg.mode == Mode::Mobillm).then_some(side.labels),
         layers: side.taps,
         dim: side.hidden,
         outputs: side.outputs,
         backbone: backbone.fingerprint().to_string(),
-        width: side.width,
-        rank: side.rank,
-        lr: cfg.lr,
-        batch_size: cfg.batch_size.min((train.len() / 8).max(16)),
-        seed: cfg.seed,
+        width: Some(side.width),
+        rank: Some(side.rank),
+        activation: None,
+        alpha0: None,
+        lr: Some(cfg.lr),
+        batch_size: Some(cfg.batch_size.min((train.len() / 8).max(16))),
+        weight_decay: None,
+        seed: Some(cfg.seed),
     };
     let session = client.create_session(&cfg.api_key, &request)?;
     let server = ServerSession { client: &client, session, keep: cfg.keep_server_session };
@@ -532,7 +570,7 @@ impl Run<'_> {
             if round > 1 {
                 // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
                 progress(&Progress { phase: Phase::Targets, done: 0, total: n, round, loss });
-                let outputs = self.client().outputs(&self.server.session)?;
+                let outputs = self.client().outputs(&self.server.session, n, k_out)?;
                 let mut o = vec![0f32; n * k_out];
                 let mut seen = 0;
                 for (id, row) in outputs {
@@ -542,7 +580,7 @@ impl Run<'_> {
                     }
                 }
                 if seen != n {
-                    return Err(Error::Frame(format!("the server returned outputs for {seen} of {n} samples")));
+                    return Err(Error::Protocol(format!("the server returned outputs for {seen} of {n} samples")));
                 }
                 let o = Tensor::from_vec(o, (n, k_out), &Device::Cpu)?;
                 let dec = self.secrets.decode_outputs(&o)?;
@@ -666,30 +704,20 @@ impl Run<'_> {
     /// Polls the training job until it is done. A cancel is noticed at the next poll (deleting the session, which
     /// the caller's guard does, stops the server's job).
     fn wait_trained(&self, round: usize, progress: &mut dyn FnMut(&Progress)) -> Result<Option<f64>> {
-        loop {
-            self.cancel.check()?;
-            let job = self.client().status(&self.server.session)?.job;
-            let p =
-                Progress { phase: Phase::Train, done: job.epochs_done, total: job.epochs_total, round, loss: job.loss };
-            progress(&p);
-            match job.status.as_str() {
-                "done" => return Ok(job.loss),
-                "failed" => {
-                    return Err(Error::Server {
-                        status: 500,
-                        code: "training_failed".into(),
-                        message: job.message.unwrap_or_default(),
-                    })
-                }
-                _ => std::thread::sleep(self.cfg.poll),
-            }
-        }
+        let status =
+            self.client().wait_trained(&self.server.session, self.cfg.poll, self.cfg.max_train_wait, |job| {
+                self.cancel.check()?;
+                let (done, total) = (job.epochs_done, job.epochs_total);
+                progress(&Progress { phase: Phase::Train, done, total, round, loss: job.loss });
+                Ok(())
+            })?;
+        Ok(status.job.loss)
     }
 
     /// The trained network in server coordinates, checked against the session's shape.
     fn download_adapter(&self) -> Result<SideNet> {
         let tensors = self.client().adapter(&self.server.session)?;
         SideNet::from_tensors(self.side, &weights_file::as_refs(&tensors))
-            .map_err(|e| Error::Frame(format!("the server's adapter does not fit this session: {e}")))
+            .map_err(|e| Error::Protocol(format!("the server's adapter does not fit this session: {e}")))
     }
 }

@@ -62,37 +62,6 @@ impl Quant {
     }
 }
 
-/// How a session trains (design §1).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// PAE MobiLLM (the default): pivot activations sent once, device-defined targets, secrets.
-    #[default]
-    Pae,
-    /// MobiLLM: every token's activations re-sent each epoch, labels and backbone label logits on the server.
-    Mobillm,
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Mode::Pae => "pae",
-            Mode::Mobillm => "mobillm",
-        })
-    }
-}
-
-impl std::str::FromStr for Mode {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "pae" => Ok(Mode::Pae),
-            "mobillm" => Ok(Mode::Mobillm),
-            other => Err(Error::InvalidInput(format!("unknown mode {other:?} (pae or mobillm)"))),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {
     /// PAE upload: per sample one vector per tapped layer, plus its target row.
@@ -113,16 +82,17 @@ impl FrameKind {
     }
 }
 
-/// What a frame carries, decoded to f32.
+/// What a frame carries. Activations decode to f32 ([`Frame::decode`]) or, for a store that keeps them as f16,
+/// straight to f16 ([`Frame::decode_f16`]) without an f32 copy in between.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Frame {
+pub struct Frame<A = f32> {
     pub kind: FrameKind,
     pub ids: Vec<SampleId>,
     /// Tapped layers per vector group (0 for frames without activations).
     pub layers: usize,
     pub dim: usize,
     /// Row-major: sample (and token, for sequences), then layer, then `dim` values.
-    pub activations: Vec<f32>,
+    pub activations: Vec<A>,
     /// Tokens per sample (sequences only).
     pub lens: Vec<u32>,
     /// Labels (sequences only).
@@ -136,6 +106,9 @@ pub struct Frame {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_decoded_bytes: usize,
+    /// Largest ratio of decoded body to compressed bytes. Real activations hardly compress (about 1.1:1 at int8),
+    /// so a frame that inflates far more is padding or an amplification attempt.
+    pub max_expansion: usize,
     pub max_samples: usize,
     pub max_layers: usize,
     pub max_dim: usize,
@@ -147,6 +120,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_decoded_bytes: 64 << 20,
+            max_expansion: usize::MAX,
             max_samples: 4096,
             max_layers: 256,
             max_dim: 16_384,
@@ -155,6 +129,10 @@ impl Default for Limits {
         }
     }
 }
+
+/// Compressed frames of at most this many bytes may expand past [`Limits::max_expansion`] (zstd's own framing
+/// dominates tiny frames).
+const EXPANSION_SLACK: usize = 4096;
 
 fn frame_err(m: impl Into<String>) -> Error {
     Error::Frame(m.into())
@@ -267,6 +245,30 @@ impl Frame {
 
     /// Decodes a frame, enforcing `limits` before and during decompression.
     pub fn decode(bytes: &[u8], limits: &Limits) -> Result<(Frame, Quant)> {
+        decode_as(bytes, limits)
+    }
+}
+
+impl Frame<f16> {
+    /// As [`Frame::decode`], with activations kept as f16 (what the server stores): half the memory of f32 and
+    /// no conversion back. Every activation fits f16, since the decoder refuses those that would not.
+    pub fn decode_f16(bytes: &[u8], limits: &Limits) -> Result<(Frame<f16>, Quant)> {
+        decode_as(bytes, limits)
+    }
+}
+
+/// The prefix of an encoded frame, read without decompressing anything: what a server needs to reserve memory
+/// before it decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub kind: FrameKind,
+    pub quant: Quant,
+    /// The body's length once decompressed, as the sender declared it (checked while decoding).
+    pub decoded_len: u64,
+}
+
+impl Prefix {
+    pub fn read(bytes: &[u8]) -> Result<Prefix> {
         if bytes.len() < PREFIX_LEN {
             return Err(frame_err(format!("truncated frame: {} bytes, the prefix alone is {PREFIX_LEN}", bytes.len())));
         }
@@ -281,30 +283,79 @@ impl Frame {
             FrameKind::from_code(bytes[6]).ok_or_else(|| frame_err(format!("unknown frame kind {}", bytes[6])))?;
         let quant =
             Quant::from_code(bytes[7]).ok_or_else(|| frame_err(format!("unknown quantisation {}", bytes[7])))?;
-        let declared = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
-        if declared > limits.max_decoded_bytes as u64 {
-            return Err(frame_err(format!(
-                "declared body of {declared} bytes exceeds the limit of {}",
-                limits.max_decoded_bytes
-            )));
-        }
-        let declared = declared as usize;
-        // Inflate at most one byte past the declared length: enough to detect a lie without inflating a bomb.
-        let mut decoder =
-            zstd::stream::read::Decoder::new(&bytes[PREFIX_LEN..]).map_err(|e| frame_err(format!("zstd: {e}")))?;
-        let mut body = Vec::with_capacity(declared.min(1 << 20));
-        (&mut decoder)
-            .take(declared as u64 + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| frame_err(format!("corrupt or truncated zstd stream: {e}")))?;
-        if body.len() != declared {
-            return Err(frame_err(if body.len() > declared {
-                format!("body is larger than its declared {declared} bytes")
-            } else {
-                format!("body has {} bytes, {declared} declared", body.len())
-            }));
-        }
-        Ok((parse_body(kind, quant, &body, limits)?, quant))
+        let decoded_len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+        Ok(Prefix { kind, quant, decoded_len })
+    }
+
+    /// Bytes of decoded activations per byte of decoded body, at most, for activations of `A` (f32 or f16): what
+    /// dequantising can add on top of the body itself.
+    pub fn activation_expansion(&self, element_bytes: usize) -> usize {
+        let values_per_byte = match self.quant {
+            Quant::F16 => 1, // 2 bytes per value: ≤ 1 value per byte, rounded up
+            Quant::Int8 => 1,
+            Quant::Int4 => 2,
+        };
+        values_per_byte * element_bytes
+    }
+}
+
+fn decode_as<A: Element>(bytes: &[u8], limits: &Limits) -> Result<(Frame<A>, Quant)> {
+    let Prefix { kind, quant, decoded_len: declared } = Prefix::read(bytes)?;
+    if declared > limits.max_decoded_bytes as u64 {
+        return Err(frame_err(format!(
+            "declared body of {declared} bytes exceeds the limit of {}",
+            limits.max_decoded_bytes
+        )));
+    }
+    let compressed = bytes.len() - PREFIX_LEN;
+    let expansion_cap = compressed.saturating_mul(limits.max_expansion).max(EXPANSION_SLACK);
+    if declared > expansion_cap as u64 {
+        return Err(frame_err(format!(
+            "declared body of {declared} bytes from {compressed} compressed bytes inflates more than {}:1",
+            limits.max_expansion
+        )));
+    }
+    let declared = declared as usize;
+    // Inflate at most one byte past the declared length: enough to detect a lie without inflating a bomb.
+    let mut decoder =
+        zstd::stream::read::Decoder::new(&bytes[PREFIX_LEN..]).map_err(|e| frame_err(format!("zstd: {e}")))?;
+    let mut body = Vec::new();
+    body.try_reserve_exact(declared).map_err(|_| frame_err(format!("no memory for a body of {declared} bytes")))?;
+    (&mut decoder)
+        .take(declared as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| frame_err(format!("corrupt or truncated zstd stream: {e}")))?;
+    if body.len() != declared {
+        return Err(frame_err(if body.len() > declared {
+            format!("body is larger than its declared {declared} bytes")
+        } else {
+            format!("body has {} bytes, {declared} declared", body.len())
+        }));
+    }
+    Ok((parse_body(kind, quant, &body, limits)?, quant))
+}
+
+/// An activation value as a decoded frame holds it.
+pub trait Element: Copy {
+    fn from_f32(v: f32) -> Self;
+    fn from_f16(v: f16) -> Self;
+}
+
+impl Element for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn from_f16(v: f16) -> Self {
+        v.to_f32()
+    }
+}
+
+impl Element for f16 {
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+    fn from_f16(v: f16) -> Self {
+        v
     }
 }
 
@@ -326,7 +377,7 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn parse_body(kind: FrameKind, quant: Quant, body: &[u8], limits: &Limits) -> Result<Frame> {
+fn parse_body<A: Element>(kind: FrameKind, quant: Quant, body: &[u8], limits: &Limits) -> Result<Frame<A>> {
     let mut c = Cursor { bytes: body, at: 0 };
     let (n, layers, dim, width, seq_total) =
         (c.u32("counts")?, c.u32("counts")?, c.u32("counts")?, c.u32("counts")?, c.u32("counts")?);
@@ -380,7 +431,10 @@ fn parse_body(kind: FrameKind, quant: Quant, body: &[u8], limits: &Limits) -> Re
             return Err(frame_err("empty sequence"));
         }
     }
-    let mut activations = Vec::with_capacity(vectors * dim);
+    let mut activations = Vec::new();
+    activations
+        .try_reserve_exact(vectors * dim)
+        .map_err(|_| frame_err(format!("no memory for {} activation values", vectors * dim)))?;
     for _ in 0..vectors {
         dequantize_from(c.take(quant.vector_bytes(dim), "activations")?, dim, quant, &mut activations)?;
     }
@@ -427,35 +481,43 @@ fn quantize_into(x: &[f32], quant: Quant, out: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-fn dequantize_from(bytes: &[u8], dim: usize, quant: Quant, out: &mut Vec<f32>) -> Result<()> {
-    let scale_at = |b: &[u8], i: usize| -> Result<f32> {
+/// The largest magnitude a decoded activation may have: the server keeps activations as f16, so a value past
+/// f16's range would be stored as infinity and poison the session.
+const MAX_ACTIVATION: f32 = 65504.0;
+
+fn dequantize_from<A: Element>(bytes: &[u8], dim: usize, quant: Quant, out: &mut Vec<A>) -> Result<()> {
+    // `top` is the largest code magnitude the quantisation can hold, so scale · top bounds every value.
+    let scale_at = |b: &[u8], i: usize, top: f32| -> Result<f32> {
         let s = f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();
         if !s.is_finite() || s < 0.0 {
             return Err(frame_err(format!("invalid quantisation scale {s}")));
+        }
+        if s * top > MAX_ACTIVATION {
+            return Err(frame_err(format!("quantisation scale {s} gives values past f16's range")));
         }
         Ok(s)
     };
     match quant {
         Quant::F16 => {
             for p in bytes.chunks_exact(2) {
-                let v = f16::from_le_bytes([p[0], p[1]]).to_f32();
+                let v = f16::from_le_bytes([p[0], p[1]]);
                 if !v.is_finite() {
                     return Err(frame_err("activations contain NaN or infinity"));
                 }
-                out.push(v);
+                out.push(A::from_f16(v));
             }
         }
         Quant::Int8 => {
-            let s = scale_at(bytes, 0)?;
-            out.extend(bytes[2..].iter().map(|&q| q as i8 as f32 * s));
+            let s = scale_at(bytes, 0, 128.0)?;
+            out.extend(bytes[2..].iter().map(|&q| A::from_f32(q as i8 as f32 * s)));
         }
         Quant::Int4 => {
             let groups = dim.div_ceil(INT4_GROUP);
-            let scales = (0..groups).map(|g| scale_at(bytes, g)).collect::<Result<Vec<_>>>()?;
+            let scales = (0..groups).map(|g| scale_at(bytes, g, 8.0)).collect::<Result<Vec<_>>>()?;
             let packed = &bytes[2 * groups..];
             for i in 0..dim {
                 let nibble = (packed[i / 2] >> (4 * (i % 2))) & 0x0F;
-                out.push((nibble as f32 - 8.0) * scales[i / INT4_GROUP]);
+                out.push(A::from_f32((nibble as f32 - 8.0) * scales[i / INT4_GROUP]));
             }
         }
     }

@@ -18,9 +18,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use mobillm_core::dataset::Example;
+use mobillm_core::protocol::Mode;
 use mobillm_core::session::{self, CancelToken, Phase, SessionConfig};
 use mobillm_core::side::DeviceAdapter;
-use mobillm_core::wire::{Mode, Quant};
+use mobillm_core::wire::Quant;
 
 uniffi::setup_scaffolding!();
 
@@ -72,7 +73,8 @@ impl From<mobillm_core::Error> for MobiLlmError {
             E::InvalidTask(_) => Self::InvalidTask { reason },
             E::Dataset { .. } | E::InvalidInput(_) => Self::InvalidInput { reason },
             E::Server { status, code, message } => Self::Server { status, code, reason: message },
-            E::Network(_) | E::Frame(_) => Self::Network { reason },
+            E::TrainingFailed(message) => Self::Server { status: 500, code: "training_failed".into(), reason: message },
+            E::Network(_) | E::Frame(_) | E::Protocol(_) => Self::Network { reason },
             E::Cancelled => Self::Cancelled,
             E::Compute(_) => Self::Internal { reason },
         }
@@ -165,16 +167,21 @@ pub enum Quantization {
     Int4,
 }
 
-/// How to reach the assist server and how to train. Unset fields take the SDK's defaults.
-#[derive(Debug, Clone, uniffi::Record)]
+/// How to reach the assist server and how to train. Unset fields take the SDK's defaults. `Debug` never prints
+/// the API key.
+#[derive(Clone, uniffi::Record)]
 pub struct FineTuneOptions {
-    /// `https://…` (or `http://` on a trusted network).
+    /// `https://…` (`http://` only to loopback, unless `allow_insecure_http`).
     pub server_url: String,
     /// The server's API key for creating sessions.
     pub api_key: String,
     /// Trust only this CA certificate (PEM) instead of the platform's trust store.
     #[uniffi(default = None)]
     pub ca_pem: Option<String>,
+    /// Allow plain `http://` to a host that is not loopback (development only, e.g. an emulator reaching its
+    /// host at 10.0.2.2): activations and tokens then cross the network in the clear.
+    #[uniffi(default = None)]
+    pub allow_insecure_http: Option<bool>,
     #[uniffi(default = None)]
     pub mode: Option<FineTuneMode>,
     /// `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
@@ -200,6 +207,18 @@ pub struct FineTuneOptions {
     pub poll_millis: Option<u32>,
 }
 
+impl std::fmt::Debug for FineTuneOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FineTuneOptions")
+            .field("server_url", &self.server_url)
+            .field("api_key", &"<redacted>")
+            .field("mode", &self.mode)
+            .field("epochs", &self.epochs)
+            .field("rounds", &self.rounds)
+            .finish_non_exhaustive()
+    }
+}
+
 impl FineTuneOptions {
     fn to_config(&self) -> SessionConfig {
         let d = SessionConfig::default();
@@ -212,6 +231,7 @@ impl FineTuneOptions {
             server_url: self.server_url.clone(),
             api_key: self.api_key.clone(),
             ca_pem: self.ca_pem.clone().map(String::into_bytes),
+            insecure_http: self.allow_insecure_http.unwrap_or(false),
             mode,
             epochs: self.epochs.map_or(if mobillm { 3 } else { d.epochs }, |e| e as usize),
             rounds: self.rounds.map_or(d.rounds, |r| r as usize),

@@ -1,70 +1,124 @@
-//! Training jobs: one OS thread per training session (CPU-bound work stays off the async runtime). After every
-//! epoch the job stores a checkpoint of the weights together with its progress in one transaction, so a restarted
-//! server resumes from the last finished epoch ([`resume_all`]). The optimiser's moments are not checkpointed:
-//! a resumed job restarts AdamW's running averages, which costs a little progress, never correctness.
+//! One `pae` training job, as a worker runs it: reserve its memory, stack the session's cached samples, and train
+//! the remaining epochs. After every epoch the job stores a checkpoint of the weights together with its progress
+//! in one transaction, so a restarted server resumes from the last finished epoch. The optimiser's moments are not
+//! checkpointed: a resumed job restarts AdamW's running averages, which costs a little progress, never
+//! correctness. A job that stops the process twice before its first checkpoint is failed, not retried.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use mobillm_core::side::sample::stack_samples;
+use candle_core::{Device, Tensor};
+use mobillm_core::protocol::JobStatus;
 use mobillm_core::side::{weights_file, Objective, SideTrainer};
 
-use crate::store::{JobStatus, SessionRecord};
-use crate::AppState;
+use crate::budget::Cost;
+use crate::scheduler::JobControl;
+use crate::state::AppState;
+use crate::store::{Refusal, SessionRecord};
 
-/// Starts training `epochs` epochs for the session (resuming from its checkpoint, if any) on a new thread.
-/// The caller has marked the session as running in `state.running`.
-pub fn spawn(state: Arc<AppState>, rec: SessionRecord) {
-    let id = rec.id.clone();
-    std::thread::Builder::new()
-        .name(format!("train-{}", &id[..8.min(id.len())]))
-        .spawn(move || {
-            let result = run(&state, rec.clone());
-            if let Err(message) = result {
-                tracing::error!(session = %id, %message, "training failed");
-                let mut failed = rec;
-                if let Ok(Some(latest)) = state.store.session(&id) {
-                    failed = latest;
-                }
-                failed.job.status = JobStatus::Failed;
-                failed.job.message = Some(message);
-                let _ = state.store.put_checkpoint(&failed, None);
-            }
-            state.running.lock().expect("running set").remove(&id);
-        })
-        .expect("spawning a training thread");
+/// Start-ups without a checkpoint after which a job is failed instead of run again.
+const MAX_START_ATTEMPTS: u32 = 2;
+
+/// Runs the session's queued job; failures are recorded in the job state.
+pub fn run(state: &AppState, id: &str, control: &JobControl) {
+    let rec = match state.store.session(id) {
+        Ok(Some(rec)) if rec.job.status.is_active() => rec,
+        Ok(_) => return, // deleted or no longer wanted
+        Err(e) => return tracing::error!(session = %id, error = %e, "cannot read a queued job"),
+    };
+    if rec.start_attempts >= MAX_START_ATTEMPTS {
+        return fail(state, id, "the job stopped the server while starting, twice; it is not run again".into());
+    }
+    let started = state.store.update(id, |r| {
+        r.job.status = JobStatus::Running;
+        r.start_attempts += 1;
+        Ok(r.clone())
+    });
+    let rec = match started {
+        Ok(Ok(rec)) => rec,
+        Ok(Err(_)) => return,
+        Err(e) => return fail(state, id, e.to_string()),
+    };
+    match train(state, rec, control) {
+        Ok(()) => {}
+        Err(message) if !control.should_stop() => fail(state, id, message),
+        Err(message) => {
+            // Stopped on purpose (deleted, or the server is stopping): this start did not crash anything.
+            tracing::info!(session = %id, %message, "training stopped");
+            let _ = state.store.update(id, |r| {
+                r.start_attempts = r.start_attempts.saturating_sub(1);
+                Ok(())
+            });
+        }
+    }
 }
 
-fn run(state: &AppState, mut rec: SessionRecord) -> Result<(), String> {
-    let samples = state.store.samples(&rec.id, &rec.shape).map_err(|e| e.to_string())?;
+fn fail(state: &AppState, id: &str, message: String) {
+    tracing::warn!(session = %id, %message, "training failed");
+    let _ = state.store.update(id, |r| {
+        r.job.status = JobStatus::Failed;
+        r.job.message = Some(message);
+        Ok(())
+    });
+}
+
+fn train(state: &AppState, rec: SessionRecord, control: &JobControl) -> Result<(), String> {
+    let cost = Cost::of(&rec.shape, &rec.side, rec.train.batch_size).ok_or("the session is too large to train")?;
+    let bytes = cost.job(rec.samples as u64).ok_or("the session is too large to train")?;
+    // Wait for memory in slices, so a cancel or a shutdown is noticed.
+    let _reservation = loop {
+        if control.should_stop() {
+            return Err("stopped while waiting for memory".into());
+        }
+        if bytes > state.budget.total() {
+            return Err(format!("the job needs {bytes} bytes, more than the server's memory budget"));
+        }
+        if let Some(r) = state.reserve_waiting(bytes, Duration::from_millis(500)) {
+            break r;
+        }
+    };
+    let set = state.store.training_set(&rec).map_err(|e| e.to_string())?;
+    let n = set.ids.len();
+    if n == 0 {
+        return Err("the session has no samples".into());
+    }
     let mut trainer = load_trainer(state, &rec)?;
-    let (x, targets) = stack_samples(&trainer, &samples).map_err(|e| e.to_string())?;
+    let (t, d, k) = (rec.shape.layers, rec.shape.dim, rec.shape.outputs);
+    let x = Tensor::from_vec(set.x, (n, t, d), &Device::Cpu).map_err(|e| e.to_string())?;
+    let targets = Tensor::from_vec(set.targets, (n, k), &Device::Cpu).map_err(|e| e.to_string())?;
     let objective = Objective::Regression { targets };
-    tracing::info!(session = %rec.id, samples = samples.len(), done = rec.job.epochs_done, total = rec.job.epochs_total, "training");
-    // One `fit` for all remaining epochs (the data is validated once); each epoch's weights and progress are
-    // checkpointed together from the callback.
+    let (done, total) = (rec.job.epochs_done, rec.job.epochs_total);
+    tracing::info!(session = %rec.id, samples = n, done, total, "training");
     let mut failure = None;
-    let remaining = rec.job.epochs_total.saturating_sub(rec.job.epochs_done);
-    let mut epoch_started = std::time::Instant::now();
+    let mut epoch_started = Instant::now();
+    let mut epochs_done = done;
     trainer
-        .fit(&x, &objective, remaining, |report, net| {
-            // A deleted session stops its job; nothing is written back.
-            if !matches!(state.store.session(&rec.id), Ok(Some(_))) {
-                tracing::info!(session = %rec.id, "session deleted; training stopped");
+        .fit(&x, &objective, total.saturating_sub(done), |report, net| {
+            if control.should_stop() {
                 return ControlFlow::Break(());
             }
             state.metrics.trained_samples.inc_by(report.samples as u64);
             state.metrics.training_seconds.inc_by(epoch_started.elapsed().as_secs_f64());
-            rec.job.epochs_done += 1;
-            rec.job.loss = Some(report.loss);
-            if rec.job.epochs_done == rec.job.epochs_total {
-                rec.job.status = JobStatus::Done;
-            }
-            let saved = weights_file::to_bytes(&net.tensors(), HashMap::new())
-                .map_err(|e| e.to_string())
-                .and_then(|w| state.store.put_checkpoint(&rec, Some(&w)).map_err(|e| e.to_string()));
-            epoch_started = std::time::Instant::now();
+            epochs_done += 1;
+            let saved =
+                weights_file::to_bytes(&net.tensors(), HashMap::new()).map_err(|e| e.to_string()).and_then(|w| {
+                    let update = |r: &mut SessionRecord| {
+                        r.job.epochs_done = epochs_done;
+                        r.job.loss = Some(report.loss);
+                        r.start_attempts = 0;
+                        if epochs_done >= r.job.epochs_total {
+                            r.job.status = JobStatus::Done;
+                        }
+                        Ok::<_, Refusal>(())
+                    };
+                    match state.store.checkpoint(&rec.id, Some(&w), update) {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(_)) => Err("the session was deleted".to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                });
+            epoch_started = Instant::now();
             match saved {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(e) => {
@@ -74,10 +128,11 @@ fn run(state: &AppState, mut rec: SessionRecord) -> Result<(), String> {
             }
         })
         .map_err(|e| e.to_string())?;
-    if let Some(e) = failure {
-        return Err(e);
+    match failure {
+        Some(e) => Err(e),
+        None if control.should_stop() => Err("stopped".into()),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The session's network as last checkpointed, or a fresh one (whose outputs are zero) before any training.
@@ -92,15 +147,27 @@ pub fn load_trainer(state: &AppState, rec: &SessionRecord) -> Result<SideTrainer
     .map_err(|e| e.to_string())
 }
 
-/// Marks sessions whose job was running when the server stopped and starts them again.
-pub fn resume_all(state: &Arc<AppState>) -> Result<usize, String> {
-    let mut resumed = 0;
-    for rec in state.store.all_sessions().map_err(|e| e.to_string())? {
-        if rec.job.status == JobStatus::Running && state.running.lock().expect("running set").insert(rec.id.clone()) {
-            tracing::info!(session = %rec.id, done = rec.job.epochs_done, total = rec.job.epochs_total, "resuming training");
-            spawn(state.clone(), rec);
-            resumed += 1;
+/// At start-up: queues the jobs a previous process left queued or running, and fails those that stopped it
+/// twice while starting.
+pub fn resume_all(state: &AppState) -> Result<usize, String> {
+    let mut resumed = Vec::new();
+    state
+        .store
+        .for_each_session(|rec| {
+            if rec.job.status.is_active() {
+                resumed.push(rec);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    let mut n = 0;
+    for rec in resumed {
+        if rec.start_attempts >= MAX_START_ATTEMPTS {
+            fail(state, &rec.id, "the job stopped the server while starting, twice; it is not run again".into());
+            continue;
         }
+        tracing::info!(session = %rec.id, done = rec.job.epochs_done, total = rec.job.epochs_total, "resuming training");
+        state.scheduler.resume(&rec.id, &rec.key_hash);
+        n += 1;
     }
-    Ok(resumed)
+    Ok(n)
 }

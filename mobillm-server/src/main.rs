@@ -1,54 +1,114 @@
 use std::time::Duration;
 
 use clap::Parser;
-use mobillm_server::{app, AppState, ServerConfig};
+use mobillm_server::serve::{serve, tls_config, ConnectionPolicy};
+use mobillm_server::{admin, app, reaper, AppState, ServerConfig};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    // Logs go to stderr: stdout carries only the bound address, for parent processes.
+/// How long requests in flight may take to finish once shutdown starts.
+const GRACE: Duration = Duration::from_secs(30);
+/// File descriptors kept free of API connections: the store, the admin listener, logs.
+const RESERVED_FDS: u64 = 128;
+/// Connections of the admin listener.
+const ADMIN_CONNECTIONS: usize = 64;
+
+fn main() -> anyhow::Result<()> {
+    // Logs go to stderr: stdout carries only the bound addresses, for parent processes.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
-    let config = ServerConfig::parse();
-    let bind = config.bind;
+    let mut config = ServerConfig::parse();
+    config.load_secrets()?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             // rustls with the `ring` provider, installed once for the process.
             let _ = rustls::crypto::ring::default_provider().install_default();
-            Some(
-                axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("TLS certificate {} / key {}: {e}", cert.display(), key.display()))?,
-            )
+            Some(tls_config(cert, key)?)
         }
         _ => None,
     };
-    let state = AppState::open(config)?;
-    let listener = std::net::TcpListener::bind(bind)?;
-    listener.set_nonblocking(true)?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    // The bound address on its own line, so a parent process can start us on port 0 and read the port.
-    println!("listening on {}", listener.local_addr()?);
-    tracing::info!(addr = %listener.local_addr()?, scheme, "serving");
-    let handle = axum_server::Handle::new();
-    let stopper = handle.clone();
-    tokio::spawn(async move {
-        shutdown().await;
-        // Finish requests in flight (uploads are acknowledged only once stored); training threads checkpoint
-        // per epoch and resume on the next start.
-        stopper.graceful_shutdown(Some(Duration::from_secs(30)));
-    });
-    let service = app(state).into_make_service();
-    match tls {
-        Some(tls) => axum_server::from_tcp_rustls(listener, tls).handle(handle).serve(service).await?,
-        None => axum_server::from_tcp(listener).handle(handle).serve(service).await?,
+    if tls.is_none() && !config.insecure_http {
+        for addr in [config.bind, config.admin_bind] {
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "plain HTTP on {addr}, which is not loopback, would send tokens and activations in the clear: \
+                 give --tls-cert and --tls-key, or --insecure-http behind a TLS-terminating proxy"
+            );
+        }
     }
+    // Connections stay below the file-descriptor limit, raised as far as the system allows.
+    let nofile = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    let max_connections = config.max_connections.min(nofile.saturating_sub(RESERVED_FDS).max(16) as usize);
+    if max_connections < config.max_connections {
+        tracing::warn!(max_connections, nofile, "connection cap lowered to fit the file-descriptor limit");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // Store and CPU work runs on the blocking pool; bound it (requests beyond wait their turn).
+        .max_blocking_threads(64)
+        .build()?
+        .block_on(run(config, tls, max_connections))
+}
+
+async fn run(
+    config: ServerConfig,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    max_connections: usize,
+) -> anyhow::Result<()> {
+    let header_timeout = config.header_timeout();
+    let (bind, admin_bind) = (config.bind, config.admin_bind);
+    let state = AppState::open(config)?;
+    let api = tokio::net::TcpListener::bind(bind).await.map_err(|e| anyhow::anyhow!("binding {bind}: {e}"))?;
+    let admin_listener =
+        tokio::net::TcpListener::bind(admin_bind).await.map_err(|e| anyhow::anyhow!("binding {admin_bind}: {e}"))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    // The bound addresses on lines of their own, so a parent process can start us on port 0 and read them (a
+    // parent that stops reading early must not stop us: write errors are ignored).
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ =
+            write!(out, "listening on {}\nadmin listening on {}\n", api.local_addr()?, admin_listener.local_addr()?);
+        let _ = out.flush();
+    }
+    tracing::info!(addr = %api.local_addr()?, admin = %admin_listener.local_addr()?, scheme, max_connections, "serving");
+    tokio::spawn(reaper::run(std::sync::Arc::downgrade(&state)));
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let m = &state.metrics;
+    let policy = ConnectionPolicy {
+        max_connections,
+        header_timeout,
+        open: m.connections_open.clone(),
+        evicted: m.connections_evicted.clone(),
+        refused: m.connections_refused.clone(),
+    };
+    let api_server = serve(api, tls.clone(), app(state.clone()), policy, stopped(stop_rx.clone()), GRACE);
+    let admin_server = serve(
+        admin_listener,
+        tls,
+        admin::router(state.clone()),
+        ConnectionPolicy::uncounted(ADMIN_CONNECTIONS, header_timeout),
+        stopped(stop_rx),
+        GRACE,
+    );
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    tokio::join!(api_server, admin_server);
+    // Training workers stop after their current epoch; an interrupted job resumes at the next start.
+    let state2 = state.clone();
+    tokio::task::spawn_blocking(move || state2.shutdown(GRACE)).await?;
+    tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown() {
+async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -17,18 +17,17 @@ const LAYERS: usize = 2;
 const DIM: usize = 8;
 const OUTPUTS: usize = 4;
 
+const ADMIN: &str = "test-admin-token";
+
 fn config(dir: &std::path::Path) -> ServerConfig {
-    ServerConfig {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_path_buf(),
-        api_keys: vec![KEY.into()],
-        max_body_bytes: 64 * 1024,
-        max_decoded_bytes: 1 << 20,
-        max_samples_per_session: 10,
-        max_sessions_per_key: 3,
-        tls_cert: None,
-        tls_key: None,
-    }
+    let mut cfg = ServerConfig::new(dir, vec![KEY.into()]);
+    cfg.admin_token = Some(ADMIN.into());
+    cfg.max_body_bytes = 64 * 1024;
+    cfg.max_decoded_bytes = 1 << 20;
+    cfg.max_samples_per_session = 10;
+    cfg.max_sessions_per_key = 3;
+    cfg.workers = Some(1);
+    cfg
 }
 
 async fn call(
@@ -206,8 +205,9 @@ fn http(addr: &str, method: &str, path: &str, token: &str, body: &[u8]) -> (u16,
 fn spawn_server(dir: &std::path::Path) -> (std::process::Child, String) {
     let log = dir.with_extension("log");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mobillm-server"))
-        .args(["--bind", "127.0.0.1:0", "--api-key", KEY, "--data-dir"])
+        .args(["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .env("MOBILLM_API_KEYS", KEY)
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -315,8 +315,8 @@ async fn training_outputs_targets_and_adapter() {
         Frame::rows(FrameKind::Targets, with_unknown, OUTPUTS, vec![9.0; 3 * OUTPUTS]).encode(Quant::F16).unwrap();
     let (status, body) = call(&state, "PUT", &format!("/v1/sessions/{id}/targets"), Some(&token), bad).await;
     assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("unknown_sample")));
-    let samples = state.store.samples(&id, &state.store.session(&id).unwrap().unwrap().shape).unwrap();
-    assert!(samples.iter().all(|s| s.target == vec![1.0; OUTPUTS]), "the refused update left every target as it was");
+    let set = state.store.training_set(&state.store.session(&id).unwrap().unwrap()).unwrap();
+    assert!(set.targets.iter().all(|&t| t == 1.0), "the refused update left every target as it was");
 }
 
 async fn raw_get(state: &Arc<AppState>, uri: &str, token: &str) -> Vec<u8> {
@@ -344,7 +344,8 @@ fn training_resumes_after_kill_9() {
     };
     let mut before = status_of(&addr);
     for _ in 0..2000 {
-        if before["job"]["epochs_done"].as_u64().unwrap() >= 3 || before["job"]["status"] != "running" {
+        let active = before["job"]["status"] == "running" || before["job"]["status"] == "queued";
+        if before["job"]["epochs_done"].as_u64().unwrap() >= 3 || !active {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -465,7 +466,9 @@ async fn metrics_count_requests_and_openapi_lists_served_routes() {
     let (status, _) = call(&state, "GET", "/v1/sessions/0123", Some(&token), vec![]).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    let resp = app(state.clone()).oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
+    let metrics = Request::get("/metrics").header("authorization", format!("Bearer {ADMIN}"));
+    let resp =
+        mobillm_server::admin::router(state.clone()).oneshot(metrics.body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     for line in [
@@ -501,8 +504,45 @@ async fn metrics_count_requests_and_openapi_lists_served_routes() {
             assert!(status.is_success() || !bytes.is_empty(), "{method} {path}: {status} with an empty body");
         }
     }
-    assert_eq!(operations, 12);
+    assert_eq!(operations, 11);
     let resp = app(state.clone()).oneshot(Request::get("/v1/nowhere").body(Body::empty()).unwrap()).await.unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert!(resp.into_body().collect().await.unwrap().to_bytes().is_empty());
+}
+
+/// The OpenAPI document declares exactly the bounds `mobillm_core::protocol` enforces.
+#[test]
+fn openapi_declares_the_protocol_bounds() {
+    use mobillm_core::protocol::bounds::*;
+    let doc: serde_json::Value = serde_json::from_str(mobillm_server::OPENAPI).unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let create = &schemas["CreateSession"]["properties"];
+    for (field, max) in [
+        ("layers", MAX_LAYERS),
+        ("dim", MAX_DIM),
+        ("outputs", MAX_OUTPUTS),
+        ("labels", MAX_LABELS),
+        ("width", MAX_WIDTH),
+        ("rank", MAX_RANK),
+        ("batch_size", MAX_BATCH_SIZE),
+    ] {
+        assert_eq!(create[field]["maximum"].as_u64(), Some(max as u64), "{field}");
+    }
+    assert_eq!(create["lr"]["maximum"].as_f64(), Some(MAX_LR));
+    assert_eq!(create["weight_decay"]["maximum"].as_f64(), Some(MAX_WEIGHT_DECAY));
+    assert_eq!(create["alpha0"]["maximum"].as_f64(), Some(MAX_ALPHA0 as f64));
+    assert!(create["backbone"]["pattern"].as_str().unwrap().ends_with(&format!("{{1,{MAX_BACKBONE_LEN}}}$")));
+    assert_eq!(schemas["TrainRequest"]["properties"]["epochs"]["maximum"].as_u64(), Some(MAX_EPOCHS as u64));
+    let idem = doc["components"]["parameters"]["IdempotencyKey"]["schema"]["pattern"].as_str().unwrap();
+    assert!(idem.ends_with(&format!("{{1,{MAX_IDEMPOTENCY_KEY_LEN}}}$")), "{idem}");
+    // What the schema calls valid, the server's own check accepts: the smallest and largest of every bound.
+    let at = |v: serde_json::Value| serde_json::from_value::<mobillm_core::protocol::CreateSession>(v).unwrap();
+    let smallest = at(serde_json::json!({"layers": 1, "dim": 1, "outputs": 2, "backbone": "a", "width": 1, "rank": 1,
+        "batch_size": 1, "lr": 1e-9, "weight_decay": 0, "alpha0": -MAX_ALPHA0, "seed": 0}));
+    smallest.validate().unwrap();
+    let largest = at(serde_json::json!({"mode": "mobillm", "labels": MAX_LABELS, "layers": MAX_LAYERS as f64,
+        "dim": MAX_DIM, "outputs": MAX_OUTPUTS, "backbone": "b".repeat(MAX_BACKBONE_LEN), "width": MAX_WIDTH,
+        "rank": MAX_RANK, "batch_size": MAX_BATCH_SIZE, "lr": MAX_LR, "weight_decay": MAX_WEIGHT_DECAY,
+        "alpha0": MAX_ALPHA0, "seed": u64::MAX}));
+    largest.validate().unwrap();
 }

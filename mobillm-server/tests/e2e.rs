@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use mobillm_core::client::{AssistClient, SessionRequest};
+use mobillm_core::client::AssistClient;
+use mobillm_core::protocol::CreateSession;
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences};
 use mobillm_core::side::{normalize_taps, weights_file, SampleId, Secrets, SideConfig, SideNet};
 use mobillm_core::wire::Quant;
@@ -17,7 +18,10 @@ const T: usize = 4;
 const D: usize = 32;
 const K: usize = 2;
 
-struct Server(std::process::Child, String);
+/// The server process, its API URL and its admin URL.
+struct Server(std::process::Child, String, String);
+
+const ADMIN: &str = "e2e-admin";
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -32,17 +36,42 @@ fn start(dir: &std::path::Path) -> Server {
 
 fn start_with(dir: &std::path::Path, extra: &[&std::ffi::OsStr]) -> Server {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mobillm-server"))
-        .args(["--bind", "127.0.0.1:0", "--api-key", KEY, "--data-dir"])
+        .args(["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
         .args(extra)
+        .env("MOBILLM_API_KEYS", KEY)
+        .env("MOBILLM_ADMIN_TOKEN", ADMIN)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let (mut line, mut admin) = (String::new(), String::new());
+    stdout.read_line(&mut line).unwrap();
+    stdout.read_line(&mut admin).unwrap();
     let addr = line.trim().strip_prefix("listening on ").expect("server address").to_string();
-    Server(child, format!("http://{addr}"))
+    let admin = admin.trim().strip_prefix("admin listening on ").expect("admin address").to_string();
+    Server(child, format!("http://{addr}"), format!("http://{admin}"))
+}
+
+/// A `pae` session request with the server's defaults.
+fn request(backbone: &str) -> CreateSession {
+    CreateSession {
+        mode: Mode::Pae,
+        labels: None,
+        layers: 1,
+        dim: 1,
+        outputs: 2,
+        backbone: backbone.into(),
+        width: None,
+        rank: None,
+        activation: None,
+        alpha0: None,
+        lr: None,
+        batch_size: None,
+        weight_decay: None,
+        seed: None,
+    }
 }
 
 /// Labels from a fixed linear teacher on the last layer; the "backbone" logits see a weak, noisy copy.
@@ -77,18 +106,16 @@ fn fine_tune_through_the_server_and_fold_on_the_device() {
     let secrets = Secrets::from_seed(&cfg, [42; 32]).unwrap();
     let (x, z_b, labels) = synthetic(1, 400);
     let (x_test, z_test, labels_test) = synthetic(2, 400);
-    let req = SessionRequest {
-        mode: Mode::Pae,
-        labels: None,
+    let req = CreateSession {
         layers: T,
         dim: D,
         outputs: cfg.outputs,
-        backbone: "synthetic".into(),
-        width: cfg.width,
-        rank: cfg.rank,
-        lr: 1e-2,
-        batch_size: 32,
-        seed: 3,
+        width: Some(cfg.width),
+        rank: Some(cfg.rank),
+        lr: Some(1e-2),
+        batch_size: Some(32),
+        seed: Some(3),
+        ..request("synthetic")
     };
     let session = client.create_session(KEY, &req).unwrap();
 
@@ -135,7 +162,7 @@ fn fine_tune_through_the_server_and_fold_on_the_device() {
     for round in 0..2 {
         if round > 0 {
             // Refinement: the device decodes the server's outputs, recomputes Δ and sends only new targets.
-            let outputs = client.outputs(&session).unwrap();
+            let outputs = client.outputs(&session, 400, cfg.outputs).unwrap();
             let order: std::collections::HashMap<_, _> = outputs.into_iter().collect();
             let o: Vec<f32> = ids.iter().flat_map(|id| order[id].clone()).collect();
             let o = Tensor::from_vec(o, (400, cfg.outputs), &Device::Cpu).unwrap();
@@ -148,7 +175,12 @@ fn fine_tune_through_the_server_and_fold_on_the_device() {
         }
         client.train(&session, 15).unwrap();
         let mut polls = 0;
-        let done = client.wait_trained(&session, Duration::from_millis(20), |_| polls += 1).unwrap();
+        let done = client
+            .wait_trained(&session, Duration::from_millis(20), Duration::from_secs(300), |_| {
+                polls += 1;
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(done.job.epochs_done, 15);
         assert!(polls >= 1);
 
@@ -203,18 +235,16 @@ fn https_with_a_private_ca() {
     let https = server.1.replace("http://", "https://");
 
     let client = AssistClient::with_ca(&https, ca.as_bytes()).unwrap();
-    let req = SessionRequest {
-        mode: Mode::Pae,
-        labels: None,
+    let req = CreateSession {
         layers: 1,
         dim: 4,
         outputs: 2,
-        backbone: "tls".into(),
-        width: 8,
-        rank: 2,
-        lr: 1e-2,
-        batch_size: 4,
-        seed: 1,
+        width: Some(8),
+        rank: Some(2),
+        lr: Some(1e-2),
+        batch_size: Some(4),
+        seed: Some(1),
+        ..request("tls")
     };
     let session = client.create_session(KEY, &req).unwrap();
     let ids: Vec<SampleId> = (0..3).map(|_| SampleId::random().unwrap()).collect();
@@ -230,7 +260,8 @@ fn https_with_a_private_ca() {
     assert!(matches!(plain.status(&session), Err(Error::Network(_))));
     // A bad certificate path stops the server at start with a message naming it.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mobillm-server"))
-        .args(["--bind", "127.0.0.1:0", "--api-key", KEY, "--tls-cert", "/nonexistent.pem", "--tls-key"])
+        .env("MOBILLM_API_KEYS", KEY)
+        .args(["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--tls-cert", "/nonexistent.pem", "--tls-key"])
         .arg(&key_path)
         .arg("--data-dir")
         .arg(dir.path().join("data2"))
@@ -302,8 +333,9 @@ mod device_session {
         sum / examples.len() as f32
     }
 
-    fn sessions_on_server(url: &str) -> usize {
-        let text = reqwest::blocking::get(format!("{url}/metrics")).unwrap().text().unwrap();
+    fn sessions_on_server(server: &super::Server) -> usize {
+        let metrics = reqwest::blocking::Client::new().get(format!("{}/metrics", server.2)).bearer_auth(super::ADMIN);
+        let text = metrics.send().unwrap().text().unwrap();
         let line = text.lines().find(|l| l.starts_with("mobillm_sessions ")).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
@@ -369,7 +401,7 @@ mod device_session {
         );
 
         // Both server sessions were deleted when their fine-tunes ended.
-        assert_eq!(sessions_on_server(&server.1), 0);
+        assert_eq!(sessions_on_server(&server), 0);
 
         // The adapter file round-trips and predicts the same.
         let file = dir.path().join("adapter.safetensors");
@@ -397,7 +429,7 @@ mod device_session {
         });
         assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
         assert!(phases.lock().unwrap().contains(&Phase::Train));
-        assert_eq!(sessions_on_server(&server.1), 0, "the cancelled session is gone");
+        assert_eq!(sessions_on_server(&server), 0, "the cancelled session is gone");
 
         // Bad input is refused before anything is sent.
         let mut bad = train.clone();

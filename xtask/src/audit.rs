@@ -134,20 +134,17 @@ struct ServerView {
 
 fn read_server_view(work: &Path) -> Result<ServerView> {
     let store = Store::open(&work.join("data")).map_err(|e| anyhow!("opening the server's store: {e}"))?;
-    let sessions = store.all_sessions().map_err(|e| anyhow!("{e}"))?;
+    let sessions = store.sessions(None, 2).map_err(|e| anyhow!("{e}"))?;
     let [rec] = sessions.as_slice() else {
         anyhow::bail!("expected the one kept session in the server's store, found {}", sessions.len());
     };
-    let samples = store.samples(&rec.id, &rec.shape).map_err(|e| anyhow!("{e}"))?;
+    let set = store.training_set(rec).map_err(|e| anyhow!("{e}"))?;
     let weights = store.weights(&rec.id).map_err(|e| anyhow!("{e}"))?;
     drop(store);
-    let (n, t, d, k) = (samples.len(), rec.shape.layers, rec.shape.dim, rec.shape.outputs);
-    let mut flat = Vec::with_capacity(n * t * d);
-    let mut targets = Vec::with_capacity(n * k);
-    for s in &samples {
-        flat.extend_from_slice(&s.activations);
-        targets.extend_from_slice(&s.target);
-    }
+    let (n, k) = (set.ids.len(), rec.shape.outputs);
+    let (t, d) = (rec.shape.layers, rec.shape.dim);
+    let flat: Vec<f32> = set.x.iter().map(|v| v.to_f32()).collect();
+    let targets = set.targets;
     let mut strings = String::new();
     for path in [work.join("server.log")].into_iter().chain(bindings::walk(&work.join("data"))?) {
         printable_runs(&std::fs::read(&path)?, 16, &mut strings);

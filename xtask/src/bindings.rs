@@ -181,7 +181,8 @@ pub fn kotlin_test() -> Result<()> {
     mobillm_core::testkit::write_tiny_gguf(22, &other);
     let key = format!("kotlin-{}", std::process::id());
     let log = work.path().join("server.log");
-    let (_server, url) = demo::start_server(&bin_dir, &work.path().join("data"), &key, &log)?;
+    let server = demo::start_server(&bin_dir, &work.path().join("data"), &key, &log)?;
+    let url = &server.url;
 
     let libs = kotlin.join("lib");
     let classpath = |extra: &[PathBuf]| -> String {
@@ -212,7 +213,7 @@ pub fn kotlin_test() -> Result<()> {
         .args(["-cp", &classpath(&[jar, libs.join("kotlin-stdlib.jar")]), "dev.mobillm.MobiLlmTestKt"])
         .env("MOBILLM_TEST_MODEL", &model)
         .env("MOBILLM_TEST_OTHER_MODEL", &other)
-        .env("MOBILLM_TEST_SERVER", &url)
+        .env("MOBILLM_TEST_SERVER", url)
         .env("MOBILLM_TEST_KEY", &key)
         .env("MOBILLM_TEST_TMP", &tmp)
         .output()?;

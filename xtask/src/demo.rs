@@ -58,22 +58,45 @@ pub fn build_binaries() -> Result<PathBuf> {
     Ok(exe.parent().context("xtask binary has no directory")?.to_path_buf())
 }
 
-/// Starts `mobillm-server` on 127.0.0.1 port 0; returns the process and its URL. Logs go to `log`.
-pub fn start_server(bin_dir: &Path, data_dir: &Path, api_key: &str, log: &Path) -> Result<(ServerProcess, String)> {
+/// A `mobillm-server` on loopback: its URL, its admin listener's URL and token.
+pub struct Server {
+    _process: ServerProcess,
+    pub url: String,
+    pub admin_url: String,
+    pub admin_token: String,
+}
+
+impl Server {
+    /// A GET on the admin listener (plain HTTP on loopback), e.g. `/metrics`.
+    pub fn admin_get(&self, path: &str) -> Result<String> {
+        http_get(&self.admin_url, path, &self.admin_token)
+    }
+}
+
+/// Starts `mobillm-server` on 127.0.0.1 port 0 (API and admin) with `api_key`, passed through the environment
+/// as a deployment would; logs go to `log`.
+pub fn start_server(bin_dir: &Path, data_dir: &Path, api_key: &str, log: &Path) -> Result<Server> {
+    let admin_token = format!("admin-{}", std::process::id());
     let mut child = Command::new(bin_dir.join("mobillm-server"))
-        .args(["--bind", "127.0.0.1:0", "--api-key", api_key, "--data-dir"])
+        .args(["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .env("MOBILLM_API_KEYS", api_key)
+        .env("MOBILLM_ADMIN_TOKEN", &admin_token)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log)?)
         .spawn()
         .context("starting mobillm-server")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("server stdout")?).read_line(&mut line)?;
-    let guard = ServerProcess(child);
-    let Some(addr) = line.trim().strip_prefix("listening on ") else {
+    let mut stdout = BufReader::new(child.stdout.take().context("server stdout")?);
+    let (mut line, mut admin_line) = (String::new(), String::new());
+    stdout.read_line(&mut line)?;
+    stdout.read_line(&mut admin_line)?;
+    let process = ServerProcess(child);
+    let (Some(addr), Some(admin)) =
+        (line.trim().strip_prefix("listening on "), admin_line.trim().strip_prefix("admin listening on "))
+    else {
         bail!("mobillm-server did not start; its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
     };
-    Ok((guard, format!("http://{addr}")))
+    Ok(Server { url: format!("http://{addr}"), admin_url: format!("http://{admin}"), admin_token, _process: process })
 }
 
 /// Runs the demo; returns the device's JSON result (also printed by `cargo xtask demo`).
@@ -96,11 +119,12 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
     let bin_dir = build_binaries()?;
     let api_key = format!("demo-{}", std::process::id());
     let log = work.join("server.log");
-    let (_server, url) = start_server(&bin_dir, &work.join("data"), &api_key, &log)?;
+    let server = start_server(&bin_dir, &work.join("data"), &api_key, &log)?;
+    let url = &server.url;
     eprintln!("demo: assist server at {url} (log: {})", log.display());
 
     let mut device = Command::new(bin_dir.join("mobillm-device"));
-    device.arg("fine-tune").arg("--model").arg(&model).args(["--server", &url, "--api-key", &api_key]);
+    device.arg("fine-tune").arg("--model").arg(&model).args(["--server", url]).env("MOBILLM_API_KEY", &api_key);
     device.args(&data).args(["--mode", &args.mode]);
     if let Some(t) = &args.data.template {
         device.args(["--template", t]);
@@ -129,7 +153,7 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
     let mut result: serde_json::Value =
         serde_json::from_str(last).with_context(|| format!("mobillm-device printed {last:?}"))?;
     // The server's own training throughput, from its metrics (samples × epochs per second of training).
-    if let Ok(metrics) = http_get(&url, "/metrics") {
+    if let Ok(metrics) = server.admin_get("/metrics") {
         let value = |name: &str| -> Option<f64> {
             metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         };
@@ -142,12 +166,15 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
     Ok(result)
 }
 
-/// A plain HTTP/1.1 GET on loopback (the demo's server speaks plain HTTP).
-fn http_get(base: &str, path: &str) -> Result<String> {
+/// A plain HTTP/1.1 GET on loopback with a bearer token (the demo's server speaks plain HTTP).
+fn http_get(base: &str, path: &str, token: &str) -> Result<String> {
     use std::io::{Read, Write};
     let addr = base.strip_prefix("http://").context("not an http:// URL")?;
     let mut stream = std::net::TcpStream::connect(addr)?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP answer")?;

@@ -3,7 +3,7 @@
 //! line on stdout.
 //!
 //! ```text
-//! mobillm-device fine-tune --model M.gguf --server http://127.0.0.1:8787 --api-key K (--uci DIR | --data F.jsonl
+//! MOBILLM_API_KEY=K mobillm-device fine-tune --model M.gguf --server http://127.0.0.1:8787 (--uci DIR | --data F.jsonl
 //!                --template T) [--mode pae|mobillm] [--train N] [--test N] [--epochs E] [--save adapter.safetensors]
 //! mobillm-device predict --model M.gguf --adapter adapter.safetensors "some text" …
 //! ```
@@ -48,8 +48,13 @@ struct FineTuneArgs {
     model: PathBuf,
     #[arg(long, env = "MOBILLM_SERVER", default_value = "http://127.0.0.1:8787")]
     server: String,
-    #[arg(long, env = "MOBILLM_API_KEY")]
-    api_key: String,
+    /// File holding the server's API key (or set MOBILLM_API_KEY; a key is never taken from the command line,
+    /// where `ps` would show it).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Allow plain http:// to a host that is not loopback (development only).
+    #[arg(long)]
+    insecure_http: bool,
     /// Trust only this CA certificate (PEM) for an https:// server.
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -167,7 +172,8 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mobillm = args.mode == Mode::Mobillm;
     let cfg = SessionConfig {
         server_url: args.server.clone(),
-        api_key: args.api_key.clone(),
+        api_key: api_key(&args)?,
+        insecure_http: args.insecure_http,
         ca_pem: args.ca.as_ref().map(std::fs::read).transpose()?,
         mode: args.mode,
         epochs: args.epochs.unwrap_or(if mobillm { 3 } else { 10 }),
@@ -227,6 +233,14 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
     });
     println!("{result}");
     Ok(())
+}
+
+fn api_key(args: &FineTuneArgs) -> Result<String, Box<dyn std::error::Error>> {
+    let key = match &args.api_key_file {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+        None => std::env::var("MOBILLM_API_KEY").map_err(|_| "set MOBILLM_API_KEY or give --api-key-file")?,
+    };
+    Ok(key.trim().to_string())
 }
 
 fn run_predict(

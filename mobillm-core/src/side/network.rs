@@ -58,6 +58,11 @@ impl SideNet {
         &self.cfg
     }
 
+    /// The parameters' dtype.
+    pub fn dtype(&self) -> DType {
+        self.proj.dtype()
+    }
+
     pub fn out_rows(&self) -> usize {
         self.out.dim(0).unwrap_or(0)
     }

@@ -48,6 +48,8 @@ pub struct SideTrainer {
     net: SideNet,
     opt: Opt,
     rng: ChaCha8Rng,
+    /// The parameters' dtype; inputs of another float dtype (f16 caches) are converted batch by batch.
+    dtype: DType,
 }
 
 impl SideTrainer {
@@ -102,7 +104,7 @@ impl SideTrainer {
         };
         // Shuffling continues from a stream of its own, so resuming with the same seed does not replay epochs.
         let rng = ChaCha8Rng::seed_from_u64(train.seed ^ 0x5EED_5EED);
-        Ok(Self { cfg: cfg.clone(), train: train.clone(), varmap, net, opt, rng })
+        Ok(Self { cfg: cfg.clone(), train: train.clone(), varmap, net, opt, rng, dtype })
     }
 
     pub fn net(&self) -> &SideNet {
@@ -127,7 +129,7 @@ impl SideTrainer {
                 None => t.clone(),
             })
         };
-        let o = self.net.forward(&pick(x)?)?;
+        let o = self.net.forward(&pick(x)?.to_dtype(self.dtype)?)?;
         Ok(match objective {
             Objective::Regression { targets } => candle_nn::loss::mse(&o, &pick(targets)?)?,
             Objective::CrossEntropy { labels, prior } => {
@@ -137,7 +139,8 @@ impl SideTrainer {
         })
     }
 
-    /// Trains for `epochs` epochs over `x: [N, T, d]`, validating the data once. `on_epoch` sees each epoch's mean
+    /// Trains for `epochs` epochs over `x: [N, T, d]` (any float dtype: a cache may keep it as f16, and each
+    /// mini-batch is converted on its own), validating the data once. `on_epoch` sees each epoch's mean
     /// loss and the network as it stands after that epoch (to checkpoint it), and may stop early.
     /// Returns the reports of the epochs run.
     pub fn fit(
@@ -181,6 +184,11 @@ impl SideTrainer {
     pub fn outputs(&self, x: &Tensor) -> Result<Tensor> {
         outputs_in_batches(&self.net, x, 256)
     }
+
+    /// The parameters' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
 }
 
 pub fn outputs_in_batches(net: &SideNet, x: &Tensor, batch: usize) -> Result<Tensor> {
@@ -190,7 +198,8 @@ pub fn outputs_in_batches(net: &SideNet, x: &Tensor, batch: usize) -> Result<Ten
     }
     let mut parts = Vec::with_capacity(n.div_ceil(batch));
     for start in (0..n).step_by(batch) {
-        parts.push(net.forward(&x.narrow(0, start, batch.min(n - start))?)?.detach());
+        let rows = x.narrow(0, start, batch.min(n - start))?.to_dtype(net.dtype())?;
+        parts.push(net.forward(&rows)?.detach());
     }
     Ok(Tensor::cat(&parts, 0)?)
 }

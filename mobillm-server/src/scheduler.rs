@@ -1,0 +1,194 @@
+//! The training queue: a bounded queue of jobs, fair between API keys (round-robin over the keys with work
+//! waiting, FIFO within a key), served by a fixed set of worker threads (CPU-bound work never runs on the async
+//! runtime). Jobs resumed after a restart go through the same queue. Shutdown stops the workers between epochs
+//! and joins them; an interrupted job keeps its state and resumes at the next start.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::state::AppState;
+
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    stop: AtomicBool,
+    /// Jobs on a worker now, with the flag that cancels each.
+    running: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    max_queued: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Keys with jobs waiting, in the order they are served next.
+    turn: VecDeque<String>,
+    by_key: HashMap<String, VecDeque<String>>,
+    queued: HashSet<String>,
+}
+
+/// What a worker needs to know while it runs a job.
+pub struct JobControl {
+    cancelled: Arc<AtomicBool>,
+    inner: Arc<Inner>,
+}
+
+impl JobControl {
+    /// The session was deleted, or the server is stopping: leave the job as it stands.
+    pub fn should_stop(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst) || self.inner.stop.load(Ordering::SeqCst)
+    }
+}
+
+impl Scheduler {
+    pub fn new(max_queued: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                queue: Mutex::new(Queue::default()),
+                wake: Condvar::new(),
+                stop: AtomicBool::new(false),
+                running: Mutex::new(HashMap::new()),
+                workers: Mutex::new(Vec::new()),
+                max_queued,
+            }),
+        }
+    }
+
+    /// Starts `n` workers. They hold the state weakly, so dropping the state stops them.
+    pub fn start(&self, state: Weak<AppState>, n: usize) {
+        let mut workers = self.inner.workers.lock().expect("workers");
+        for i in 0..n {
+            let (inner, state) = (self.inner.clone(), state.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("trainer-{i}"))
+                .spawn(move || worker(inner, state))
+                .expect("spawning a training worker");
+            workers.push(handle);
+        }
+    }
+
+    /// Queues a job; `false` when the queue is full (the caller answers 503).
+    pub fn enqueue(&self, id: &str, key_hash: &str) -> bool {
+        self.push(id, key_hash, false)
+    }
+
+    /// Queues a job resumed at start-up, whatever the queue holds.
+    pub fn resume(&self, id: &str, key_hash: &str) {
+        self.push(id, key_hash, true);
+    }
+
+    fn push(&self, id: &str, key_hash: &str, unbounded: bool) -> bool {
+        let mut q = self.inner.queue.lock().expect("queue");
+        if q.queued.contains(id) {
+            return true;
+        }
+        if !unbounded && q.queued.len() >= self.inner.max_queued {
+            return false;
+        }
+        q.queued.insert(id.to_string());
+        let waiting = q.by_key.entry(key_hash.to_string()).or_default();
+        waiting.push_back(id.to_string());
+        if waiting.len() == 1 {
+            q.turn.push_back(key_hash.to_string());
+        }
+        self.inner.wake.notify_one();
+        true
+    }
+
+    /// Takes the job out of the queue, or stops it on its worker (between two epochs).
+    pub fn cancel(&self, id: &str) {
+        let mut q = self.inner.queue.lock().expect("queue");
+        if q.queued.remove(id) {
+            for waiting in q.by_key.values_mut() {
+                waiting.retain(|j| j != id);
+            }
+            let Queue { turn, by_key, .. } = &mut *q;
+            by_key.retain(|_, w| !w.is_empty());
+            turn.retain(|k| by_key.contains_key(k));
+        }
+        if let Some(flag) = self.inner.running.lock().expect("running").get(id) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Queued or on a worker.
+    pub fn is_active(&self, id: &str) -> bool {
+        self.inner.queue.lock().expect("queue").queued.contains(id)
+            || self.inner.running.lock().expect("running").contains_key(id)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.inner.queue.lock().expect("queue").queued.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.inner.running.lock().expect("running").len()
+    }
+
+    /// Stops the workers after their current epoch and joins them, waiting at most `timeout`.
+    pub fn shutdown(&self, timeout: Duration) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_all();
+        let deadline = Instant::now() + timeout;
+        let workers: Vec<_> = self.inner.workers.lock().expect("workers").drain(..).collect();
+        for w in workers {
+            while !w.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if w.is_finished() {
+                let _ = w.join();
+            } else {
+                tracing::warn!("a training worker did not stop in time; its job resumes at the next start");
+            }
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_all();
+    }
+}
+
+impl Inner {
+    /// The next job, round-robin over keys; `None` once stopping.
+    fn pop(&self) -> Option<(String, Arc<AtomicBool>)> {
+        let mut q = self.queue.lock().expect("queue");
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(key) = q.turn.pop_front() {
+                let waiting = q.by_key.get_mut(&key).expect("a key in turn has jobs");
+                let id = waiting.pop_front().expect("a key in turn has jobs");
+                if waiting.is_empty() {
+                    q.by_key.remove(&key);
+                } else {
+                    q.turn.push_back(key);
+                }
+                q.queued.remove(&id);
+                let flag = Arc::new(AtomicBool::new(false));
+                self.running.lock().expect("running").insert(id.clone(), flag.clone());
+                return Some((id, flag));
+            }
+            q = self.wake.wait(q).expect("queue");
+        }
+    }
+}
+
+fn worker(inner: Arc<Inner>, state: Weak<AppState>) {
+    while let Some((id, cancelled)) = inner.pop() {
+        let control = JobControl { cancelled, inner: inner.clone() };
+        if let Some(state) = state.upgrade() {
+            crate::jobs::run(&state, &id, &control);
+        }
+        inner.running.lock().expect("running").remove(&id);
+    }
+}

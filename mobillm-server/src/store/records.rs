@@ -1,0 +1,79 @@
+//! What the store keeps per session, per API key and for the whole server.
+
+use mobillm_core::protocol::{JobState, Mode, StepAck};
+use mobillm_core::side::{SideConfig, TrainConfig};
+use serde::{Deserialize, Serialize};
+
+/// What a session's creator declared, fixed for its lifetime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionShape {
+    #[serde(default)]
+    pub mode: Mode,
+    /// Tapped layers per sample.
+    pub layers: usize,
+    /// Activation dimension.
+    pub dim: usize,
+    /// Target width K'.
+    pub outputs: usize,
+    /// Backbone fingerprint the device reported (opaque to the server).
+    pub backbone: String,
+}
+
+impl SessionShape {
+    /// Bytes one cached sample takes in the store: f16 activations, then f32 target values.
+    pub fn stored_sample_len(&self) -> usize {
+        2 * self.layers * self.dim + 4 * self.outputs
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: String,
+    /// SHA-256 (hex) of the API key that created the session (the key itself is never stored).
+    pub key_hash: String,
+    /// SHA-256 (hex) of the session's bearer token.
+    pub token_hash: String,
+    pub shape: SessionShape,
+    pub side: SideConfig,
+    pub train: TrainConfig,
+    pub job: JobState,
+    pub created_unix: u64,
+    /// Last request that changed the session (reads are tracked in memory, see `state::AppState::touch`).
+    pub last_used_unix: u64,
+    /// Cached samples, and the bytes of samples and checkpoint: counted in the transactions that change them.
+    pub samples: usize,
+    pub stored_bytes: u64,
+    /// Times a worker started this session's current job without reaching its first checkpoint; a job that
+    /// does so twice (a crash while loading, say) is failed instead of retried.
+    pub start_attempts: u32,
+    /// The create request's idempotency key (hashed with the API key) and body hash, to answer a retry.
+    pub create_request: Option<(String, String)>,
+    /// Idempotency key (hashed) of the training request that set the current job.
+    pub train_request: Option<String>,
+    /// `mobillm` mode: the last step's idempotency key (hashed) and answer, for a retry of it.
+    pub last_step: Option<(String, StepAck)>,
+}
+
+/// Sessions and stored bytes, per API key and for the whole store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub sessions: u64,
+    pub bytes: u64,
+}
+
+/// Why the store refused a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The session was deleted meanwhile.
+    Gone,
+    /// A count or byte quota would be passed (the message says which).
+    Quota(String),
+    /// An idempotency key came back with a different request.
+    IdempotencyMismatch,
+    /// The session's state does not allow it now (a job is queued or running, say).
+    Conflict(String),
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
