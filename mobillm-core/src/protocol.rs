@@ -64,7 +64,8 @@ mod whole {
     use serde::{de::Error as _, Deserialize, Deserializer};
 
     fn from_f64<E: serde::de::Error>(v: f64) -> Result<u64, E> {
-        if v.fract() == 0.0 && v >= 0.0 && v <= u64::MAX as f64 {
+        // `u64::MAX as f64` rounds up to 2^64, which does not fit: the bound is strict.
+        if v.fract() == 0.0 && v >= 0.0 && v < u64::MAX as f64 {
             Ok(v as u64)
         } else {
             Err(E::custom(format!("{v} is not a whole number")))
@@ -90,15 +91,18 @@ mod whole {
         usize::try_from(v).map_err(D::Error::custom)
     }
 
-    pub fn opt_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
-        match Option::<Num>::deserialize(d)? {
-            None => Ok(None),
-            Some(n) => usize::try_from(value::<D>(n)?).map(Some).map_err(D::Error::custom),
-        }
+    /// A present field: `null` is not a number (an absent field takes the default).
+    pub fn some_usize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+        usize(d).map(Some)
     }
 
-    pub fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-        Option::<Num>::deserialize(d)?.map(value::<D>).transpose()
+    pub fn some_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        value::<D>(Num::deserialize(d)?).map(Some)
+    }
+
+    /// A present field of any other type, `null` refused likewise.
+    pub fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+        T::deserialize(d).map(Some)
     }
 }
 
@@ -140,7 +144,7 @@ pub struct CreateSession {
     #[serde(default)]
     pub mode: Mode,
     /// K: only `mobillm` sessions send it (a `pae` server never learns the number of labels).
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt_usize")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some_usize")]
     pub labels: Option<usize>,
     /// Tapped layers T.
     #[serde(deserialize_with = "whole::usize")]
@@ -153,21 +157,21 @@ pub struct CreateSession {
     pub outputs: usize,
     /// Fingerprint of the device's backbone (opaque to the server).
     pub backbone: String,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt_usize")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some_usize")]
     pub width: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt_usize")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some_usize")]
     pub rank: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some")]
     pub activation: Option<Activation>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some")]
     pub alpha0: Option<f32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some")]
     pub lr: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt_usize")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some_usize")]
     pub batch_size: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some")]
     pub weight_decay: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::opt_u64")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some_u64")]
     pub seed: Option<u64>,
 }
 

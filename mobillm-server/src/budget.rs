@@ -128,3 +128,52 @@ impl Cost {
         decoded.checked_mul(expansion.checked_add(2)?)?.checked_add(self.batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use mobillm_core::protocol::Mode;
+
+    use super::*;
+
+    fn shape(layers: usize, dim: usize) -> SessionShape {
+        SessionShape { mode: Mode::Pae, layers, dim, outputs: 8, backbone: "x".into() }
+    }
+
+    #[test]
+    fn costs_follow_the_shape_and_overflow_is_too_large() {
+        let side = SideConfig::new(30, 576, 2);
+        let c = Cost::of(&shape(30, 576), &side, 128).unwrap();
+        // SmolLM2-135M, default side network: 2.24 M parameters; a cached sample is 34.6 KB.
+        assert_eq!(c.params, 30 * 128 * 576 + 30 + 2 * 30 * 16 * 128 + 8 * 128);
+        assert_eq!(c.sample, (2 * 30 * 576 + 4 * 8 + 16) as u64);
+        assert!(c.job(2400).unwrap() > c.job(100).unwrap());
+        let huge = SideConfig { width: usize::MAX / 4, ..side };
+        assert_eq!(Cost::of(&shape(30, 576), &huge, 128), None);
+        assert_eq!(c.job(u64::MAX), None);
+    }
+
+    #[test]
+    fn reservations_hold_bytes_until_dropped() {
+        let budget = Budget::new(100);
+        assert!(budget.try_reserve(101).is_none());
+        let a = budget.try_reserve(60).unwrap();
+        assert!(budget.try_reserve(50).is_none());
+        assert_eq!(budget.used(), 60);
+        let waiter = {
+            let budget = budget.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let r = budget.reserve_within(50, Duration::from_secs(10));
+                (r.map(|r| r.bytes()), started.elapsed())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        drop(a);
+        let (got, _) = waiter.join().unwrap();
+        assert_eq!(got, Some(50), "the waiter got the bytes once they were given back");
+        assert_eq!(budget.used(), 0, "and gave them back in turn");
+        assert!(budget.reserve_within(101, Duration::from_millis(10)).is_none());
+    }
+}

@@ -192,3 +192,35 @@ fn worker(inner: Arc<Inner>, state: Weak<AppState>) {
         inner.running.lock().expect("running").remove(&id);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(s: &Scheduler, n: usize) -> Vec<String> {
+        (0..n).map(|_| s.inner.pop().unwrap().0).collect()
+    }
+
+    #[test]
+    fn keys_take_turns_and_each_key_is_first_in_first_out() {
+        let s = Scheduler::new(10);
+        for (id, key) in [("a1", "A"), ("a2", "A"), ("a3", "A"), ("b1", "B"), ("c1", "C"), ("b2", "B")] {
+            assert!(s.enqueue(id, key));
+        }
+        assert_eq!(order(&s, 6), ["a1", "b1", "c1", "a2", "b2", "a3"]);
+        assert_eq!(s.running(), 6, "popped jobs count as running until their worker ends them");
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_cancel_takes_a_job_out() {
+        let s = Scheduler::new(2);
+        assert!(s.enqueue("a1", "A") && s.enqueue("a2", "A"));
+        assert!(s.enqueue("a1", "A"), "queuing a queued job again is a no-op");
+        assert!(!s.enqueue("b1", "B"), "full");
+        s.resume("b1", "B"); // start-up resumes ignore the bound
+        s.cancel("a1");
+        assert!(!s.is_active("a1"));
+        assert_eq!(order(&s, 2), ["a2", "b1"]);
+        assert_eq!(s.queued(), 0);
+    }
+}

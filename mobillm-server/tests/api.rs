@@ -268,8 +268,8 @@ async fn training_outputs_targets_and_adapter() {
     call(&state, "PUT", &format!("/v1/sessions/{id}/samples"), Some(&token), bytes).await;
 
     // Before training the network is fresh: zero outputs; and there is no adapter yet.
-    let (status, _) = call(&state, "GET", &format!("/v1/sessions/{id}/adapter"), Some(&token), vec![]).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = call(&state, "GET", &format!("/v1/sessions/{id}/adapter"), Some(&token), vec![]).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::CONFLICT, Some("not_trained")));
     let outputs = raw_get(&state, &format!("/v1/sessions/{id}/outputs"), &token).await;
     let (frame0, _) = Frame::decode(&outputs, &Default::default()).unwrap();
     assert!(frame0.values.iter().all(|&v| v == 0.0) && frame0.ids.len() == 8);

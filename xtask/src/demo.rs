@@ -67,6 +67,10 @@ pub struct Server {
 }
 
 impl Server {
+    pub fn pid(&self) -> u32 {
+        self._process.0.id()
+    }
+
     /// A GET on the admin listener (plain HTTP on loopback), e.g. `/metrics`.
     pub fn admin_get(&self, path: &str) -> Result<String> {
         http_get(&self.admin_url, path, &self.admin_token)
@@ -76,10 +80,22 @@ impl Server {
 /// Starts `mobillm-server` on 127.0.0.1 port 0 (API and admin) with `api_key`, passed through the environment
 /// as a deployment would; logs go to `log`.
 pub fn start_server(bin_dir: &Path, data_dir: &Path, api_key: &str, log: &Path) -> Result<Server> {
+    start_server_with(bin_dir, data_dir, api_key, log, &[])
+}
+
+/// As [`start_server`], with more flags.
+pub fn start_server_with(
+    bin_dir: &Path,
+    data_dir: &Path,
+    api_key: &str,
+    log: &Path,
+    extra: &[String],
+) -> Result<Server> {
     let admin_token = format!("admin-{}", std::process::id());
     let mut child = Command::new(bin_dir.join("mobillm-server"))
         .args(["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .env("MOBILLM_API_KEYS", api_key)
         .env("MOBILLM_ADMIN_TOKEN", &admin_token)
         .stdout(Stdio::piped())

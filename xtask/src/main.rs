@@ -1,11 +1,13 @@
 //! Project automation: `cargo xtask <command>` (the alias builds this crate in release mode).
 
+mod api_check;
 mod audit;
 mod bench;
 mod bench_forward;
 mod bindings;
 mod demo;
 mod fetch;
+mod load;
 mod lora;
 mod side_eval;
 mod zeroshot;
@@ -66,6 +68,12 @@ enum Cmd {
     /// Privacy audit: fine-tunes with secrets on and off, then plays the server and attacks labels, texts and
     /// the model from what it stored; writes docs/privacy-audit.json and docs/privacy.md's results; prints JSON.
     Audit(audit::Args),
+    /// schemathesis (PyPI) against the server's OpenAPI document: a short seeded run of every phase; fails on
+    /// any failed check.
+    ApiCheck,
+    /// Load test: N simulated devices fine-tune against one server at once; prints one JSON line (upload and
+    /// health latency percentiles, errors, the server's peak RSS).
+    Load(load::Args),
     /// (internal) one benchmark variant, run in its own process so its peak RSS is its own.
     #[command(hide = true)]
     BenchForwardWorker(bench_forward::WorkerArgs),
@@ -100,6 +108,8 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => println!("{}", demo::run(args)?),
         Cmd::Test { args } => test(&args)?,
         Cmd::Zeroshot(args) => zeroshot::run(args)?,
+        Cmd::Load(args) => println!("{}", load::run(args)?),
+        Cmd::ApiCheck => api_check::run()?,
         Cmd::SideEval(args) => side_eval::run(args)?,
         Cmd::BenchForward(args) => bench_forward::run(args)?,
         Cmd::BenchForwardWorker(args) => bench_forward::worker(args)?,
@@ -122,6 +132,8 @@ fn test(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         return Ok(()); // a filtered run: only the tests asked for
     }
+    // The API contract, as an outside client checks it.
+    api_check::run()?;
     // The SDK: committed bindings are current, Swift passes its static checks, Kotlin tests pass on the JVM.
     bindings::bindings(true)?;
     bindings::swift_check()?;

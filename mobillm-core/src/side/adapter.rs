@@ -70,8 +70,13 @@ impl DeviceAdapter {
 
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, path)
+    }
+
+    /// Reads an adapter from the bytes of a file (`path` names it in errors).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let invalid = |reason: String| Error::InvalidModelFile { path: path.to_path_buf(), reason };
-        let (tensors, meta) = weights_file::from_bytes(&bytes).map_err(invalid)?;
+        let (tensors, meta) = weights_file::from_bytes(bytes).map_err(invalid)?;
         let field = |k: &str| meta.get(k).ok_or_else(|| invalid(format!("no `{k}` in the adapter metadata")));
         if field("format")? != FORMAT {
             return Err(invalid(format!("not a MobiLLM device adapter (format {:?})", meta.get("format"))));

@@ -193,7 +193,8 @@ pub async fn download_adapter(
     let _memory = state.reserve(cost.params.saturating_mul(8))?;
     let compressed = state
         .blocking(move |s| {
-            let weights = s.store.weights(&rec.id)?.ok_or_else(|| ApiError::not_found("nothing trained yet"))?;
+            let weights =
+                s.store.weights(&rec.id)?.ok_or_else(|| ApiError::conflict("not_trained", "nothing trained yet"))?;
             zstd::bulk::compress(&weights, mobillm_core::wire::ZSTD_LEVEL).map_err(ApiError::internal)
         })
         .await?;

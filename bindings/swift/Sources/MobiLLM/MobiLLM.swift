@@ -1703,11 +1703,12 @@ public func FfiConverterTypeTask_lower(_ value: Task) -> UInt64 {
 
 
 /**
- * How to reach the assist server and how to train. Unset fields take the SDK's defaults.
+ * How to reach the assist server and how to train. Unset fields take the SDK's defaults. `Debug` never prints
+ * the API key.
  */
 public struct FineTuneOptions: Equatable, Hashable {
     /**
-     * `https://…` (or `http://` on a trusted network).
+     * `https://…` (`http://` only to loopback, unless `allow_insecure_http`).
      */
     public var serverUrl: String
     /**
@@ -1718,6 +1719,11 @@ public struct FineTuneOptions: Equatable, Hashable {
      * Trust only this CA certificate (PEM) instead of the platform's trust store.
      */
     public var caPem: String?
+    /**
+     * Allow plain `http://` to a host that is not loopback (development only, e.g. an emulator reaching its
+     * host at 10.0.2.2): activations and tokens then cross the network in the clear.
+     */
+    public var allowInsecureHttp: Bool?
     public var mode: FineTuneMode?
     /**
      * `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
@@ -1747,14 +1753,18 @@ public struct FineTuneOptions: Equatable, Hashable {
     // declare one manually.
     public init(
         /**
-         * `https://…` (or `http://` on a trusted network).
+         * `https://…` (`http://` only to loopback, unless `allow_insecure_http`).
          */serverUrl: String, 
         /**
          * The server's API key for creating sessions.
          */apiKey: String, 
         /**
          * Trust only this CA certificate (PEM) instead of the platform's trust store.
-         */caPem: String? = nil, mode: FineTuneMode? = nil, 
+         */caPem: String? = nil, 
+        /**
+         * Allow plain `http://` to a host that is not loopback (development only, e.g. an emulator reaching its
+         * host at 10.0.2.2): activations and tokens then cross the network in the clear.
+         */allowInsecureHttp: Bool? = nil, mode: FineTuneMode? = nil, 
         /**
          * `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
          */epochs: UInt32? = nil, 
@@ -1773,6 +1783,7 @@ public struct FineTuneOptions: Equatable, Hashable {
         self.serverUrl = serverUrl
         self.apiKey = apiKey
         self.caPem = caPem
+        self.allowInsecureHttp = allowInsecureHttp
         self.mode = mode
         self.epochs = epochs
         self.rounds = rounds
@@ -1803,6 +1814,7 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
                 serverUrl: FfiConverterString.read(from: &buf), 
                 apiKey: FfiConverterString.read(from: &buf), 
                 caPem: FfiConverterOptionString.read(from: &buf), 
+                allowInsecureHttp: FfiConverterOptionBool.read(from: &buf), 
                 mode: FfiConverterOptionTypeFineTuneMode.read(from: &buf), 
                 epochs: FfiConverterOptionUInt32.read(from: &buf), 
                 rounds: FfiConverterOptionUInt32.read(from: &buf), 
@@ -1819,6 +1831,7 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
         FfiConverterString.write(value.serverUrl, into: &buf)
         FfiConverterString.write(value.apiKey, into: &buf)
         FfiConverterOptionString.write(value.caPem, into: &buf)
+        FfiConverterOptionBool.write(value.allowInsecureHttp, into: &buf)
         FfiConverterOptionTypeFineTuneMode.write(value.mode, into: &buf)
         FfiConverterOptionUInt32.write(value.epochs, into: &buf)
         FfiConverterOptionUInt32.write(value.rounds, into: &buf)
@@ -2578,6 +2591,30 @@ fileprivate struct FfiConverterOptionDouble: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterDouble.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionBool: FfiConverterRustBuffer {
+    typealias SwiftType = Bool?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterBool.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterBool.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }

@@ -3412,11 +3412,12 @@ public object FfiConverterTypeTask: FfiConverter<Task, Long> {
 
 
 /**
- * How to reach the assist server and how to train. Unset fields take the SDK's defaults.
+ * How to reach the assist server and how to train. Unset fields take the SDK's defaults. `Debug` never prints
+ * the API key.
  */
 data class FineTuneOptions (
     /**
-     * `https://…` (or `http://` on a trusted network).
+     * `https://…` (`http://` only to loopback, unless `allow_insecure_http`).
      */
     var `serverUrl`: kotlin.String
     , 
@@ -3429,6 +3430,12 @@ data class FineTuneOptions (
      * Trust only this CA certificate (PEM) instead of the platform's trust store.
      */
     var `caPem`: kotlin.String? = null 
+    , 
+    /**
+     * Allow plain `http://` to a host that is not loopback (development only, e.g. an emulator reaching its
+     * host at 10.0.2.2): activations and tokens then cross the network in the clear.
+     */
+    var `allowInsecureHttp`: kotlin.Boolean? = null 
     , 
     var `mode`: FineTuneMode? = null 
     , 
@@ -3481,6 +3488,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
             FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalBoolean.read(buf),
             FfiConverterOptionalTypeFineTuneMode.read(buf),
             FfiConverterOptionalUInt.read(buf),
             FfiConverterOptionalUInt.read(buf),
@@ -3497,6 +3505,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterString.allocationSize(value.`serverUrl`) +
             FfiConverterString.allocationSize(value.`apiKey`) +
             FfiConverterOptionalString.allocationSize(value.`caPem`) +
+            FfiConverterOptionalBoolean.allocationSize(value.`allowInsecureHttp`) +
             FfiConverterOptionalTypeFineTuneMode.allocationSize(value.`mode`) +
             FfiConverterOptionalUInt.allocationSize(value.`epochs`) +
             FfiConverterOptionalUInt.allocationSize(value.`rounds`) +
@@ -3512,6 +3521,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterString.write(value.`serverUrl`, buf)
             FfiConverterString.write(value.`apiKey`, buf)
             FfiConverterOptionalString.write(value.`caPem`, buf)
+            FfiConverterOptionalBoolean.write(value.`allowInsecureHttp`, buf)
             FfiConverterOptionalTypeFineTuneMode.write(value.`mode`, buf)
             FfiConverterOptionalUInt.write(value.`epochs`, buf)
             FfiConverterOptionalUInt.write(value.`rounds`, buf)
@@ -4169,6 +4179,38 @@ public object FfiConverterOptionalDouble: FfiConverterRustBuffer<kotlin.Double?>
         } else {
             buf.put(1)
             FfiConverterDouble.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalBoolean: FfiConverterRustBuffer<kotlin.Boolean?> {
+    override fun read(buf: ByteBuffer): kotlin.Boolean? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterBoolean.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.Boolean?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterBoolean.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.Boolean?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterBoolean.write(value, buf)
         }
     }
 }
