@@ -33,16 +33,21 @@ const MAX_ADAPTER_BYTES: u64 = 256 << 20;
 const ATTEMPTS: usize = 6;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// A session on the assist server: its id and bearer token (never printed by `Debug`).
+/// A session on the assist server: its id, bearer token (never printed by `Debug`) and the samples it may hold.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Session {
     pub session_id: String,
     pub token: String,
+    pub max_samples: usize,
 }
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("session_id", &self.session_id).field("token", &"<redacted>").finish()
+        f.debug_struct("Session")
+            .field("session_id", &self.session_id)
+            .field("token", &"<redacted>")
+            .field("max_samples", &self.max_samples)
+            .finish()
     }
 }
 
@@ -148,7 +153,7 @@ impl AssistClient {
             self.http.post(self.url("/v1/sessions")).bearer_auth(api_key).header(IDEMPOTENCY_KEY, &key).json(req)
         })?;
         let created: SessionCreated = self.json(resp, "session")?;
-        Ok(Session { session_id: created.session_id, token: created.token })
+        Ok(Session { session_id: created.session_id, token: created.token, max_samples: created.max_samples })
     }
 
     pub fn upload_frame(&self, s: &Session, bytes: &[u8]) -> Result<UploadAck> {

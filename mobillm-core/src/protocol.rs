@@ -258,6 +258,8 @@ pub struct SessionCreated {
     pub token: String,
     /// Seconds without a request after which the server deletes the session and its data.
     pub idle_ttl_s: u64,
+    /// Samples the session may hold: the server's cap, its byte quota and its memory budget decide.
+    pub max_samples: usize,
 }
 
 impl std::fmt::Debug for SessionCreated {
@@ -266,6 +268,7 @@ impl std::fmt::Debug for SessionCreated {
             .field("session_id", &self.session_id)
             .field("token", &"<redacted>")
             .field("idle_ttl_s", &self.idle_ttl_s)
+            .field("max_samples", &self.max_samples)
             .finish()
     }
 }
@@ -311,6 +314,8 @@ pub struct SessionStatus {
     pub session_id: String,
     pub mode: Mode,
     pub samples: usize,
+    /// Samples the session may hold.
+    pub max_samples: usize,
     /// Bytes the session holds on the server (cached samples and checkpoint).
     pub stored_bytes: u64,
     pub job: JobState,

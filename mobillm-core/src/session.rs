@@ -289,6 +289,14 @@ pub fn fine_tune(
         seed: Some(cfg.seed),
     };
     let session = client.create_session(&cfg.api_key, &request)?;
+    if cfg.mode == Mode::Pae && train.len() > session.max_samples {
+        let _ = client.delete(&session);
+        return Err(Error::InvalidInput(format!(
+            "{} training examples, but this server lets a session of this model hold at most {}",
+            train.len(),
+            session.max_samples
+        )));
+    }
     let server = ServerSession { client: &client, session, keep: cfg.keep_server_session };
     let run = Run {
         backbone,

@@ -546,3 +546,26 @@ fn openapi_declares_the_protocol_bounds() {
         "alpha0": MAX_ALPHA0, "seed": u64::MAX}));
     largest.validate().unwrap();
 }
+
+/// A store written by another layout is refused with a message that says what to do, and its data left as it was.
+#[test]
+fn a_store_of_another_layout_is_refused_not_misread() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // What the first layout looked like: sessions, and no layout marker.
+        let db = redb::Database::create(dir.path().join("mobillm.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        let table: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("sessions");
+        txn.open_table(table).unwrap().insert("0123", b"{}".as_slice()).unwrap();
+        txn.commit().unwrap();
+    }
+    let err = AppState::open(config(dir.path())).err().expect("refused").to_string();
+    assert!(err.contains("another version") && err.contains("empty data directory"), "{err}");
+    // The old session is still there, and no layout marker was written over it.
+    let db = redb::Database::create(dir.path().join("mobillm.redb")).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let sessions: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("sessions");
+    assert!(redb::ReadableTable::get(&txn.open_table(sessions).unwrap(), "0123").unwrap().is_some());
+    let meta: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
+    assert!(txn.open_table(meta).is_err(), "no layout was written");
+}

@@ -198,7 +198,7 @@ fn fine_tune_through_the_server_and_fold_on_the_device() {
     assert!(accs[1] >= accs[0] - 0.03, "refinement does not hurt: {accs:?}");
 
     // Typed errors reach the device: a wrong token, then deletion.
-    let wrong = mobillm_core::client::Session { session_id: session.session_id.clone(), token: "nope".into() };
+    let wrong = mobillm_core::client::Session { token: "nope".into(), ..session.clone() };
     match client.status(&wrong) {
         Err(mobillm_core::Error::Server { status: 401, code, .. }) => assert_eq!(code, "unauthorized"),
         other => panic!("expected 401, got {other:?}"),

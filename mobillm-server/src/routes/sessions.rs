@@ -43,11 +43,7 @@ fn check_budget(state: &AppState, shape: &SessionShape, side: &SideConfig, batch
     let cost = Cost::of(shape, side, batch);
     match shape.mode {
         Mode::Pae => {
-            let quotas = state.config.quotas();
-            let need = cost.and_then(|c| {
-                let by_bytes = quotas.session_bytes / c.sample.max(1);
-                c.job(by_bytes.min(quotas.max_samples_per_session as u64))
-            });
+            let need = cost.and_then(|c| c.job(1));
             over(need, "training a session")
         }
         Mode::Mobillm => {
@@ -55,6 +51,20 @@ fn check_budget(state: &AppState, shape: &SessionShape, side: &SideConfig, batch
             over(need, "a training step")
         }
     }
+}
+
+/// Samples a session may hold: the server's cap, the byte quota, and what its training can hold within the
+/// memory budget. (`check_budget` has made sure at least one sample fits.)
+fn max_samples(state: &AppState, shape: &SessionShape, side: &SideConfig, batch: usize) -> usize {
+    let quotas = state.config.quotas();
+    let Some(cost) = Cost::of(shape, side, batch) else { return 0 };
+    let by_quota = quotas.session_bytes / cost.sample.max(1);
+    let by_budget = state.budget.total().saturating_sub(cost.trainer + cost.batch) / cost.sample.max(1);
+    let n = by_quota.min(by_budget).min(quotas.max_samples_per_session as u64);
+    if shape.mode == Mode::Mobillm {
+        return 0; // steps are trained at once, never stored
+    }
+    n as usize
 }
 
 pub async fn create(
@@ -75,6 +85,14 @@ pub async fn create(
         backbone: req.backbone.clone(),
     };
     check_budget(&state, &shape, &side, train.batch_size)?;
+    let max_samples = max_samples(&state, &shape, &side, train.batch_size);
+    if shape.mode == Mode::Pae && max_samples == 0 {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "over_budget",
+            "not one sample of this shape fits the server's session quota",
+        ));
+    }
     let idempotency = idempotency_key(&headers, &key_hash)?;
     let body_hash = sha256_hex(&serde_json::to_vec(&req).map_err(ApiError::internal)?);
     let token = random_hex(32)?;
@@ -89,6 +107,7 @@ pub async fn create(
         job: JobState::default(),
         created_unix: now,
         last_used_unix: now,
+        max_samples,
         samples: 0,
         stored_bytes: 0,
         start_attempts: 0,
@@ -109,7 +128,7 @@ pub async fn create(
     state.touch(&id);
     tracing::info!(session = %id, "session created");
     let idle_ttl_s = state.config.idle_ttl().as_secs();
-    Ok((StatusCode::CREATED, Json(SessionCreated { session_id: id, token, idle_ttl_s })))
+    Ok((StatusCode::CREATED, Json(SessionCreated { session_id: id, token, idle_ttl_s, max_samples })))
 }
 
 pub async fn status(State(state): State<Arc<AppState>>, SessionAuth(rec): SessionAuth) -> Json<SessionStatus> {
@@ -117,6 +136,7 @@ pub async fn status(State(state): State<Arc<AppState>>, SessionAuth(rec): Sessio
         session_id: rec.id,
         mode: rec.shape.mode,
         samples: rec.samples,
+        max_samples: rec.max_samples,
         stored_bytes: rec.stored_bytes,
         job: rec.job,
         expires_in_s: state.config.idle_ttl().as_secs(),

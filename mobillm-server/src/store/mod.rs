@@ -15,7 +15,7 @@ use std::path::Path;
 
 use half::f16;
 use mobillm_core::side::SampleId;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 pub use records::{now_unix, Refusal, SessionRecord, SessionShape, Usage};
 
@@ -33,6 +33,12 @@ const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 const USAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("usage");
 /// hash of (API key hash, idempotency key) of a create request → session id.
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
+/// `"layout"` → the version of this layout.
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// The store's layout. A store written by another layout is refused at start rather than misread; its sessions
+/// are caches of fine-tunes in progress, so the remedy is a fresh data directory (devices upload again).
+const LAYOUT: &str = "2";
 
 /// Bytes a cached sample is charged beyond its value: its 16-byte id.
 const SAMPLE_KEY_BYTES: u64 = 16;
@@ -76,7 +82,27 @@ impl Store {
             .map_err(|e| StoreError(format!("cannot open {}: {e}", path.display())))?;
         let store = Self { db };
         let txn = store.write()?;
-        for table in [SESSIONS, WEIGHTS, KEYS, USAGE] {
+        {
+            let mut meta = txn.open_table(META).map_err(se)?;
+            let layout = meta.get("layout").map_err(se)?.map(|v| v.value().to_string());
+            let sessions = txn.open_table(SESSIONS).map_err(se)?.len().map_err(se)?;
+            match layout.as_deref() {
+                Some(LAYOUT) => {}
+                None if sessions == 0 => {
+                    meta.insert("layout", LAYOUT).map_err(se)?;
+                }
+                other => {
+                    return Err(StoreError(format!(
+                        "{} was written by another version of the server (store layout {}, this one reads {LAYOUT}); \
+                         its sessions are caches of fine-tunes in progress: move it away and start with an empty \
+                         data directory",
+                        path.display(),
+                        other.unwrap_or("1")
+                    )))
+                }
+            }
+        }
+        for table in [WEIGHTS, KEYS, USAGE] {
             txn.open_table(table).map_err(se)?;
         }
         txn.open_table(SAMPLES).map_err(se)?;
@@ -270,12 +296,12 @@ impl Store {
             let key_usage = read_usage(&keys, &rec.key_hash)?;
             drop(keys);
             let all = read_usage(&txn.open_table(USAGE).map_err(se)?, "all")?;
-            let over = if rec.samples + fresh.len() > quotas.max_samples_per_session {
+            let over = if rec.samples + fresh.len() > rec.max_samples {
                 Some(format!(
                     "the session holds {} samples; {} more would pass its limit of {}",
                     rec.samples,
                     fresh.len(),
-                    quotas.max_samples_per_session
+                    rec.max_samples
                 ))
             } else if rec.stored_bytes + added > quotas.session_bytes {
                 Some(format!("{added} more bytes would pass the session's quota of {} bytes", quotas.session_bytes))

@@ -40,6 +40,9 @@ pub struct SessionRecord {
     pub created_unix: u64,
     /// Last request that changed the session (reads are tracked in memory, see `state::AppState::touch`).
     pub last_used_unix: u64,
+    /// Samples the session may hold: the server's cap, the session's byte quota and the memory budget of its
+    /// training decide, once, at creation.
+    pub max_samples: usize,
     /// Cached samples, and the bytes of samples and checkpoint: counted in the transactions that change them.
     pub samples: usize,
     pub stored_bytes: u64,
