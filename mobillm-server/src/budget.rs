@@ -14,6 +14,9 @@ use mobillm_core::side::SideConfig;
 
 use crate::store::SessionShape;
 
+/// Rows per forward batch when the server computes outputs (the trainer's own batch size).
+pub const OUTPUT_ROWS: usize = 256;
+
 pub struct Budget {
     total: u64,
     used: Mutex<u64>,
@@ -87,6 +90,8 @@ pub struct Cost {
     pub trainer: u64,
     /// One mini-batch's forward graph kept for the backward pass, with its gradients.
     pub batch: u64,
+    /// A forward pass without gradients over [`OUTPUT_ROWS`] rows (what outputs are computed in).
+    pub forward: u64,
     /// One cached sample in a training set (f16 activations, f32 target, id).
     pub sample: u64,
 }
@@ -103,12 +108,13 @@ impl Cost {
             .checked_add(m(k, w)?)?;
         let f32s = |n: u64| n.checked_mul(4);
         let trainer = f32s(params)?.checked_mul(6)?;
-        // Per sample and tap: the input row (d), and about eight width-sized and four rank-sized intermediates;
-        // doubled for their gradients.
-        let per_row = (d as u64).checked_add(m(8, w)?)?.checked_add(m(4, r)?)?;
+        // Per sample and tap: the input row three times (as cached, as f32, transposed for the projections), and
+        // about eight width-sized and four rank-sized intermediates; doubled for their gradients.
+        let per_row = m(3, d)?.checked_add(m(8, w)?)?.checked_add(m(4, r)?)?;
         let batch = f32s(m(batch_size, t)?.checked_mul(per_row)?)?.checked_mul(2)?;
+        let forward = f32s(m(OUTPUT_ROWS, t)?.checked_mul(per_row)?)?;
         let sample = (shape.stored_sample_len() as u64).checked_add(16)?;
-        Some(Cost { params, trainer, batch, sample })
+        Some(Cost { params, trainer, batch, forward, sample })
     }
 
     /// A training job over `samples` cached samples: the stacked set, the trainer, one batch.
@@ -116,10 +122,15 @@ impl Cost {
         self.sample.checked_mul(samples)?.checked_add(self.trainer)?.checked_add(self.batch)
     }
 
-    /// Outputs for `samples` samples: the stacked set, the network without optimiser state, the answer frame.
+    /// Outputs for `samples` samples: the stacked set, the network (with an optimiser state the loader makes),
+    /// one forward batch, the answer frame.
     pub fn outputs(&self, samples: u64, outputs: usize) -> Option<u64> {
         let answer = samples.checked_mul(16 + 8 * outputs as u64)?;
-        self.sample.checked_mul(samples)?.checked_add(self.params.checked_mul(8)?)?.checked_add(answer)
+        self.sample
+            .checked_mul(samples)?
+            .checked_add(self.params.checked_mul(16)?)?
+            .checked_add(self.forward)?
+            .checked_add(answer)
     }
 
     /// A `mobillm` step whose frame decodes to `decoded` body bytes of which activations expand by `expansion`

@@ -72,6 +72,10 @@ pub struct ServerConfig {
     /// Memory that decoding, training steps, training jobs and live trainers may hold together, in MiB.
     #[arg(long, env = "MOBILLM_MEMORY_BUDGET_MB", default_value_t = 2048)]
     pub memory_budget_mb: u64,
+    /// The store's page cache, in MiB: memory beside the budget (resident memory stays under budget + cache + a
+    /// small baseline).
+    #[arg(long, env = "MOBILLM_STORE_CACHE_MB", default_value_t = 128)]
+    pub store_cache_mb: u64,
     /// Training workers (default: one per core).
     #[arg(long, env = "MOBILLM_WORKERS")]
     pub workers: Option<usize>,

@@ -12,7 +12,22 @@ const RESERVED_FDS: u64 = 128;
 /// Connections of the admin listener.
 const ADMIN_CONNECTIONS: usize = 64;
 
+/// glibc's malloc gives every busy thread an arena of its own and returns little of them: under load the process
+/// held hundreds of MB beyond its memory budget (measured with `cargo xtask load`). Two arenas cost nothing
+/// measurable in speed there. jemalloc held memory as well but halved the throughput.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    // SAFETY: `mallopt` only sets an allocator parameter; this runs first in `main`, before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn main() -> anyhow::Result<()> {
+    limit_malloc_arenas();
     // Logs go to stderr: stdout carries only the bound addresses, for parent processes.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

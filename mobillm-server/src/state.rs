@@ -44,7 +44,7 @@ impl AppState {
     /// Opens the store, starts the training workers and queues the jobs a previous process left unfinished.
     pub fn open(mut config: ServerConfig) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(!config.api_keys.is_empty(), "no API key configured");
-        let store = Store::open(&config.data_dir)?;
+        let store = Store::open(&config.data_dir, (config.store_cache_mb << 20) as usize)?;
         let api_keys = config.api_keys.iter().map(|k| sha256(k.as_bytes())).collect();
         let admin_token = config.admin_token.as_deref().map(|t| sha256(t.as_bytes()));
         // The plain secrets are not needed past this point.

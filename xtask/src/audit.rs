@@ -133,7 +133,7 @@ struct ServerView {
 }
 
 fn read_server_view(work: &Path) -> Result<ServerView> {
-    let store = Store::open(&work.join("data")).map_err(|e| anyhow!("opening the server's store: {e}"))?;
+    let store = Store::open(&work.join("data"), 64 << 20).map_err(|e| anyhow!("opening the server's store: {e}"))?;
     let sessions = store.sessions(None, 2).map_err(|e| anyhow!("{e}"))?;
     let [rec] = sessions.as_slice() else {
         anyhow::bail!("expected the one kept session in the server's store, found {}", sessions.len());

@@ -168,7 +168,19 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
     };
     let stop = AtomicBool::new(false);
     let started = Instant::now();
+    let peak_reserved = std::sync::atomic::AtomicU64::new(0);
     let (mut health_ms, health_failures) = std::thread::scope(|s| {
+        s.spawn(|| {
+            // The budget's reservations, sampled: what the memory budget accounts for, beside the peak RSS.
+            while !stop.load(Ordering::SeqCst) && started.elapsed() < DEVICE_DEADLINE {
+                let usage: Option<serde_json::Value> =
+                    server.admin_get("/admin/usage").ok().and_then(|u| serde_json::from_str(&u).ok());
+                if let Some(r) = usage.and_then(|u| u["memory_reserved_bytes"].as_u64()) {
+                    peak_reserved.fetch_max(r, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
         let prober = s.spawn(|| {
             let (mut times, mut failures) = (Vec::new(), 0usize);
             let addr = server.url.trim_start_matches("http://").to_string();
@@ -217,6 +229,7 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
         "healthz_p99_ms": percentile(&mut health_ms, 0.99),
         "healthz_failures": health_failures,
         "server_peak_rss_mb": peak,
+        "server_peak_reserved_mb": peak_reserved.into_inner() as f64 / f64::from(1 << 20),
         "server_refused_overloaded": metric("mobillm_overloaded_total"),
         "memory_budget_mb": metric("mobillm_memory_budget_bytes") / f64::from(1 << 20),
         "wall_s": started.elapsed().as_secs_f64(),

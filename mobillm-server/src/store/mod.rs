@@ -71,10 +71,12 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the store in `dir` with a page cache of `cache_bytes`.
+    pub fn open(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join("mobillm.redb");
         let db = Database::builder()
+            .set_cache_size(cache_bytes)
             .set_repair_callback(|session| {
                 tracing::warn!(progress = session.progress(), "repairing the store after an unclean shutdown")
             })

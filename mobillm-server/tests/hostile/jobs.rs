@@ -19,7 +19,7 @@ fn status(server: &Server, id: &str, token: &str) -> serde_json::Value {
 /// it would have left it (the server is stopped while the store is opened here).
 fn mark_started(server: &mut Server, id: &str, attempts: u32) {
     server.kill();
-    let store = Store::open(&server.data).unwrap();
+    let store = Store::open(&server.data, 16 << 20).unwrap();
     store
         .update(id, |r| {
             r.job.status = JobStatus::Running;

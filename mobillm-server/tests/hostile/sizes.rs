@@ -71,7 +71,9 @@ fn amplifying_frames_are_refused_and_memory_stays_within_the_budget() {
     assert!(server.alive() && server.healthy());
 
     // Row 4: a `mobillm` step declaring 64 MiB from 2 KB, then six real steps at once on one session.
-    let (mid, mtoken) = server.create(mobillm(32, 4096, 16));
+    let mut narrow = mobillm(32, 4096, 16);
+    narrow["batch_size"] = 4.into();
+    let (mid, mtoken) = server.create(narrow);
     let steps = format!("/v1/sessions/{mid}/steps");
     let mut seq = Vec::new();
     for v in [1usize, 32, 4096, 2, 128] {
