@@ -121,8 +121,7 @@ impl Store {
 
     pub fn session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
         let txn = self.db.begin_read().map_err(se)?;
-        let t = txn.open_table(SESSIONS).map_err(se)?;
-        t.get(id).map_err(se)?.map(|v| serde_json::from_slice(v.value()).map_err(se)).transpose()
+        read_record(&txn.open_table(SESSIONS).map_err(se)?, id)
     }
 
     /// Up to `limit` sessions in id order, after `after`.
@@ -177,10 +176,7 @@ impl Store {
                 None => None,
             };
             if let Some(id) = earlier {
-                let mut first: SessionRecord = match sessions.get(id.as_str()).map_err(se)? {
-                    Some(v) => serde_json::from_slice(v.value()).map_err(se)?,
-                    None => return Ok(Err(Refusal::Gone)),
-                };
+                let Some(mut first) = read_record(&sessions, &id)? else { return Ok(Err(Refusal::Gone)) };
                 if first.create_request != rec.create_request {
                     return Ok(Err(Refusal::IdempotencyMismatch));
                 }
@@ -234,10 +230,7 @@ impl Store {
         let txn = self.write()?;
         let outcome = {
             let mut sessions = txn.open_table(SESSIONS).map_err(se)?;
-            let mut rec: SessionRecord = match sessions.get(id).map_err(se)? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(se)?,
-                None => return Ok(Err(Refusal::Gone)),
-            };
+            let Some(mut rec) = read_record(&sessions, id)? else { return Ok(Err(Refusal::Gone)) };
             match f(&mut rec) {
                 Err(refusal) => Err(refusal),
                 Ok(r) => {
@@ -281,10 +274,7 @@ impl Store {
         let txn = self.write()?;
         let outcome = {
             let mut sessions = txn.open_table(SESSIONS).map_err(se)?;
-            let mut rec: SessionRecord = match sessions.get(session).map_err(se)? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(se)?,
-                None => return Ok(Err(Refusal::Gone)),
-            };
+            let Some(mut rec) = read_record(&sessions, session)? else { return Ok(Err(Refusal::Gone)) };
             let mut samples = txn.open_table(SAMPLES).map_err(se)?;
             let mut seen = HashSet::with_capacity(rows.len());
             let mut fresh = Vec::with_capacity(rows.len());
@@ -408,10 +398,7 @@ impl Store {
         let txn = self.write()?;
         {
             let mut sessions = txn.open_table(SESSIONS).map_err(se)?;
-            let mut rec: SessionRecord = match sessions.get(session).map_err(se)? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(se)?,
-                None => return Ok(Err(Err(Refusal::Gone))),
-            };
+            let Some(mut rec) = read_record(&sessions, session)? else { return Ok(Err(Err(Refusal::Gone))) };
             let mut t = txn.open_table(SAMPLES).map_err(se)?;
             let acts_len = 2 * rec.shape.layers * rec.shape.dim;
             for (id, target) in rows {
@@ -437,6 +424,13 @@ impl Store {
         let t = txn.open_table(WEIGHTS).map_err(se)?;
         Ok(t.get(session).map_err(se)?.map(|v| v.value().to_vec()))
     }
+}
+
+fn read_record(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<Option<SessionRecord>, StoreError> {
+    t.get(id).map_err(se)?.map(|v| serde_json::from_slice(v.value()).map_err(se)).transpose()
 }
 
 fn read_usage(t: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Usage, StoreError> {
