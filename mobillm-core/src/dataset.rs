@@ -30,7 +30,7 @@ pub const UCI_SOURCES: [&str; 3] = ["amazon", "imdb", "yelp"];
 pub const UCI_HELD_OUT_PER_SOURCE: usize = 200;
 /// The UCI labels: class 0 and class 1.
 pub const UCI_LABELS: [&str; 2] = ["negative", "positive"];
-/// The prompt the UCI task uses (design §2).
+/// The prompt the UCI task uses (docs/design.md §2).
 pub const UCI_TEMPLATE: &str = "Review: {text}\nSentiment (positive or negative):";
 
 /// Reads JSONL, one example per non-blank line. Errors name the file and line.

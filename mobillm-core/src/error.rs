@@ -1,10 +1,12 @@
-//! The one error type of the core crate. Every variant names the thing that was wrong (file, tensor, key, line) so
-//! that an app developer can act on the message without a debugger; the FFI maps these variants one to one.
+//! The one error type of the core crate, grouped by where things go wrong. Every variant names the thing that was
+//! wrong (file, tensor, key, line, server answer) so that an app developer can act on the message without a
+//! debugger; the FFI maps each variant to one of its own in one place (`mobillm-ffi/src/error.rs`).
 
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    // ---- Files and models ----
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -12,7 +14,8 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The file is not a readable GGUF or safetensors file (bad magic, truncated header, corrupt metadata).
+    /// The file is not a readable GGUF, safetensors or adapter file (bad magic, truncated header, corrupt
+    /// metadata), or an encrypted file that does not open with the key given.
     #[error("{path} is not a valid model file: {reason}")]
     InvalidModelFile { path: PathBuf, reason: String },
 
@@ -31,8 +34,9 @@ pub enum Error {
     #[error("tensor `{tensor}` has shape {found:?}, the config implies {expected:?}")]
     TensorShape { tensor: String, expected: Vec<usize>, found: Vec<usize> },
 
-    /// Missing, mistyped or mutually inconsistent hyper-parameters (GGUF metadata or `config.json`).
-    #[error("invalid model config: {0}")]
+    /// Missing, mistyped or mutually inconsistent hyper-parameters (GGUF metadata, `config.json`, a side network
+    /// or training configuration).
+    #[error("invalid config: {0}")]
     InvalidConfig(String),
 
     #[error("unsupported model architecture `{0}` (supported: llama)")]
@@ -41,17 +45,19 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    // ---- Tasks and data ----
     #[error("invalid task: {0}")]
     InvalidTask(String),
 
     #[error("{path}:{line}: {message}")]
     Dataset { path: PathBuf, line: usize, message: String },
 
-    /// Caller-supplied input that does not fit the model (empty batch, token id out of range, prompt too long).
+    /// Caller-supplied input that does not fit (empty data, an unknown label, wrong shapes, a prompt too long).
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
-    /// A malformed, oversized or inconsistent wire frame (design §6).
+    // ---- The wire and the assist server ----
+    /// A malformed, oversized or inconsistent wire frame.
     #[error("bad frame: {0}")]
     Frame(String),
 
@@ -67,13 +73,19 @@ pub enum Error {
     #[error("training failed on the server: {0}")]
     TrainingFailed(String),
 
-    /// The assist server could not be reached, or the connection broke, after retries.
+    /// The assist server could not be reached, or the connection broke, after retries; or it did not finish in
+    /// time.
     #[error("network: {0}")]
     Network(String),
 
+    // ---- Control and bugs ----
     /// The caller cancelled the operation.
     #[error("cancelled")]
     Cancelled,
+
+    /// A bug of ours (a broken invariant, a worker thread that panicked): please report it with the message.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     #[error("tensor computation failed: {0}")]
     Compute(#[from] candle_core::Error),

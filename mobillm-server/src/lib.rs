@@ -51,6 +51,27 @@ use axum::Router;
 pub use config::ServerConfig;
 pub use state::AppState;
 
+/// Opens the server's state: the store, the training workers (which hold the state weakly, so dropping it stops
+/// them), and the jobs a previous process left unfinished, queued again.
+pub fn open(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
+    let workers = config.workers();
+    let state = AppState::new(config)?;
+    let weak = Arc::downgrade(&state);
+    state.scheduler.start(
+        Arc::new(move |id: &str, control: &scheduler::JobControl| {
+            if let Some(state) = weak.upgrade() {
+                jobs::run(&state, id, control);
+            }
+        }),
+        workers,
+    );
+    let resumed = jobs::resume_all(&state).map_err(anyhow::Error::msg)?;
+    if resumed > 0 {
+        tracing::info!(resumed, "training jobs resumed");
+    }
+    Ok(state)
+}
+
 /// The API router: `/v1` and `/healthz`, each request counted and traced.
 pub fn app(state: Arc<AppState>) -> Router {
     Router::new()

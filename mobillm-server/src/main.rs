@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use mobillm_server::serve::{serve, tls_config, ConnectionPolicy};
-use mobillm_server::{admin, app, reaper, AppState, ServerConfig};
+use mobillm_server::{admin, app, reaper, ServerConfig};
 use tracing_subscriber::EnvFilter;
 
 /// How long requests in flight may take to finish once shutdown starts.
@@ -73,7 +73,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     let header_timeout = config.header_timeout();
     let (bind, admin_bind) = (config.bind, config.admin_bind);
-    let state = AppState::open(config)?;
+    let state = mobillm_server::open(config)?;
     let api = tokio::net::TcpListener::bind(bind).await.map_err(|e| anyhow::anyhow!("binding {bind}: {e}"))?;
     let admin_listener =
         tokio::net::TcpListener::bind(admin_bind).await.map_err(|e| anyhow::anyhow!("binding {admin_bind}: {e}"))?;

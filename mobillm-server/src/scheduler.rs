@@ -5,11 +5,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-use crate::state::AppState;
 
 pub struct Scheduler {
     inner: Arc<Inner>,
@@ -32,6 +30,9 @@ struct Queue {
     by_key: HashMap<String, VecDeque<String>>,
     queued: HashSet<String>,
 }
+
+/// What a worker does with a session's job (the queue knows ids, not what training is).
+pub type JobRunner = Arc<dyn Fn(&str, &JobControl) + Send + Sync>;
 
 /// What a worker needs to know while it runs a job.
 pub struct JobControl {
@@ -60,14 +61,14 @@ impl Scheduler {
         }
     }
 
-    /// Starts `n` workers. They hold the state weakly, so dropping the state stops them.
-    pub fn start(&self, state: Weak<AppState>, n: usize) {
+    /// Starts `n` workers, each running the jobs it pops with `run`.
+    pub fn start(&self, run: JobRunner, n: usize) {
         let mut workers = self.inner.workers.lock().expect("workers");
         for i in 0..n {
-            let (inner, state) = (self.inner.clone(), state.clone());
+            let (inner, run) = (self.inner.clone(), run.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("trainer-{i}"))
-                .spawn(move || worker(inner, state))
+                .spawn(move || worker(inner, run))
                 .expect("spawning a training worker");
             workers.push(handle);
         }
@@ -183,12 +184,10 @@ impl Inner {
     }
 }
 
-fn worker(inner: Arc<Inner>, state: Weak<AppState>) {
+fn worker(inner: Arc<Inner>, run: JobRunner) {
     while let Some((id, cancelled)) = inner.pop() {
         let control = JobControl { cancelled, inner: inner.clone() };
-        if let Some(state) = state.upgrade() {
-            crate::jobs::run(&state, &id, &control);
-        }
+        run(&id, &control);
         inner.running.lock().expect("running").remove(&id);
     }
 }

@@ -41,8 +41,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl AppState {
-    /// Opens the store, starts the training workers and queues the jobs a previous process left unfinished.
-    pub fn open(mut config: ServerConfig) -> anyhow::Result<Arc<Self>> {
+    /// Opens the store; the training workers are started by [`crate::open`].
+    pub(crate) fn new(mut config: ServerConfig) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(!config.api_keys.is_empty(), "no API key configured");
         let store = Store::open(&config.data_dir, (config.store_cache_mb << 20) as usize)?;
         let api_keys = config.api_keys.iter().map(|k| sha256(k.as_bytes())).collect();
@@ -50,7 +50,6 @@ impl AppState {
         // The plain secrets are not needed past this point.
         config.api_keys.iter_mut().for_each(|k| *k = "<redacted>".into());
         config.admin_token = config.admin_token.map(|_| "<redacted>".into());
-        let workers = config.workers();
         let state = Arc::new(Self {
             budget: Budget::new(config.memory_budget_bytes()),
             scheduler: Scheduler::new(config.max_queued_jobs),
@@ -62,11 +61,6 @@ impl AppState {
             metrics: Metrics::default(),
             last_seen: Mutex::new(HashMap::new()),
         });
-        state.scheduler.start(Arc::downgrade(&state), workers);
-        let resumed = crate::jobs::resume_all(&state).map_err(anyhow::Error::msg)?;
-        if resumed > 0 {
-            tracing::info!(resumed, "training jobs resumed");
-        }
         Ok(state)
     }
 

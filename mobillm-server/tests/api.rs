@@ -76,7 +76,7 @@ async fn count(state: &Arc<AppState>, id: &str, token: &str) -> u64 {
 #[tokio::test]
 async fn sessions_uploads_are_idempotent_and_deletion_erases() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::open(config(dir.path())).unwrap();
+    let state = mobillm_server::open(config(dir.path())).unwrap();
     let (id, token) = create(&state).await;
     let uri = format!("/v1/sessions/{id}/samples");
     let (_, bytes) = frame(4, 1);
@@ -96,7 +96,7 @@ async fn sessions_uploads_are_idempotent_and_deletion_erases() {
 
     // Reopening the store on the same directory keeps everything acknowledged.
     drop(state);
-    let state = AppState::open(config(dir.path())).unwrap();
+    let state = mobillm_server::open(config(dir.path())).unwrap();
     assert_eq!(count(&state, &id, &token).await, 4);
 
     let (status, _) = call(&state, "DELETE", &format!("/v1/sessions/{id}"), Some(&token), vec![]).await;
@@ -108,7 +108,7 @@ async fn sessions_uploads_are_idempotent_and_deletion_erases() {
 #[tokio::test]
 async fn bad_requests_get_the_right_status_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::open(config(dir.path())).unwrap();
+    let state = mobillm_server::open(config(dir.path())).unwrap();
     let (id, token) = create(&state).await;
     let (other_id, other_token) = create(&state).await;
     let uri = format!("/v1/sessions/{id}/samples");
@@ -258,7 +258,7 @@ async fn wait_done(state: &Arc<AppState>, id: &str, token: &str) -> serde_json::
 #[tokio::test]
 async fn training_outputs_targets_and_adapter() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::open(config(dir.path())).unwrap();
+    let state = mobillm_server::open(config(dir.path())).unwrap();
     let req = serde_json::json!({"layers": LAYERS, "dim": DIM, "outputs": OUTPUTS, "backbone": "f00d",
                                  "width": 8, "rank": 2, "batch_size": 4, "lr": 0.02});
     let (status, body) = call(&state, "POST", "/v1/sessions", Some(KEY), req.to_string().into_bytes()).await;
@@ -395,7 +395,7 @@ fn sequences(n: usize, seed: u32, bad_label: bool) -> Vec<u8> {
 #[tokio::test]
 async fn mobillm_mode_trains_step_by_step_and_keeps_modes_apart() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::open(config(dir.path())).unwrap();
+    let state = mobillm_server::open(config(dir.path())).unwrap();
     let body = |v: serde_json::Value| v.to_string().into_bytes();
     let base = serde_json::json!({"layers": LAYERS, "dim": DIM, "outputs": OUTPUTS, "backbone": "f00d"});
     let with = |extra: serde_json::Value| {
@@ -447,7 +447,7 @@ async fn mobillm_mode_trains_step_by_step_and_keeps_modes_apart() {
 
     // A restart continues from the last acknowledged step, not from scratch.
     drop(state);
-    let state = AppState::open(config(dir.path())).unwrap();
+    let state = mobillm_server::open(config(dir.path())).unwrap();
     let (status, resp) = call(&state, "POST", &steps, Some(&token), batch).await;
     assert_eq!(status, StatusCode::OK, "{resp}");
     assert!(resp["loss"].as_f64().unwrap() < 0.5 * losses[0], "{resp}");
@@ -459,7 +459,7 @@ async fn mobillm_mode_trains_step_by_step_and_keeps_modes_apart() {
 #[tokio::test]
 async fn metrics_count_requests_and_openapi_lists_served_routes() {
     let dir = tempfile::tempdir().unwrap();
-    let state = AppState::open(config(dir.path())).unwrap();
+    let state = mobillm_server::open(config(dir.path())).unwrap();
     let (id, token) = create(&state).await;
     let (status, _) = call(&state, "PUT", &format!("/v1/sessions/{id}/samples"), Some(&token), frame(4, 2).1).await;
     assert_eq!(status, StatusCode::OK);
@@ -559,7 +559,7 @@ fn a_store_of_another_layout_is_refused_not_misread() {
         txn.open_table(table).unwrap().insert("0123", b"{}".as_slice()).unwrap();
         txn.commit().unwrap();
     }
-    let err = AppState::open(config(dir.path())).err().expect("refused").to_string();
+    let err = mobillm_server::open(config(dir.path())).err().expect("refused").to_string();
     assert!(err.contains("another version") && err.contains("empty data directory"), "{err}");
     // The old session is still there, and no layout marker was written over it.
     let db = redb::Database::create(dir.path().join("mobillm.redb")).unwrap();

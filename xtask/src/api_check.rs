@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
-use crate::{bindings::root, demo, fetch};
+use xtask::paths::root;
+use xtask::{fetch, processes};
 
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 /// Examples per operation and phase, and the seed: the same requests every run.
@@ -34,11 +35,11 @@ fn install() -> Result<std::path::PathBuf> {
 
 pub fn run() -> Result<()> {
     let site = install()?;
-    let bin_dir = demo::build_binaries()?;
+    let bin_dir = processes::build_binaries()?;
     let work = tempfile::tempdir()?;
     let key = format!("api-check-{}", std::process::id());
     let log = work.path().join("server.log");
-    let server = demo::start_server(&bin_dir, &work.path().join("data"), &key, &log)?;
+    let server = processes::start_server(&bin_dir, &work.path().join("data"), &key, &log)?;
     eprintln!("api-check: schemathesis against {}/v1/openapi.json", server.url);
     let mut child = Command::new("python3")
         .args(["-m", "schemathesis.cli", "--config-file"])

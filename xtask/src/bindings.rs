@@ -8,29 +8,14 @@ use std::process::Command;
 use anyhow::{bail, ensure, Context, Result};
 use camino::Utf8PathBuf;
 
-use crate::{demo, fetch};
-
-/// The repository root (this crate lives in `xtask/`).
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
-}
-
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("starting {what}"))?;
-    ensure!(status.success(), "{what} failed ({status})");
-    Ok(())
-}
+use xtask::paths::{cargo, root, run, walk};
+use xtask::{fetch, processes};
 
 /// Builds `mobillm-ffi` (release) for this machine and returns the path of its shared library.
 pub fn build_ffi() -> Result<PathBuf> {
     eprintln!("bindings: building mobillm-ffi (release)…");
     run(cargo().args(["build", "--release", "--quiet", "-p", "mobillm-ffi"]), "cargo build -p mobillm-ffi")?;
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("xtask binary has no directory")?;
+    let dir = xtask::paths::bin_dir()?;
     let name = if cfg!(target_os = "macos") { "libmobillm_ffi.dylib" } else { "libmobillm_ffi.so" };
     let lib = dir.join(name);
     ensure!(lib.exists(), "{} was not built", lib.display());
@@ -110,20 +95,6 @@ fn generated_files(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Every file below `dir`, recursively.
-pub fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            out.extend(walk(&path)?);
-        } else {
-            out.push(path);
-        }
-    }
-    Ok(out)
-}
-
 /// `cargo xtask bindings`: regenerates `bindings/`; with `check`, generates into a temporary directory and fails
 /// if the committed copy differs.
 pub fn bindings(check: bool) -> Result<()> {
@@ -168,20 +139,21 @@ const JNA: &str = "/usr/share/java/jna.jar";
 /// `cargo xtask kotlin-test`: compiles the freshly generated Kotlin and the tests in `bindings/kotlin/src/test`
 /// with kotlinc, and runs them on the JVM against the real library, a tiny generated model and a real server.
 pub fn kotlin_test() -> Result<()> {
-    ensure!(Path::new(JNA).exists(), "{JNA} is missing: install Debian's libjna-java (apt-get install libjna-java)");
-    which("java")?;
+    ensure_jvm()?;
     let kotlin = kotlin_home()?;
     let lib = build_ffi()?;
-    let bin_dir = demo::build_binaries()?;
+    let bin_dir = processes::build_binaries()?;
     let work = tempfile::tempdir()?;
     generate(&lib, work.path())?;
 
     let (model, other) = (work.path().join("tiny.gguf"), work.path().join("other.gguf"));
-    mobillm_core::testkit::write_tiny_gguf(21, &model);
-    mobillm_core::testkit::write_tiny_gguf(22, &other);
+    let lab = crate::lab::build()?;
+    for (seed, path) in [("21", &model), ("22", &other)] {
+        run(Command::new(&lab).args(["tiny-model", "--seed", seed]).arg(path), "mobillm-lab tiny-model")?;
+    }
     let key = format!("kotlin-{}", std::process::id());
     let log = work.path().join("server.log");
-    let server = demo::start_server(&bin_dir, &work.path().join("data"), &key, &log)?;
+    let server = processes::start_server(&bin_dir, &work.path().join("data"), &key, &log)?;
     let url = &server.url;
 
     let libs = kotlin.join("lib");
@@ -228,10 +200,29 @@ pub fn kotlin_test() -> Result<()> {
     Ok(())
 }
 
-fn which(tool: &str) -> Result<()> {
-    let found =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
-    ensure!(found, "`{tool}` is not on PATH");
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+/// The Debian packages the Kotlin tests run on.
+const JVM_PACKAGES: [&str; 2] = ["default-jdk-headless", "libjna-java"];
+
+/// Makes sure a JVM and JNA are installed: as root it installs them through apt-get (as `.ci/run` does);
+/// otherwise it names the one command to run.
+pub fn ensure_jvm() -> Result<()> {
+    if on_path("java") && Path::new(JNA).exists() {
+        return Ok(());
+    }
+    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    ensure!(
+        is_root && on_path("apt-get"),
+        "the Kotlin tests need a JVM and JNA; install them with: sudo apt-get install -y {}",
+        JVM_PACKAGES.join(" ")
+    );
+    eprintln!("kotlin-test: installing {} (apt-get)…", JVM_PACKAGES.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]), "apt-get update")?;
+    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(JVM_PACKAGES), "apt-get install")?;
+    ensure!(on_path("java") && Path::new(JNA).exists(), "apt-get did not install java and {JNA}");
     Ok(())
 }
 

@@ -2,13 +2,14 @@
 //! `mobillm-server` on a free loopback port with a temporary data dir, runs `mobillm-device fine-tune` against it
 //! in its own process (progress on stderr), and prints the device's JSON result as the last line.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{fetch, DataArgs};
+use crate::args::DataArgs;
+use crate::fetch;
+use crate::processes::{build_binaries, start_server};
 
 #[derive(clap::Args, Default)]
 pub struct Args {
@@ -33,86 +34,6 @@ pub struct Args {
     /// Further arguments for `mobillm-device fine-tune` (after `--`).
     #[arg(last = true)]
     pub device_args: Vec<String>,
-}
-
-/// Kills the server when the demo ends, however it ends.
-pub struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Builds the server and device binaries (release) and returns the directory holding them.
-pub fn build_binaries() -> Result<PathBuf> {
-    eprintln!("demo: building mobillm-server and mobillm-device (release)…");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "mobillm-server", "-p", "mobillm-core"])
-        .args(["--features", "mobillm-core/cli", "--bin", "mobillm-server", "--bin", "mobillm-device"])
-        .status()?;
-    anyhow::ensure!(status.success(), "building the binaries failed ({status})");
-    // This program runs from the same target directory (`cargo xtask` builds it in release).
-    let exe = std::env::current_exe()?;
-    Ok(exe.parent().context("xtask binary has no directory")?.to_path_buf())
-}
-
-/// A `mobillm-server` on loopback: its URL, its admin listener's URL and token.
-pub struct Server {
-    _process: ServerProcess,
-    pub url: String,
-    pub admin_url: String,
-    pub admin_token: String,
-}
-
-impl Server {
-    pub fn pid(&self) -> u32 {
-        self._process.0.id()
-    }
-
-    /// A GET on the admin listener (plain HTTP on loopback), e.g. `/metrics`.
-    pub fn admin_get(&self, path: &str) -> Result<String> {
-        http_get(&self.admin_url, path, &self.admin_token)
-    }
-}
-
-/// Starts `mobillm-server` on 127.0.0.1 port 0 (API and admin) with `api_key`, passed through the environment
-/// as a deployment would; logs go to `log`.
-pub fn start_server(bin_dir: &Path, data_dir: &Path, api_key: &str, log: &Path) -> Result<Server> {
-    start_server_with(bin_dir, data_dir, api_key, log, &[])
-}
-
-/// As [`start_server`], with more flags.
-pub fn start_server_with(
-    bin_dir: &Path,
-    data_dir: &Path,
-    api_key: &str,
-    log: &Path,
-    extra: &[String],
-) -> Result<Server> {
-    let admin_token = format!("admin-{}", std::process::id());
-    let mut child = Command::new(bin_dir.join("mobillm-server"))
-        .args(["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .env("MOBILLM_API_KEYS", api_key)
-        .env("MOBILLM_ADMIN_TOKEN", &admin_token)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()
-        .context("starting mobillm-server")?;
-    let mut stdout = BufReader::new(child.stdout.take().context("server stdout")?);
-    let (mut line, mut admin_line) = (String::new(), String::new());
-    stdout.read_line(&mut line)?;
-    stdout.read_line(&mut admin_line)?;
-    let process = ServerProcess(child);
-    let (Some(addr), Some(admin)) =
-        (line.trim().strip_prefix("listening on "), admin_line.trim().strip_prefix("admin listening on "))
-    else {
-        bail!("mobillm-server did not start; its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
-    };
-    Ok(Server { url: format!("http://{addr}"), admin_url: format!("http://{admin}"), admin_token, _process: process })
 }
 
 /// Runs the demo; returns the device's JSON result (also printed by `cargo xtask demo`).
@@ -180,20 +101,4 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
         }
     }
     Ok(result)
-}
-
-/// A plain HTTP/1.1 GET on loopback with a bearer token (the demo's server speaks plain HTTP).
-fn http_get(base: &str, path: &str, token: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let addr = base.strip_prefix("http://").context("not an http:// URL")?;
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP answer")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {}", head.lines().next().unwrap_or(""));
-    Ok(body.to_string())
 }

@@ -1,6 +1,7 @@
 //! The device's frozen backbone: weights, tokenizer and the pivot forward, loaded from one GGUF file or from a
 //! safetensors directory (`config.json`, `*.safetensors`, `tokenizer.json`).
 
+pub mod batching;
 pub mod config;
 pub mod llama;
 pub mod loader;
@@ -8,6 +9,7 @@ pub mod weights;
 
 use std::path::Path;
 
+pub use batching::Batches;
 pub use config::LlamaConfig;
 pub use llama::{Llama, PivotOutput};
 
@@ -68,7 +70,7 @@ impl Backbone {
         &self.tokenizer
     }
 
-    /// All blocks, the default tap set (design §3).
+    /// All blocks, the default tap set (docs/design.md §3).
     pub fn all_taps(&self) -> Vec<usize> {
         (0..self.config().num_hidden_layers).collect()
     }
@@ -79,9 +81,9 @@ impl Backbone {
         self.llama.forward_pivots(&batch, taps, task.label_token_ids())
     }
 
-    /// Forwards any number of texts in padded batches of at most `batch_size`, grouping prompts of similar length
-    /// so little work goes to padding. Outputs come back in the order of `texts`; `progress(done, total)` is
-    /// called after every batch.
+    /// Forwards any number of texts in padded batches of at most `batch_size` (and [`batching::BATCH_TOKENS`]
+    /// padded tokens), grouping prompts of similar length. Outputs come back in the order of `texts`;
+    /// `progress(done, total)` is called after every batch.
     pub fn forward_all(
         &self,
         task: &Task,
@@ -93,22 +95,24 @@ impl Backbone {
         if texts.is_empty() {
             return Err(Error::InvalidInput("no texts to forward".into()));
         }
-        let encoded = texts.iter().map(|t| task.encode(&self.tokenizer, t)).collect::<Result<Vec<_>>>()?;
-        let mut order: Vec<usize> = (0..encoded.len()).collect();
-        order.sort_by_key(|&i| encoded[i].len());
+        let batches = Batches::plan(task, &self.tokenizer, texts, batch_size, batching::BATCH_TOKENS)?;
         let mut taps_out = vec![None; texts.len()];
         let mut logits_out = vec![None; texts.len()];
-        for (n, chunk) in order.chunks(batch_size.max(1)).enumerate() {
-            let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
-            let out = self.llama.forward_pivots(&batch, taps, task.label_token_ids())?;
-            for (j, &i) in chunk.iter().enumerate() {
+        let mut done = 0;
+        for group in &batches.groups {
+            let out = self.llama.forward_pivots(&batches.batch(group), taps, task.label_token_ids())?;
+            for (j, &i) in group.iter().enumerate() {
                 taps_out[i] = Some(out.taps.get(j)?);
                 logits_out[i] = Some(out.label_logits.get(j)?);
             }
-            progress((n * batch_size.max(1) + chunk.len()).min(texts.len()), texts.len());
+            done += group.len();
+            progress(done, texts.len());
         }
         let collect = |v: Vec<Option<candle_core::Tensor>>| -> Result<candle_core::Tensor> {
-            let v: Vec<_> = v.into_iter().map(|t| t.expect("every index is in one chunk")).collect();
+            let v = v
+                .into_iter()
+                .map(|t| t.ok_or_else(|| Error::Internal("a prompt was left out of every batch".into())))
+                .collect::<Result<Vec<_>>>()?;
             Ok(candle_core::Tensor::stack(&v, 0)?)
         };
         Ok(PivotOutput { taps: collect(taps_out)?, label_logits: collect(logits_out)? })

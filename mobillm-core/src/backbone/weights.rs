@@ -81,7 +81,7 @@ impl Weight {
     }
 }
 
-/// Tensor types the GGUF loader accepts: the formats small-device Llama GGUFs use (design §2), plus the K-quants
+/// Tensor types the GGUF loader accepts: the formats small-device Llama GGUFs use (docs/design.md §2), plus the K-quants
 /// that "Q4_K_M"-style files mix in.
 pub const SUPPORTED_GGUF_TYPES: &str = "F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K";
 

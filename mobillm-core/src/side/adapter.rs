@@ -3,9 +3,9 @@
 //! layers, the side network's shape, the backbone fingerprint it was trained against, and the session's secret
 //! seed. One safetensors file; the non-tensor parts are JSON strings in its metadata.
 //!
-//! The file holds the session secret: apps should keep it in private storage (the FFI layer encrypts it at rest
-//! where the platform has a keystore). Saving writes a temporary file and renames it, so a crash never leaves a
-//! half-written adapter in place of a good one.
+//! The file holds the session secret: apps keep it in private storage, and can seal it with a key from their
+//! platform's keystore ([`DeviceAdapter::save_sealed`], authenticated encryption, [`crate::sealed`]). Saving
+//! writes a temporary file and renames it, so a crash never leaves a half-written adapter in place of a good one.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -47,7 +47,18 @@ impl DeviceAdapter {
         self.net.config()
     }
 
+    /// Writes the adapter as a plain safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
+        write_atomically(path, &self.to_bytes()?)
+    }
+
+    /// Writes the adapter sealed with `key` (32 bytes, from the app's keystore): unreadable, and unchangeable
+    /// unnoticed, without it.
+    pub fn save_sealed(&self, path: &Path, key: &[u8]) -> Result<()> {
+        write_atomically(path, &crate::sealed::seal(key, &self.to_bytes()?)?)
+    }
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut meta = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
             ("format_version".to_string(), FORMAT_VERSION.to_string()),
@@ -59,18 +70,25 @@ impl DeviceAdapter {
         if let Some(seed) = self.secret_seed {
             meta.insert("secret_seed".into(), hex(&seed));
         }
-        let bytes = weights_file::to_bytes(&self.net.tensors(), meta)?;
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
-        std::io::Write::write_all(&mut tmp, &bytes).map_err(|e| Error::io(path, e))?;
-        tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-        tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-        Ok(())
+        weights_file::to_bytes(&self.net.tensors(), meta)
     }
 
+    /// Reads a plain adapter file (a sealed one needs [`DeviceAdapter::load_sealed`]).
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if crate::sealed::is_sealed(&bytes) {
+            return Err(Error::InvalidModelFile {
+                path: path.to_path_buf(),
+                reason: "this adapter is encrypted: load it with its key".into(),
+            });
+        }
         Self::from_bytes(&bytes, path)
+    }
+
+    /// Reads an adapter sealed with `key`.
+    pub fn load_sealed(path: &Path, key: &[u8]) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&crate::sealed::open(key, &bytes, path)?, path)
     }
 
     /// Reads an adapter from the bytes of a file (`path` names it in errors).
@@ -148,4 +166,14 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
 }

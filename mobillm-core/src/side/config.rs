@@ -13,7 +13,7 @@ pub enum Activation {
     Relu,
 }
 
-/// Shape of the side network of design §3.
+/// Shape of the side network of docs/design.md §3.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SideConfig {
     /// T: number of tapped backbone layers (one activation vector per layer per sample).

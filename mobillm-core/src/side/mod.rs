@@ -1,4 +1,4 @@
-//! The side network (design §3), its training objectives (§4) and the device's secrets (§5), shared by the
+//! The side network (docs/design.md §3), its training objectives (§4) and the device's secrets (§5), shared by the
 //! server's trainer and the device's fusion.
 
 pub mod adapter;

@@ -1,4 +1,4 @@
-//! The side network of design §3, token-wise over the tapped layers of one token:
+//! The side network of docs/design.md §3, token-wise over the tapped layers of one token:
 //!
 //! ```text
 //! μ_i = sigmoid(α_i)

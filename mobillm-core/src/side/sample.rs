@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::trainer::{EpochReport, Objective, SideTrainer};
 use crate::error::{Error, Result};
 
-/// A random 128-bit sample id. Never derived from content (design §5), so it tells the server nothing.
+/// A random 128-bit sample id. Never derived from content (docs/design.md §5), so it tells the server nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SampleId(pub [u8; 16]);
 

@@ -1,4 +1,4 @@
-//! The device's per-session secrets (design §5): an independent random orthogonal `R_i` (d×d) per tapped layer and
+//! The device's per-session secrets (docs/design.md §5): an independent random orthogonal `R_i` (d×d) per tapped layer and
 //! a random orthogonal `Q` (K'×K') for the output space, all derived from one 32-byte seed drawn from the OS CSPRNG.
 //! Activations leave the device as `R_i·â_i`, targets as `Q·[Δ; 0]`; outputs come back through
 //! `dec(o) = (Qᵀ·o)[:K]`; and the trained adapter is folded (`P_i ← P_i·R_i`, `W_out ← (Qᵀ·W_out)[:K]`) so the

@@ -1,4 +1,4 @@
-//! Prediction differences (design §4): the device owns the loss. With backbone label logits `z_b`, the decoded
+//! Prediction differences (docs/design.md §4): the device owns the loss. With backbone label logits `z_b`, the decoded
 //! side output `dec(o)` (zero at first) and label `y`,
 //!
 //! ```text

@@ -163,7 +163,7 @@ fn waiting_for_training_has_a_deadline_and_secrets_stay_out_of_debug() {
     client.delete(&session).unwrap();
 
     assert!(!format!("{session:?}").contains(&session.token));
-    let cfg = mobillm_core::session::SessionConfig { api_key: "very-secret-key".into(), ..Default::default() };
+    let cfg = mobillm_core::fine_tune::FineTuneConfig { api_key: "very-secret-key".into(), ..Default::default() };
     assert!(!format!("{cfg:?}").contains("very-secret-key"));
 }
 

@@ -618,12 +618,31 @@ fileprivate struct FfiConverterString: FfiConverter {
     }
 }
 
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterData: FfiConverterRustBuffer {
+    typealias SwiftType = Data
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Data {
+        let len: Int32 = try readInt(&buf)
+        return Data(try readBytes(&buf, count: Int(len)))
+    }
+
+    public static func write(_ value: Data, into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        writeBytes(&buf, value)
+    }
+}
+
 
 
 
 /**
  * A fine-tuned adapter: the folded side network, the task, and the session secret. The file holds that secret:
- * keep it in the app's private storage.
+ * keep it in the app's private storage, and pass a 32-byte key from the platform's keystore to seal it
+ * (authenticated encryption: without the key it is unreadable, and a changed file does not load).
  */
 public protocol AdapterProtocol: AnyObject, Sendable {
     
@@ -642,14 +661,15 @@ public protocol AdapterProtocol: AnyObject, Sendable {
     func predictAll(backbone: Backbone, texts: [String]) throws  -> [Prediction]
     
     /**
-     * Writes the adapter atomically (a crash never leaves a half-written file).
+     * Writes the adapter atomically (a crash never leaves a half-written file), sealed with `key` if given.
      */
-    func save(path: String) throws 
+    func save(path: String, key: Data?) throws 
     
 }
 /**
  * A fine-tuned adapter: the folded side network, the task, and the session secret. The file holds that secret:
- * keep it in the app's private storage.
+ * keep it in the app's private storage, and pass a 32-byte key from the platform's keystore to seal it
+ * (authenticated encryption: without the key it is unreadable, and a changed file does not load).
  */
 open class Adapter: AdapterProtocol, @unchecked Sendable {
     fileprivate let handle: UInt64
@@ -702,11 +722,15 @@ open class Adapter: AdapterProtocol, @unchecked Sendable {
     }
 
     
-public static func load(path: String)throws  -> Adapter  {
+    /**
+     * Loads an adapter; a sealed one needs the `key` it was saved with.
+     */
+public static func load(path: String, key: Data? = nil)throws  -> Adapter  {
     return try  FfiConverterTypeAdapter_lift(try rustCallWithError(FfiConverterTypeMobiLlmError_lift) {
         uniffiCallStatus in
     uniffi_mobillm_ffi_fn_constructor_adapter_load(
-        FfiConverterString.lower(path),uniffiCallStatus
+        FfiConverterString.lower(path),
+        FfiConverterOptionData.lower(key),uniffiCallStatus
     )
 })
 }
@@ -760,13 +784,14 @@ open func predictAll(backbone: Backbone, texts: [String])throws  -> [Prediction]
 }
     
     /**
-     * Writes the adapter atomically (a crash never leaves a half-written file).
+     * Writes the adapter atomically (a crash never leaves a half-written file), sealed with `key` if given.
      */
-open func save(path: String)throws   {try rustCallWithError(FfiConverterTypeMobiLlmError_lift) {
+open func save(path: String, key: Data? = nil)throws   {try rustCallWithError(FfiConverterTypeMobiLlmError_lift) {
         uniffiCallStatus in
     uniffi_mobillm_ffi_fn_method_adapter_save(
             self.uniffiCloneHandle(),
-        FfiConverterString.lower(path),uniffiCallStatus
+        FfiConverterString.lower(path),
+        FfiConverterOptionData.lower(key),uniffiCallStatus
     )
 }
 }
@@ -1703,8 +1728,8 @@ public func FfiConverterTypeTask_lower(_ value: Task) -> UInt64 {
 
 
 /**
- * How to reach the assist server and how to train. Unset fields take the SDK's defaults. `Debug` never prints
- * the API key.
+ * How to reach the assist server and how to train. Unset fields take the SDK's defaults for the mode (those of
+ * `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `Debug` never prints the API key.
  */
 public struct FineTuneOptions: Equatable, Hashable {
     /**
@@ -2318,7 +2343,7 @@ enum MobiLlmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
     case Io(reason: String
     )
     /**
-     * The model file is damaged, truncated, or of an unsupported kind.
+     * The model or adapter file is damaged, truncated, of an unsupported kind, or does not open with the key.
      */
     case InvalidModel(reason: String
     )
@@ -2343,7 +2368,7 @@ enum MobiLlmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
     case Network(reason: String
     )
     /**
-     * The operation was cancelled through its [`CancelHandle`].
+     * The operation was cancelled through its [`crate::CancelHandle`].
      */
     case Cancelled
     /**
@@ -2647,6 +2672,30 @@ fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionData: FfiConverterRustBuffer {
+    typealias SwiftType = Data?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterData.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterData.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionTypeProgressListener: FfiConverterRustBuffer {
     typealias SwiftType = ProgressListener?
 
@@ -2879,73 +2928,73 @@ private let initializationResult: InitializationResult = {
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_adapter_backbone_fingerprint() != 31384) {
+    if (uniffi_mobillm_ffi_checksum_method_adapter_backbone_fingerprint() != 61275) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_adapter_labels() != 44416) {
+    if (uniffi_mobillm_ffi_checksum_method_adapter_labels() != 29333) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_adapter_predict() != 1105) {
+    if (uniffi_mobillm_ffi_checksum_method_adapter_predict() != 52251) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_adapter_predict_all() != 53974) {
+    if (uniffi_mobillm_ffi_checksum_method_adapter_predict_all() != 32809) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_adapter_save() != 13728) {
+    if (uniffi_mobillm_ffi_checksum_method_adapter_save() != 18617) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_backbone_fingerprint() != 10995) {
+    if (uniffi_mobillm_ffi_checksum_method_backbone_fingerprint() != 41261) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_backbone_hidden_size() != 55479) {
+    if (uniffi_mobillm_ffi_checksum_method_backbone_hidden_size() != 53875) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_backbone_layers() != 10666) {
+    if (uniffi_mobillm_ffi_checksum_method_backbone_layers() != 23749) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel() != 15719) {
+    if (uniffi_mobillm_ffi_checksum_method_task_labels() != 7773) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_cancelhandle_is_cancelled() != 53042) {
+    if (uniffi_mobillm_ffi_checksum_method_task_template() != 50627) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_finetunesession_add_example() != 59218) {
+    if (uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel() != 10684) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_finetunesession_add_examples() != 7062) {
+    if (uniffi_mobillm_ffi_checksum_method_cancelhandle_is_cancelled() != 55374) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_finetunesession_add_held_out() != 31594) {
+    if (uniffi_mobillm_ffi_checksum_method_finetunesession_add_example() != 13832) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_finetunesession_cancel_handle() != 4185) {
+    if (uniffi_mobillm_ffi_checksum_method_finetunesession_add_examples() != 37530) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_finetunesession_example_count() != 42911) {
+    if (uniffi_mobillm_ffi_checksum_method_finetunesession_add_held_out() != 20414) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() != 26324) {
+    if (uniffi_mobillm_ffi_checksum_method_finetunesession_cancel_handle() != 46083) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_progresslistener_on_progress() != 12780) {
+    if (uniffi_mobillm_ffi_checksum_method_finetunesession_example_count() != 41773) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_task_labels() != 37966) {
+    if (uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() != 30232) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_task_template() != 9706) {
+    if (uniffi_mobillm_ffi_checksum_method_progresslistener_on_progress() != 10115) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_constructor_adapter_load() != 5098) {
+    if (uniffi_mobillm_ffi_checksum_constructor_adapter_load() != 22927) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_constructor_backbone_load() != 25721) {
+    if (uniffi_mobillm_ffi_checksum_constructor_backbone_load() != 51747) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_constructor_finetunesession_new() != 56759) {
+    if (uniffi_mobillm_ffi_checksum_constructor_task_new() != 56900) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_constructor_task_new() != 28218) {
+    if (uniffi_mobillm_ffi_checksum_constructor_finetunesession_new() != 51890) {
         return InitializationResult.apiChecksumMismatch
     }
 

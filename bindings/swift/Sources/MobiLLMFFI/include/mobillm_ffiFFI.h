@@ -271,7 +271,7 @@ void uniffi_mobillm_ffi_fn_free_adapter(uint64_t handle, RustCallStatus *_Nonnul
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CONSTRUCTOR_ADAPTER_LOAD
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CONSTRUCTOR_ADAPTER_LOAD
-uint64_t uniffi_mobillm_ffi_fn_constructor_adapter_load(RustBuffer path, RustCallStatus *_Nonnull out_status
+uint64_t uniffi_mobillm_ffi_fn_constructor_adapter_load(RustBuffer path, RustBuffer key, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_ADAPTER_BACKBONE_FINGERPRINT
@@ -296,7 +296,7 @@ RustBuffer uniffi_mobillm_ffi_fn_method_adapter_predict_all(uint64_t ptr, uint64
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_ADAPTER_SAVE
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_ADAPTER_SAVE
-void uniffi_mobillm_ffi_fn_method_adapter_save(uint64_t ptr, RustBuffer path, RustCallStatus *_Nonnull out_status
+void uniffi_mobillm_ffi_fn_method_adapter_save(uint64_t ptr, RustBuffer path, RustBuffer key, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CLONE_BACKBONE
@@ -327,6 +327,31 @@ uint32_t uniffi_mobillm_ffi_fn_method_backbone_hidden_size(uint64_t ptr, RustCal
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_BACKBONE_LAYERS
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_BACKBONE_LAYERS
 uint32_t uniffi_mobillm_ffi_fn_method_backbone_layers(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CLONE_TASK
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CLONE_TASK
+uint64_t uniffi_mobillm_ffi_fn_clone_task(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_FREE_TASK
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_FREE_TASK
+void uniffi_mobillm_ffi_fn_free_task(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CONSTRUCTOR_TASK_NEW
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CONSTRUCTOR_TASK_NEW
+uint64_t uniffi_mobillm_ffi_fn_constructor_task_new(uint64_t backbone, RustBuffer template, RustBuffer labels, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_TASK_LABELS
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_TASK_LABELS
+RustBuffer uniffi_mobillm_ffi_fn_method_task_labels(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_TASK_TEMPLATE
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_TASK_TEMPLATE
+RustBuffer uniffi_mobillm_ffi_fn_method_task_template(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CLONE_CANCELHANDLE
@@ -412,31 +437,6 @@ void uniffi_mobillm_ffi_fn_init_callback_vtable_progresslistener(const UniffiVTa
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_PROGRESSLISTENER_ON_PROGRESS
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_PROGRESSLISTENER_ON_PROGRESS
 void uniffi_mobillm_ffi_fn_method_progresslistener_on_progress(uint64_t ptr, RustBuffer progress, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CLONE_TASK
-#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CLONE_TASK
-uint64_t uniffi_mobillm_ffi_fn_clone_task(uint64_t handle, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_FREE_TASK
-#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_FREE_TASK
-void uniffi_mobillm_ffi_fn_free_task(uint64_t handle, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CONSTRUCTOR_TASK_NEW
-#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CONSTRUCTOR_TASK_NEW
-uint64_t uniffi_mobillm_ffi_fn_constructor_task_new(uint64_t backbone, RustBuffer template, RustBuffer labels, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_TASK_LABELS
-#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_TASK_LABELS
-RustBuffer uniffi_mobillm_ffi_fn_method_task_labels(uint64_t ptr, RustCallStatus *_Nonnull out_status
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_TASK_TEMPLATE
-#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_TASK_TEMPLATE
-RustBuffer uniffi_mobillm_ffi_fn_method_task_template(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_FFI_MOBILLM_FFI_RUSTBUFFER_ALLOC
@@ -747,6 +747,18 @@ uint16_t uniffi_mobillm_ffi_checksum_method_backbone_layers(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_TASK_LABELS
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_TASK_LABELS
+uint16_t uniffi_mobillm_ffi_checksum_method_task_labels(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_TASK_TEMPLATE
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_TASK_TEMPLATE
+uint16_t uniffi_mobillm_ffi_checksum_method_task_template(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_CANCELHANDLE_CANCEL
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_CANCELHANDLE_CANCEL
 uint16_t uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel(void
@@ -801,18 +813,6 @@ uint16_t uniffi_mobillm_ffi_checksum_method_progresslistener_on_progress(void
     
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_TASK_LABELS
-#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_TASK_LABELS
-uint16_t uniffi_mobillm_ffi_checksum_method_task_labels(void
-    
-);
-#endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_TASK_TEMPLATE
-#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_TASK_TEMPLATE
-uint16_t uniffi_mobillm_ffi_checksum_method_task_template(void
-    
-);
-#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_CONSTRUCTOR_ADAPTER_LOAD
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_CONSTRUCTOR_ADAPTER_LOAD
 uint16_t uniffi_mobillm_ffi_checksum_constructor_adapter_load(void
@@ -825,15 +825,15 @@ uint16_t uniffi_mobillm_ffi_checksum_constructor_backbone_load(void
     
 );
 #endif
-#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_CONSTRUCTOR_FINETUNESESSION_NEW
-#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_CONSTRUCTOR_FINETUNESESSION_NEW
-uint16_t uniffi_mobillm_ffi_checksum_constructor_finetunesession_new(void
-    
-);
-#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_CONSTRUCTOR_TASK_NEW
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_CONSTRUCTOR_TASK_NEW
 uint16_t uniffi_mobillm_ffi_checksum_constructor_task_new(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_CONSTRUCTOR_FINETUNESESSION_NEW
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_CONSTRUCTOR_FINETUNESESSION_NEW
+uint16_t uniffi_mobillm_ffi_checksum_constructor_finetunesession_new(void
     
 );
 #endif

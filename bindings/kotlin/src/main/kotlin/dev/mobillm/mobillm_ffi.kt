@@ -720,6 +720,10 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_mobillm_ffi_checksum_method_backbone_layers(
     ): Int
+    external fun uniffi_mobillm_ffi_checksum_method_task_labels(
+    ): Int
+    external fun uniffi_mobillm_ffi_checksum_method_task_template(
+    ): Int
     external fun uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel(
     ): Int
     external fun uniffi_mobillm_ffi_checksum_method_cancelhandle_is_cancelled(
@@ -738,17 +742,13 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_mobillm_ffi_checksum_method_progresslistener_on_progress(
     ): Int
-    external fun uniffi_mobillm_ffi_checksum_method_task_labels(
-    ): Int
-    external fun uniffi_mobillm_ffi_checksum_method_task_template(
-    ): Int
     external fun uniffi_mobillm_ffi_checksum_constructor_adapter_load(
     ): Int
     external fun uniffi_mobillm_ffi_checksum_constructor_backbone_load(
     ): Int
-    external fun uniffi_mobillm_ffi_checksum_constructor_finetunesession_new(
-    ): Int
     external fun uniffi_mobillm_ffi_checksum_constructor_task_new(
+    ): Int
+    external fun uniffi_mobillm_ffi_checksum_constructor_finetunesession_new(
     ): Int
     external fun ffi_mobillm_ffi_uniffi_contract_version(
     ): Int
@@ -775,7 +775,7 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_mobillm_ffi_fn_free_adapter(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
-    external fun uniffi_mobillm_ffi_fn_constructor_adapter_load(`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    external fun uniffi_mobillm_ffi_fn_constructor_adapter_load(`path`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_mobillm_ffi_fn_method_adapter_backbone_fingerprint(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
@@ -785,7 +785,7 @@ internal object UniffiLib {
     ): RustBuffer.ByValue
     external fun uniffi_mobillm_ffi_fn_method_adapter_predict_all(`ptr`: Long,`backbone`: Long,`texts`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
-    external fun uniffi_mobillm_ffi_fn_method_adapter_save(`ptr`: Long,`path`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    external fun uniffi_mobillm_ffi_fn_method_adapter_save(`ptr`: Long,`path`: RustBuffer.ByValue,`key`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun uniffi_mobillm_ffi_fn_clone_backbone(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
@@ -799,6 +799,16 @@ internal object UniffiLib {
     ): Int
     external fun uniffi_mobillm_ffi_fn_method_backbone_layers(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Int
+    external fun uniffi_mobillm_ffi_fn_clone_task(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_mobillm_ffi_fn_free_task(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_mobillm_ffi_fn_constructor_task_new(`backbone`: Long,`template`: RustBuffer.ByValue,`labels`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_mobillm_ffi_fn_method_task_labels(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_mobillm_ffi_fn_method_task_template(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_mobillm_ffi_fn_clone_cancelhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_mobillm_ffi_fn_free_cancelhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -833,16 +843,6 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_mobillm_ffi_fn_method_progresslistener_on_progress(`ptr`: Long,`progress`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
-    external fun uniffi_mobillm_ffi_fn_clone_task(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_mobillm_ffi_fn_free_task(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_mobillm_ffi_fn_constructor_task_new(`backbone`: Long,`template`: RustBuffer.ByValue,`labels`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_mobillm_ffi_fn_method_task_labels(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): RustBuffer.ByValue
-    external fun uniffi_mobillm_ffi_fn_method_task_template(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): RustBuffer.ByValue
     external fun ffi_mobillm_ffi_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun ffi_mobillm_ffi_rustbuffer_from_bytes(`bytes`: ForeignBytes.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -962,73 +962,73 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
-    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_backbone_fingerprint() and 0xFFFF) != 31384) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_backbone_fingerprint() and 0xFFFF) != 61275) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_labels() and 0xFFFF) != 44416) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_labels() and 0xFFFF) != 29333) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_predict() and 0xFFFF) != 1105) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_predict() and 0xFFFF) != 52251) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_predict_all() and 0xFFFF) != 53974) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_predict_all() and 0xFFFF) != 32809) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_save() and 0xFFFF) != 13728) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_adapter_save() and 0xFFFF) != 18617) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_backbone_fingerprint() and 0xFFFF) != 10995) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_backbone_fingerprint() and 0xFFFF) != 41261) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_backbone_hidden_size() and 0xFFFF) != 55479) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_backbone_hidden_size() and 0xFFFF) != 53875) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_backbone_layers() and 0xFFFF) != 10666) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_backbone_layers() and 0xFFFF) != 23749) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel() and 0xFFFF) != 15719) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_task_labels() and 0xFFFF) != 7773) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_cancelhandle_is_cancelled() and 0xFFFF) != 53042) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_task_template() and 0xFFFF) != 50627) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_add_example() and 0xFFFF) != 59218) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel() and 0xFFFF) != 10684) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_add_examples() and 0xFFFF) != 7062) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_cancelhandle_is_cancelled() and 0xFFFF) != 55374) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_add_held_out() and 0xFFFF) != 31594) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_add_example() and 0xFFFF) != 13832) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_cancel_handle() and 0xFFFF) != 4185) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_add_examples() and 0xFFFF) != 37530) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_example_count() and 0xFFFF) != 42911) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_add_held_out() and 0xFFFF) != 20414) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() and 0xFFFF) != 26324) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_cancel_handle() and 0xFFFF) != 46083) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_progresslistener_on_progress() and 0xFFFF) != 12780) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_example_count() and 0xFFFF) != 41773) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_task_labels() and 0xFFFF) != 37966) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() and 0xFFFF) != 30232) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_task_template() and 0xFFFF) != 9706) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_progresslistener_on_progress() and 0xFFFF) != 10115) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_constructor_adapter_load() and 0xFFFF) != 5098) {
+    if ((lib.uniffi_mobillm_ffi_checksum_constructor_adapter_load() and 0xFFFF) != 22927) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_constructor_backbone_load() and 0xFFFF) != 25721) {
+    if ((lib.uniffi_mobillm_ffi_checksum_constructor_backbone_load() and 0xFFFF) != 51747) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_constructor_finetunesession_new() and 0xFFFF) != 56759) {
+    if ((lib.uniffi_mobillm_ffi_checksum_constructor_task_new() and 0xFFFF) != 56900) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_constructor_task_new() and 0xFFFF) != 28218) {
+    if ((lib.uniffi_mobillm_ffi_checksum_constructor_finetunesession_new() and 0xFFFF) != 51890) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -1458,6 +1458,25 @@ public object FfiConverterString: FfiConverter<String, RustBuffer.ByValue> {
     }
 }
 
+/**
+ * @suppress
+ */
+public object FfiConverterByteArray: FfiConverterRustBuffer<ByteArray> {
+    override fun read(buf: ByteBuffer): ByteArray {
+        val len = buf.getInt()
+        val byteArr = ByteArray(len)
+        buf.get(byteArr)
+        return byteArr
+    }
+    override fun allocationSize(value: ByteArray): ULong {
+        return 4UL + value.size.toULong()
+    }
+    override fun write(value: ByteArray, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        buf.put(value)
+    }
+}
+
 
 // This template implements a class for working with a Rust struct via a handle
 // to the live Rust struct on the other side of the FFI.
@@ -1556,7 +1575,8 @@ public object FfiConverterString: FfiConverter<String, RustBuffer.ByValue> {
 
 /**
  * A fine-tuned adapter: the folded side network, the task, and the session secret. The file holds that secret:
- * keep it in the app's private storage.
+ * keep it in the app's private storage, and pass a 32-byte key from the platform's keystore to seal it
+ * (authenticated encryption: without the key it is unreadable, and a changed file does not load).
  */
 public interface AdapterInterface {
     
@@ -1575,16 +1595,17 @@ public interface AdapterInterface {
     fun `predictAll`(`backbone`: Backbone, `texts`: List<kotlin.String>): List<Prediction>
     
     /**
-     * Writes the adapter atomically (a crash never leaves a half-written file).
+     * Writes the adapter atomically (a crash never leaves a half-written file), sealed with `key` if given.
      */
-    fun `save`(`path`: kotlin.String)
+    fun `save`(`path`: kotlin.String, `key`: kotlin.ByteArray? = null)
     
     companion object
 }
 
 /**
  * A fine-tuned adapter: the folded side network, the task, and the session secret. The file holds that secret:
- * keep it in the app's private storage.
+ * keep it in the app's private storage, and pass a 32-byte key from the platform's keystore to seal it
+ * (authenticated encryption: without the key it is unreadable, and a changed file does not load).
  */
 open class Adapter: Disposable, AutoCloseable, AdapterInterface
 {
@@ -1753,16 +1774,17 @@ open class Adapter: Disposable, AutoCloseable, AdapterInterface
 
     
     /**
-     * Writes the adapter atomically (a crash never leaves a half-written file).
+     * Writes the adapter atomically (a crash never leaves a half-written file), sealed with `key` if given.
      */
-    @Throws(MobiLlmException::class)override fun `save`(`path`: kotlin.String)
+    @Throws(MobiLlmException::class)override fun `save`(`path`: kotlin.String, `key`: kotlin.ByteArray?)
         = 
     callWithHandle {
     uniffiRustCallWithError(MobiLlmException) { _status ->
     UniffiLib.uniffi_mobillm_ffi_fn_method_adapter_save(
         it,
         
-        FfiConverterString.lower(`path`),_status)
+        FfiConverterString.lower(`path`),
+        FfiConverterOptionalByteArray.lower(`key`),_status)
 }
     }
     
@@ -1776,13 +1798,17 @@ open class Adapter: Disposable, AutoCloseable, AdapterInterface
     
     companion object {
         
-    @Throws(MobiLlmException::class) fun `load`(`path`: kotlin.String): Adapter {
+    /**
+     * Loads an adapter; a sealed one needs the `key` it was saved with.
+     */
+    @Throws(MobiLlmException::class) fun `load`(`path`: kotlin.String, `key`: kotlin.ByteArray? = null): Adapter {
             return FfiConverterTypeAdapter.lift(
     uniffiRustCallWithError(MobiLlmException) { _status ->
     UniffiLib.uniffi_mobillm_ffi_fn_constructor_adapter_load(
     
         
-        FfiConverterString.lower(`path`),_status)
+        FfiConverterString.lower(`path`),
+        FfiConverterOptionalByteArray.lower(`key`),_status)
 }
     )
     }
@@ -3412,8 +3438,8 @@ public object FfiConverterTypeTask: FfiConverter<Task, Long> {
 
 
 /**
- * How to reach the assist server and how to train. Unset fields take the SDK's defaults. `Debug` never prints
- * the API key.
+ * How to reach the assist server and how to train. Unset fields take the SDK's defaults for the mode (those of
+ * `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `Debug` never prints the API key.
  */
 data class FineTuneOptions (
     /**
@@ -3865,7 +3891,7 @@ sealed class MobiLlmException: kotlin.Exception() {
     }
     
     /**
-     * The model file is damaged, truncated, or of an unsupported kind.
+     * The model or adapter file is damaged, truncated, of an unsupported kind, or does not open with the key.
      */
     class InvalidModel(
         
@@ -3924,7 +3950,7 @@ sealed class MobiLlmException: kotlin.Exception() {
     }
     
     /**
-     * The operation was cancelled through its [`CancelHandle`].
+     * The operation was cancelled through its [`crate::CancelHandle`].
      */
     class Cancelled(
         ) : MobiLlmException() {
@@ -4243,6 +4269,38 @@ public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?>
         } else {
             buf.put(1)
             FfiConverterString.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalByteArray: FfiConverterRustBuffer<kotlin.ByteArray?> {
+    override fun read(buf: ByteBuffer): kotlin.ByteArray? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterByteArray.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.ByteArray?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterByteArray.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.ByteArray?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterByteArray.write(value, buf)
         }
     }
 }

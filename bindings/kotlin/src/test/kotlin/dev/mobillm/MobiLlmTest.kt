@@ -137,6 +137,17 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
         File(tmp, "garbage.safetensors").writeText("not an adapter")
         assertFailsWith<MobiLlmException.InvalidModel> { Adapter.load(File(tmp, "garbage.safetensors").path) }
     },
+    "an adapter sealed with the app's key opens only with that key" to {
+        val file = File(tmp, "adapter.sealed")
+        val key = ByteArray(32) { it.toByte() }
+        trained.adapter.save(file.path, key)
+        assertFailsWith<MobiLlmException.InvalidModel> { Adapter.load(file.path) }
+        assertFailsWith<MobiLlmException.InvalidModel> { Adapter.load(file.path, ByteArray(32) { 7 }) }
+        Adapter.load(file.path, key).use { loaded ->
+            val text = "the pos 7 at it"
+            assertEquals(trained.adapter.predict(backbone, text), loaded.predict(backbone, text))
+        }
+    },
     "an adapter refuses a backbone it was not trained on" to {
         Backbone.load(otherModelPath).use { other ->
             assertFailsWith<MobiLlmException.InvalidInput> { trained.adapter.predict(other, "the pos 1 at it") }

@@ -8,17 +8,19 @@
 //! mobillm-device predict --model M.gguf --adapter adapter.safetensors "some text" …
 //! ```
 
-use std::io::Write;
+mod progress;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use mobillm_core::dataset::{self, Split};
-use mobillm_core::session::{fine_tune, CancelToken, Phase, Progress, SessionConfig};
+use mobillm_core::fine_tune::{fine_tune, CancelToken, FineTuneConfig};
 use mobillm_core::side::DeviceAdapter;
 use mobillm_core::wire::Quant;
 use mobillm_core::{memory, Backbone, Mode, TaskSpec};
+use progress::ProgressReport;
 
 #[derive(Parser)]
 #[command(name = "mobillm-device", about = "MobiLLM device side: fine-tune through an assist server, predict")]
@@ -81,15 +83,16 @@ struct FineTuneArgs {
     /// pae: server epochs per round (default 10). mobillm: passes over the data, each a device forward (default 3).
     #[arg(long)]
     epochs: Option<usize>,
-    /// pae refinement rounds.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
-    #[arg(long, value_enum, default_value_t = QuantArg::Int8)]
-    quant: QuantArg,
-    /// Examples per device forward.
-    #[arg(long, default_value_t = 16)]
-    forward_batch: usize,
-    /// Server mini-batch (pae).
+    /// pae refinement rounds (default 3).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// How activations are quantised for upload (default int8).
+    #[arg(long, value_enum)]
+    quant: Option<QuantArg>,
+    /// Examples per device forward (default 16).
+    #[arg(long)]
+    forward_batch: Option<usize>,
+    /// Server mini-batch (default 128; pae gives small data sets n/8, at least 16).
     #[arg(long)]
     batch_size: Option<usize>,
     /// Server learning rate (default 3e-3 for pae, 1e-3 for mobillm's small steps).
@@ -169,50 +172,32 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         spec.labels,
         args.mode
     );
-    let mobillm = args.mode == Mode::Mobillm;
-    let cfg = SessionConfig {
+    // Only what was given changes the mode's defaults.
+    let mut cfg = FineTuneConfig {
         server_url: args.server.clone(),
         api_key: api_key(&args)?,
         insecure_http: args.insecure_http,
         ca_pem: args.ca.as_ref().map(std::fs::read).transpose()?,
-        mode: args.mode,
-        epochs: args.epochs.unwrap_or(if mobillm { 3 } else { 10 }),
-        rounds: args.rounds,
-        lr: args.lr.unwrap_or(if mobillm { 1e-3 } else { 3e-3 }),
-        quant: match args.quant {
+        secrets: !args.no_secrets,
+        keep_server_session: args.keep_session,
+        ..FineTuneConfig::for_mode(args.mode)
+    };
+    args.epochs.inspect(|&v| cfg.epochs = v);
+    args.rounds.inspect(|&v| cfg.rounds = v);
+    args.lr.inspect(|&v| cfg.lr = v);
+    args.forward_batch.inspect(|&v| cfg.forward_batch = v);
+    args.batch_size.inspect(|&v| cfg.batch_size = v);
+    if let Some(q) = args.quant {
+        cfg.quant = match q {
             QuantArg::F16 => Quant::F16,
             QuantArg::Int8 => Quant::Int8,
             QuantArg::Int4 => Quant::Int4,
-        },
-        forward_batch: args.forward_batch,
-        batch_size: args.batch_size.unwrap_or(SessionConfig::default().batch_size),
-        secrets: !args.no_secrets,
-        keep_server_session: args.keep_session,
-        ..SessionConfig::default()
-    };
-    let cancel = CancelToken::new();
-    let mut last_line = Instant::now();
-    let mut last_phase = None;
-    let outcome = fine_tune(&backbone, spec, &split.train, &split.test, &cfg, &cancel, &mut |p: &Progress| {
-        // One line per phase change and at most two per second otherwise.
-        if last_phase == Some(p.phase) && last_line.elapsed().as_millis() < 500 && p.done != p.total {
-            return;
-        }
-        last_phase = Some(p.phase);
-        last_line = Instant::now();
-        let loss = p.loss.map(|l| format!(", loss {l:.4}")).unwrap_or_default();
-        let what = match p.phase {
-            Phase::Secrets => "drawing secrets".to_string(),
-            Phase::Forward => format!("forward + upload {}/{} (pass {})", p.done, p.total, p.round),
-            Phase::Train => format!("server training round {}: epoch {}/{}", p.round, p.done, p.total),
-            Phase::Targets => format!("round {}: new targets", p.round),
-            Phase::Evaluate => format!("held-out forward {}/{}", p.done, p.total),
-            Phase::Done => "done".to_string(),
         };
-        let rss = memory::current_rss_mb().map(|m| format!(" [rss {m:.0} MB]")).unwrap_or_default();
-        eprintln!("[{:7.1}s] {what}{loss}{rss}", started.elapsed().as_secs_f64());
-        let _ = std::io::stderr().flush();
-    })?;
+    }
+    let cancel = CancelToken::new();
+    let mut report = ProgressReport::new(started);
+    let outcome = fine_tune(&backbone, spec, &split.train, &split.test, &cfg, &cancel, &mut |p| report.show(p))?;
+    report.finish();
     if let Some(path) = &args.save {
         outcome.adapter.save(path)?;
         eprintln!("adapter saved to {}", path.display());

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: MobiLLM against on-device LoRA and against full-activation transfer, in one run on one
-//! machine (design §8). Each method runs as its own process(es), so device memory is each one's own: LoRA in an
-//! `xtask bench-lora` child; `pae` and `mobillm` as the demo does (device program + assist server on loopback).
+//! machine. Each method runs as its own process(es), so device memory is each one's own: LoRA in an
+//! `mobillm-lab bench-lora` child; `pae` and `mobillm` as the demo does (device program + assist server on loopback).
 //! Writes `docs/bench.json` and the results section of `docs/benchmarks.md`, and prints the JSON as its last line.
 
 use std::process::{Command, Stdio};
@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use crate::{bindings, demo};
+use xtask::report::{machine, replace_generated, today};
+use xtask::{demo, paths};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,29 +23,6 @@ pub struct Args {
     /// device forward).
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
-}
-
-pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores")
-}
-
-pub fn today() -> String {
-    Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }
 
 /// The first time at which `acc` reaches `goal`, from parallel lists of accuracies and times.
@@ -161,7 +139,7 @@ const END: &str = "<!-- cargo xtask bench: end -->";
 
 /// Writes docs/bench.json and replaces the generated section of docs/benchmarks.md.
 fn write_docs(r: &Value) -> Result<()> {
-    let docs = bindings::root().join("docs");
+    let docs = paths::root().join("docs");
     std::fs::write(docs.join("bench.json"), serde_json::to_string_pretty(r)? + "\n")?;
     let f = |v: &Value, digits: usize| v.as_f64().map_or("–".to_string(), |x| format!("{x:.digits$}"));
     let pct = |v: &Value| v.as_f64().map_or("–".to_string(), |x| format!("{:.1}%", x * 100.0));
@@ -209,16 +187,4 @@ Ratios: device RSS LoRA/pae **{r_rss}×**, device time LoRA (all epochs)/pae **{
         r_tta = f(&ra["time_to_accuracy_lora_over_pae"], 1),
     );
     replace_generated(&docs.join("benchmarks.md"), START, END, &section)
-}
-
-/// Replaces the text from `start` to `end` (markers included; `section` carries its own) in the file at `path`,
-/// or appends `section` when the markers are missing.
-pub fn replace_generated(path: &std::path::Path, start: &str, end: &str, section: &str) -> Result<()> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let text = match (text.find(start), text.find(end)) {
-        (Some(a), Some(b)) if a < b => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
-        _ => format!("{}\n{section}\n", text.trim_end()),
-    };
-    std::fs::write(path, text)?;
-    Ok(())
 }

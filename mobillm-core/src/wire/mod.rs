@@ -1,4 +1,4 @@
-//! The binary frames of the `/v1` protocol (design §6). A frame is a 20-byte plain prefix followed by a zstd
+//! The binary frames of the `/v1` protocol (docs/design.md §6). A frame is a 20-byte plain prefix followed by a zstd
 //! stream of the body:
 //!
 //! ```text
@@ -15,52 +15,24 @@
 //! refused without being inflated), then checks every count and dimension against the declared length and the
 //! limits, and refuses non-finite scales and values.
 
-use std::io::Read;
+mod body;
+mod quant;
 
 use half::f16;
 
 use crate::error::{Error, Result};
 use crate::side::SampleId;
+use body::decode_as;
+pub use body::Element;
+use quant::quantize_into;
+pub use quant::{Quant, INT4_GROUP};
 
 pub const MAGIC: [u8; 4] = *b"MBLF";
 pub const VERSION: u16 = 1;
 const PREFIX_LEN: usize = 20;
 const COUNTS_LEN: usize = 20;
-/// Values per int4 scale group.
-pub const INT4_GROUP: usize = 32;
 /// zstd level for frames: fast on a phone, and activations do not compress much further at higher levels.
 pub const ZSTD_LEVEL: i32 = 3;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Quant {
-    F16,
-    /// Per-vector absmax, one f16 scale per vector (the default).
-    Int8,
-    /// Packed nibbles, one f16 absmax scale per group of 32 values.
-    Int4,
-}
-
-impl Quant {
-    fn code(self) -> u8 {
-        match self {
-            Quant::F16 => 0,
-            Quant::Int8 => 1,
-            Quant::Int4 => 2,
-        }
-    }
-    fn from_code(c: u8) -> Option<Self> {
-        [Quant::F16, Quant::Int8, Quant::Int4].into_iter().find(|q| q.code() == c)
-    }
-    /// Encoded bytes of one vector of `dim` values.
-    pub fn vector_bytes(self, dim: usize) -> usize {
-        match self {
-            Quant::F16 => 2 * dim,
-            Quant::Int8 => dim + 2,
-            Quant::Int4 => dim.div_ceil(2) + 2 * dim.div_ceil(INT4_GROUP),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameKind {
@@ -297,229 +269,4 @@ impl Prefix {
         };
         values_per_byte * element_bytes
     }
-}
-
-fn decode_as<A: Element>(bytes: &[u8], limits: &Limits) -> Result<(Frame<A>, Quant)> {
-    let Prefix { kind, quant, decoded_len: declared } = Prefix::read(bytes)?;
-    if declared > limits.max_decoded_bytes as u64 {
-        return Err(frame_err(format!(
-            "declared body of {declared} bytes exceeds the limit of {}",
-            limits.max_decoded_bytes
-        )));
-    }
-    let compressed = bytes.len() - PREFIX_LEN;
-    let expansion_cap = compressed.saturating_mul(limits.max_expansion).max(EXPANSION_SLACK);
-    if declared > expansion_cap as u64 {
-        return Err(frame_err(format!(
-            "declared body of {declared} bytes from {compressed} compressed bytes inflates more than {}:1",
-            limits.max_expansion
-        )));
-    }
-    let declared = declared as usize;
-    // Inflate at most one byte past the declared length: enough to detect a lie without inflating a bomb.
-    let mut decoder =
-        zstd::stream::read::Decoder::new(&bytes[PREFIX_LEN..]).map_err(|e| frame_err(format!("zstd: {e}")))?;
-    let mut body = Vec::new();
-    body.try_reserve_exact(declared).map_err(|_| frame_err(format!("no memory for a body of {declared} bytes")))?;
-    (&mut decoder)
-        .take(declared as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| frame_err(format!("corrupt or truncated zstd stream: {e}")))?;
-    if body.len() != declared {
-        return Err(frame_err(if body.len() > declared {
-            format!("body is larger than its declared {declared} bytes")
-        } else {
-            format!("body has {} bytes, {declared} declared", body.len())
-        }));
-    }
-    Ok((parse_body(kind, quant, &body, limits)?, quant))
-}
-
-/// An activation value as a decoded frame holds it.
-pub trait Element: Copy {
-    fn from_f32(v: f32) -> Self;
-    fn from_f16(v: f16) -> Self;
-}
-
-impl Element for f32 {
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn from_f16(v: f16) -> Self {
-        v.to_f32()
-    }
-}
-
-impl Element for f16 {
-    fn from_f32(v: f32) -> Self {
-        f16::from_f32(v)
-    }
-    fn from_f16(v: f16) -> Self {
-        v
-    }
-}
-
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
-        let end = end.ok_or_else(|| frame_err(format!("body ends inside {what}")))?;
-        let s = &self.bytes[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u32(&mut self, what: &str) -> Result<usize> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")) as usize)
-    }
-}
-
-fn parse_body<A: Element>(kind: FrameKind, quant: Quant, body: &[u8], limits: &Limits) -> Result<Frame<A>> {
-    let mut c = Cursor { bytes: body, at: 0 };
-    let (n, layers, dim, width, seq_total) =
-        (c.u32("counts")?, c.u32("counts")?, c.u32("counts")?, c.u32("counts")?, c.u32("counts")?);
-    let over = |what: &str, v: usize, max: usize| -> Result<()> {
-        if v > max {
-            return Err(frame_err(format!("{what} {v} exceeds the limit of {max}")));
-        }
-        Ok(())
-    };
-    over("samples", n, limits.max_samples)?;
-    over("width", width, limits.max_width)?;
-    let has_acts = matches!(kind, FrameKind::Samples | FrameKind::Sequences);
-    if has_acts {
-        over("layers", layers, limits.max_layers)?;
-        over("dimension", dim, limits.max_dim)?;
-        if layers == 0 || dim == 0 {
-            return Err(frame_err("a frame with activations needs layers and dim > 0"));
-        }
-    } else if layers != 0 || dim != 0 || seq_total != 0 {
-        return Err(frame_err(format!("a {kind:?} frame carries no activations")));
-    }
-    if kind != FrameKind::Sequences && seq_total != 0 {
-        return Err(frame_err("only sequence frames have token counts"));
-    }
-    over("tokens", seq_total, limits.max_tokens)?;
-    // Every size below is bounded by the limits above, so the products cannot overflow on 64-bit targets; check
-    // the total against the actual body before allocating anything from it.
-    let vectors = match kind {
-        FrameKind::Samples => n * layers,
-        FrameKind::Sequences => seq_total * layers,
-        _ => 0,
-    };
-    let seq_header = if kind == FrameKind::Sequences { 8 * n } else { 0 };
-    let expected = COUNTS_LEN + 16 * n + seq_header + vectors * quant.vector_bytes(dim) + 4 * n * width;
-    if expected != body.len() {
-        return Err(frame_err(format!(
-            "the counts imply a body of {expected} bytes, it has {} (n={n}, layers={layers}, dim={dim}, width={width})",
-            body.len()
-        )));
-    }
-    let ids: Vec<SampleId> =
-        c.take(16 * n, "ids")?.chunks_exact(16).map(|b| SampleId(b.try_into().expect("16"))).collect();
-    let (mut lens, mut labels) = (Vec::new(), Vec::new());
-    if kind == FrameKind::Sequences {
-        lens = (0..n).map(|_| c.u32("lengths").map(|v| v as u32)).collect::<Result<_>>()?;
-        labels = (0..n).map(|_| c.u32("labels").map(|v| v as u32)).collect::<Result<_>>()?;
-        if lens.iter().map(|&l| l as usize).sum::<usize>() != seq_total {
-            return Err(frame_err("sequence lengths do not add up to the token count"));
-        }
-        if lens.contains(&0) {
-            return Err(frame_err("empty sequence"));
-        }
-    }
-    let mut activations = Vec::new();
-    activations
-        .try_reserve_exact(vectors * dim)
-        .map_err(|_| frame_err(format!("no memory for {} activation values", vectors * dim)))?;
-    for _ in 0..vectors {
-        dequantize_from(c.take(quant.vector_bytes(dim), "activations")?, dim, quant, &mut activations)?;
-    }
-    let values: Vec<f32> = c
-        .take(4 * n * width, "values")?
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().expect("4")))
-        .collect();
-    if values.iter().any(|v| !v.is_finite()) {
-        return Err(frame_err("values contain NaN or infinity"));
-    }
-    Ok(Frame { kind, ids, layers, dim, activations, lens, labels, width, values })
-}
-
-fn quantize_into(x: &[f32], quant: Quant, out: &mut Vec<u8>) -> Result<()> {
-    if x.iter().any(|v| !v.is_finite()) {
-        return Err(Error::InvalidInput("activations must be finite".into()));
-    }
-    let absmax = |xs: &[f32]| xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-    match quant {
-        Quant::F16 => x.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        Quant::Int8 => {
-            let scale = f16::from_f32(absmax(x) / 127.0);
-            let s = scale.to_f32();
-            out.extend_from_slice(&scale.to_le_bytes());
-            out.extend(x.iter().map(|v| if s > 0.0 { (v / s).round().clamp(-127.0, 127.0) as i8 as u8 } else { 0 }));
-        }
-        Quant::Int4 => {
-            let scales: Vec<f16> = x.chunks(INT4_GROUP).map(|g| f16::from_f32(absmax(g) / 7.0)).collect();
-            scales.iter().for_each(|s| out.extend_from_slice(&s.to_le_bytes()));
-            let codes: Vec<u8> = x
-                .chunks(INT4_GROUP)
-                .zip(&scales)
-                .flat_map(|(group, s)| {
-                    let s = s.to_f32();
-                    group
-                        .iter()
-                        .map(move |v| if s > 0.0 { ((v / s).round().clamp(-7.0, 7.0) as i8 + 8) as u8 } else { 8 })
-                })
-                .collect();
-            out.extend(codes.chunks(2).map(|p| p[0] | (p.get(1).copied().unwrap_or(8) << 4)));
-        }
-    }
-    Ok(())
-}
-
-/// The largest magnitude a decoded activation may have: the server keeps activations as f16, so a value past
-/// f16's range would be stored as infinity and poison the session.
-const MAX_ACTIVATION: f32 = 65504.0;
-
-fn dequantize_from<A: Element>(bytes: &[u8], dim: usize, quant: Quant, out: &mut Vec<A>) -> Result<()> {
-    // `top` is the largest code magnitude the quantisation can hold, so scale · top bounds every value.
-    let scale_at = |b: &[u8], i: usize, top: f32| -> Result<f32> {
-        let s = f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();
-        if !s.is_finite() || s < 0.0 {
-            return Err(frame_err(format!("invalid quantisation scale {s}")));
-        }
-        if s * top > MAX_ACTIVATION {
-            return Err(frame_err(format!("quantisation scale {s} gives values past f16's range")));
-        }
-        Ok(s)
-    };
-    match quant {
-        Quant::F16 => {
-            for p in bytes.chunks_exact(2) {
-                let v = f16::from_le_bytes([p[0], p[1]]);
-                if !v.is_finite() {
-                    return Err(frame_err("activations contain NaN or infinity"));
-                }
-                out.push(A::from_f16(v));
-            }
-        }
-        Quant::Int8 => {
-            let s = scale_at(bytes, 0, 128.0)?;
-            out.extend(bytes[2..].iter().map(|&q| A::from_f32(q as i8 as f32 * s)));
-        }
-        Quant::Int4 => {
-            let groups = dim.div_ceil(INT4_GROUP);
-            let scales = (0..groups).map(|g| scale_at(bytes, g, 8.0)).collect::<Result<Vec<_>>>()?;
-            let packed = &bytes[2 * groups..];
-            for i in 0..dim {
-                let nibble = (packed[i / 2] >> (4 * (i % 2))) & 0x0F;
-                out.push(A::from_f32((nibble as f32 - 8.0) * scales[i / INT4_GROUP]));
-            }
-        }
-    }
-    Ok(())
 }

@@ -294,6 +294,19 @@ pub fn top_m(scores: &[f32], m: usize, allowed: impl Fn(usize) -> bool) -> Vec<u
     idx
 }
 
+/// Stacks per-layer feature blocks side by side.
+pub fn hstack(blocks: &[Mat]) -> Mat {
+    let n = blocks.first().map_or(0, Mat::nrows);
+    let w: usize = blocks.iter().map(Mat::ncols).sum();
+    let mut out = Mat::zeros(n, w);
+    let mut c = 0;
+    for b in blocks {
+        out.columns_mut(c, b.ncols()).copy_from(b);
+        c += b.ncols();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,9 @@ use mobillm_core::backbone::weights::Weight;
 use mobillm_core::backbone::Llama;
 use mobillm_core::{memory, Backbone};
 
-use crate::{fetch, zeroshot, DataArgs};
+use crate::inputs;
+use xtask::args::DataArgs;
+use xtask::fetch;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -82,7 +84,7 @@ pub fn run(args: Args) -> Result<()> {
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let model = fetch::model()?;
     let data = DataArgs { model: Some(model.clone()), data: None, template: None };
-    let (backbone, task, split) = zeroshot::load(&data)?;
+    let (backbone, task, split) = inputs::load(&data)?;
     let texts: Vec<&str> = split.test.iter().take(args.prompts).map(|e| e.text.as_str()).collect();
     let prompts: Vec<Vec<u32>> =
         texts.iter().map(|t| task.encode(backbone.tokenizer(), t)).collect::<mobillm_core::Result<_>>()?;

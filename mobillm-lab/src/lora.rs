@@ -260,9 +260,9 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
 
     let path = match &args.model {
         Some(p) => p.clone(),
-        None => crate::fetch::model()?,
+        None => xtask::fetch::model()?,
     };
-    let mut split = dataset::uci_split(&crate::fetch::uci_data()?)?;
+    let mut split = dataset::uci_split(&xtask::fetch::uci_data()?)?;
     split.train.truncate(args.train);
     split.test.truncate(args.test);
     let tokenizer = {

@@ -4,11 +4,11 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use mobillm_core::dataset::{self, Split};
-use mobillm_core::{memory, Backbone, Task, TaskSpec};
+use anyhow::Result;
+use mobillm_core::memory;
 
-use crate::{fetch, DataArgs};
+use crate::inputs;
+use xtask::args::DataArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,32 +22,8 @@ pub struct Args {
     pub batch: usize,
 }
 
-/// The backbone, the task and the split that `--model/--data/--template` select (fetching defaults as needed).
-pub fn load(args: &DataArgs) -> Result<(Backbone, Task, Split)> {
-    let model = match &args.model {
-        Some(p) => p.clone(),
-        None => fetch::model()?,
-    };
-    let (split, default_labels) = match &args.data {
-        Some(p) => {
-            let split = dataset::split_jsonl(p)?;
-            let all: Vec<_> = split.train.iter().chain(&split.test).cloned().collect();
-            (split, dataset::labels_of(&all))
-        }
-        None => (dataset::uci_split(&fetch::uci_data()?)?, dataset::UCI_LABELS.map(String::from).to_vec()),
-    };
-    let template = match (&args.template, &args.data) {
-        (Some(t), _) => t.clone(),
-        (None, None) => dataset::UCI_TEMPLATE.to_string(),
-        (None, Some(_)) => anyhow::bail!("--data needs --template (a prompt with {{text}} ending in an answer cue)"),
-    };
-    let backbone = Backbone::load(&model).with_context(|| format!("loading {}", model.display()))?;
-    let task = Task::new(TaskSpec { template, labels: default_labels }, backbone.tokenizer())?;
-    Ok((backbone, task, split))
-}
-
 pub fn run(args: Args) -> Result<()> {
-    let (backbone, task, split) = load(&args.data)?;
+    let (backbone, task, split) = inputs::load(&args.data)?;
     let mut test = split.test;
     if let Some(n) = args.limit {
         test.truncate(n);

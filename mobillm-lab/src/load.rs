@@ -15,7 +15,7 @@ use mobillm_core::protocol::CreateSession;
 use mobillm_core::side::SampleId;
 use mobillm_core::wire::{Frame, Quant};
 
-use crate::demo;
+use xtask::processes;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -147,11 +147,11 @@ fn peak_rss_mb(pid: u32) -> Option<f64> {
 }
 
 pub fn run(args: Args) -> Result<serde_json::Value> {
-    let bin_dir = demo::build_binaries()?;
+    let bin_dir = processes::build_binaries()?;
     let work = tempfile::tempdir()?;
     let key = format!("load-{}", std::process::id());
     let log = work.path().join("server.log");
-    let server = demo::start_server_with(&bin_dir, &work.path().join("data"), &key, &log, &args.server_args)?;
+    let server = processes::start_server_with(&bin_dir, &work.path().join("data"), &key, &log, &args.server_args)?;
     eprintln!(
         "load: {} devices × {} samples against {} (log: {})",
         args.devices,

@@ -5,18 +5,16 @@
 
 use std::io::Write;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
-use mobillm_core::dataset::Example;
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences, DEFAULT_TAU};
 use mobillm_core::side::{normalize_taps, Activation, Objective, Secrets, SideConfig, SideTrainer, TrainConfig};
-use mobillm_core::{Backbone, Task};
-use sha2::{Digest, Sha256};
 
-use crate::{fetch, zeroshot, DataArgs};
+use crate::inputs;
+use crate::whitening::Whitening;
+use xtask::args::DataArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -66,67 +64,16 @@ pub enum ActivationArg {
     Relu,
 }
 
-pub struct Pivots {
-    /// `[N, taps, d]`, as the backbone computed them (not normalised).
-    pub taps: Tensor,
-    /// `[N, K]`.
-    pub logits: Tensor,
-    pub labels: Vec<u32>,
-}
-
-/// Pivot taps (all blocks) and label logits of `examples`, from the cache when this model, task and data were
-/// forwarded before.
-pub fn pivots(backbone: &Backbone, task: &Task, examples: &[Example], what: &str) -> Result<Pivots> {
-    let labels = examples
-        .iter()
-        .map(|e| task.label_index(&e.label).map(|i| i as u32).context("label not in the task"))
-        .collect::<Result<Vec<_>>>()?;
-    let mut key = Sha256::new();
-    key.update(backbone.fingerprint());
-    key.update(serde_json::to_vec(task.spec())?);
-    for e in examples {
-        key.update(e.text.as_bytes());
-        key.update([0]);
-    }
-    let dir: PathBuf = fetch::cache_dir()?.join("pivots");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{:x}.safetensors", key.finalize()));
-    if let Ok(mut t) = candle_core::safetensors::load(&path, &Device::Cpu) {
-        if let (Some(taps), Some(logits)) = (t.remove("taps"), t.remove("logits")) {
-            eprintln!("{what}: {} pivots from the cache", examples.len());
-            return Ok(Pivots { taps, logits, labels });
-        }
-    }
-    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let start = Instant::now();
-    let out = backbone.forward_all(task, &texts, &backbone.all_taps(), 16, |done, total| {
-        eprint!(
-            "\r{what}: forward {done}/{total} ({:.0} ms/sample)",
-            start.elapsed().as_secs_f64() * 1e3 / done as f64
-        );
-        let _ = std::io::stderr().flush();
-    })?;
-    eprintln!();
-    let map = std::collections::HashMap::from([
-        ("taps".to_string(), out.taps.clone()),
-        ("logits".to_string(), out.label_logits.clone()),
-    ]);
-    let tmp = path.with_extension("partial");
-    candle_core::safetensors::save(&map, &tmp)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(Pivots { taps: out.taps, logits: out.label_logits, labels })
-}
-
 pub fn run(args: Args) -> Result<()> {
-    let (backbone, task, mut split) = zeroshot::load(&args.data)?;
+    let (backbone, task, mut split) = inputs::load(&args.data)?;
     if let Some(n) = args.train {
         split.train.truncate(n);
     }
     if let Some(n) = args.test {
         split.test.truncate(n);
     }
-    let train = pivots(&backbone, &task, &split.train, "train")?;
-    let test = pivots(&backbone, &task, &split.test, "test")?;
+    let train = inputs::pivots(&backbone, &task, &split.train, "train")?;
+    let test = inputs::pivots(&backbone, &task, &split.test, "test")?;
     let (n_train, taps, hidden) = train.taps.dims3()?;
     let k = task.labels().len();
     let cfg = SideConfig {
@@ -149,7 +96,7 @@ pub fn run(args: Args) -> Result<()> {
     let (x_train_plain, x_test_plain) = (normalize_taps(&train.taps)?, normalize_taps(&test.taps)?);
     let (x_train_plain, x_test_plain) = match args.whiten {
         Some(eps) => {
-            let whitening = crate::audit::Whitening::fit(&x_train_plain, eps, true)?;
+            let whitening = Whitening::fit(&x_train_plain, eps, true)?;
             (whitening.apply(&x_train_plain)?, whitening.apply(&x_test_plain)?)
         }
         None => (x_train_plain, x_test_plain),

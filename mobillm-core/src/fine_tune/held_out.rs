@@ -1,0 +1,80 @@
+//! The held-out examples: forwarded once, kept as f16 pivots (half the memory; corrections are computed from
+//! them in f32 slices), and scored with and without the adapter after every round.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::progress::{Phase, Progress};
+use super::Run;
+use crate::backbone::batching::{Batches, BATCH_TOKENS};
+use crate::dataset::Example;
+use crate::error::Result;
+use crate::side::targets::{accuracy, predict};
+use crate::side::{normalize_taps, SideNet};
+
+/// Held-out pivots: taps `[N, T, d]` (f16) and the backbone's label logits `[N, K]`.
+pub struct Pivots {
+    pub taps: Tensor,
+    pub logits: Tensor,
+}
+
+/// Rows scored at a time.
+const SCORE_ROWS: usize = 64;
+
+impl Pivots {
+    /// Accuracy of the backbone's label logits plus, with `net`, the folded network's corrections.
+    pub fn accuracy(&self, net: Option<&SideNet>, labels: &[u32]) -> Result<f64> {
+        let corrections = match net {
+            Some(net) => {
+                let n = self.taps.dim(0)?;
+                let parts = (0..n)
+                    .step_by(SCORE_ROWS)
+                    .map(|s| -> Result<Tensor> {
+                        let rows = self.taps.narrow(0, s, SCORE_ROWS.min(n - s))?.to_dtype(DType::F32)?;
+                        Ok(net.forward(&normalize_taps(&rows)?)?.to_dtype(DType::F32)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&parts, 0)?)
+            }
+            None => None,
+        };
+        Ok(accuracy(&predict(&self.logits, corrections.as_ref())?, labels))
+    }
+}
+
+impl Run<'_> {
+    /// Forwards the held-out examples; `None` without any.
+    pub(super) fn forward_held_out(
+        &self,
+        test: &[Example],
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Option<Pivots>> {
+        if test.is_empty() {
+            return Ok(None);
+        }
+        let (n, k) = (test.len(), self.side.labels);
+        let per = self.side.taps * self.side.hidden;
+        let texts: Vec<&str> = test.iter().map(|e| e.text.as_str()).collect();
+        let batches =
+            Batches::plan(self.task, self.backbone.tokenizer(), &texts, self.cfg.forward_batch, BATCH_TOKENS)?;
+        let mut taps = vec![half::f16::ZERO; n * per];
+        let mut logits = vec![0f32; n * k];
+        let mut done = 0;
+        for group in &batches.groups {
+            self.cancel.check()?;
+            let out =
+                self.backbone.llama().forward_pivots(&batches.batch(group), self.taps, self.task.label_token_ids())?;
+            let rows = out.taps.to_dtype(DType::F16)?.flatten_all()?.to_vec1::<half::f16>()?;
+            let z = out.label_logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            for (j, &i) in group.iter().enumerate() {
+                taps[i * per..(i + 1) * per].copy_from_slice(&rows[j * per..(j + 1) * per]);
+                logits[i * k..(i + 1) * k].copy_from_slice(&z[j * k..(j + 1) * k]);
+            }
+            done += group.len();
+            progress(&Progress::new(Phase::Evaluate, done, n, 0, None));
+        }
+        Ok(Some(Pivots {
+            taps: Tensor::from_vec(taps, (n, self.side.taps, self.side.hidden), &Device::Cpu)?,
+            logits: Tensor::from_vec(logits, (n, k), &Device::Cpu)?,
+        }))
+    }
+}

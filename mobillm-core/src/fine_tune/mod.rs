@@ -1,0 +1,196 @@
+//! The whole device side of a fine-tune (docs/design.md §1, §4, §5), in either mode: [`fine_tune`] forwards the examples
+//! on the backbone, trains through the assist server, folds the session's secrets into the result and scores it
+//! on the held-out examples.
+//!
+//! - [`config`]: [`FineTuneConfig`], with one source of defaults per mode;
+//! - [`progress`]: what a listener hears, and [`CancelToken`];
+//! - [`remote`]: the session on the server — the only way a fine-tune talks to it;
+//! - `pae` and `mobillm`: the two modes' loops; `held_out`: held-out pivots and their scoring.
+//!
+//! The contract: `fine_tune` blocks (call it from a background thread); it returns the folded adapter and the
+//! figures of the run, or an [`Error`] naming what failed. The server session is deleted when the fine-tune ends,
+//! fails or is cancelled (unless asked to keep it), so no activation outlives it. A cancelled fine-tune returns
+//! [`Error::Cancelled`] within one forward batch or one server poll.
+
+pub mod config;
+mod held_out;
+mod mobillm;
+mod pae;
+pub mod progress;
+pub mod remote;
+
+use std::time::Instant;
+
+pub use config::FineTuneConfig;
+pub use progress::{CancelToken, Phase, Progress};
+
+use crate::backbone::Backbone;
+use crate::dataset::Example;
+use crate::error::{Error, Result};
+use crate::protocol::Mode;
+use crate::side::{DeviceAdapter, Secrets, SideConfig, SideNet};
+use crate::task::{Task, TaskSpec};
+use held_out::Pivots;
+use remote::RemoteSession;
+
+/// The result of a fine-tune.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub mode: Mode,
+    pub adapter: DeviceAdapter,
+    pub train_samples: usize,
+    pub test_samples: usize,
+    /// Held-out accuracy of the backbone alone and with the adapter (`None` without held-out examples).
+    pub zero_shot_acc: Option<f64>,
+    pub finetuned_acc: Option<f64>,
+    /// Bytes of every frame the device sent (activations, targets).
+    pub upload_bytes: u64,
+    /// Seconds the device spent in backbone forwards of training examples.
+    pub device_forward_s: f64,
+    /// Seconds between asking the server to train and its reporting done, summed over rounds (`pae`); the
+    /// server's step time as seen by the device (`mobillm`).
+    pub server_train_s: f64,
+    pub wall_s: f64,
+    /// Held-out accuracy after each refinement round (`pae`) or pass over the data (`mobillm`), with the time
+    /// since the fine-tune started (for time-to-accuracy); empty without held-out examples.
+    pub rounds: Vec<RoundReport>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct RoundReport {
+    pub round: usize,
+    pub finetuned_acc: f64,
+    pub elapsed_s: f64,
+}
+
+/// Runs a whole fine-tune: see the module documentation. `test` may be empty (no evaluation).
+pub fn fine_tune(
+    backbone: &Backbone,
+    spec: TaskSpec,
+    train: &[Example],
+    test: &[Example],
+    cfg: &FineTuneConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let task = Task::new(spec, backbone.tokenizer())?;
+    if train.is_empty() {
+        return Err(Error::InvalidInput("no training examples".into()));
+    }
+    cfg.validate()?;
+    let labels = label_indices(&task, train)?;
+    let test_labels = label_indices(&task, test)?;
+    let taps = cfg.taps.clone().unwrap_or_else(|| backbone.all_taps());
+    let side = SideConfig {
+        width: cfg.width,
+        rank: cfg.rank,
+        ..SideConfig::new(taps.len(), backbone.config().hidden_size, task.labels().len())
+    };
+    side.validate()?;
+    let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), train.len())?;
+    let secrets = if cfg.mode == Mode::Pae && cfg.secrets {
+        progress(&Progress::new(Phase::Secrets, 0, 1, 0, None));
+        Secrets::generate(&side)?
+    } else {
+        Secrets::disabled(&side)?
+    };
+    cancel.check()?;
+    let run = Run {
+        backbone,
+        task: &task,
+        taps: &taps,
+        side: &side,
+        secrets: &secrets,
+        cfg,
+        cancel,
+        remote: &remote,
+        test_labels: &test_labels,
+        started,
+    };
+    let trained = match cfg.mode {
+        Mode::Pae => run.pae(train, &labels, test, progress)?,
+        Mode::Mobillm => run.mobillm(train, &labels, test, progress)?,
+    };
+    drop(remote);
+
+    let adapter = DeviceAdapter {
+        task: task.spec().clone(),
+        taps: taps.clone(),
+        backbone_fingerprint: backbone.fingerprint().to_string(),
+        secret_seed: secrets.seed(),
+        net: trained.folded,
+    };
+    let (zero_shot_acc, finetuned_acc) = match &trained.held_out {
+        Some(p) => (Some(p.accuracy(None, &test_labels)?), Some(p.accuracy(Some(&adapter.net), &test_labels)?)),
+        None => (None, None),
+    };
+    progress(&Progress::new(Phase::Done, 1, 1, 0, trained.loss));
+    Ok(Outcome {
+        mode: cfg.mode,
+        adapter,
+        train_samples: train.len(),
+        test_samples: test.len(),
+        zero_shot_acc,
+        finetuned_acc,
+        upload_bytes: trained.upload_bytes,
+        device_forward_s: trained.device_forward_s,
+        server_train_s: trained.server_train_s,
+        wall_s: started.elapsed().as_secs_f64(),
+        rounds: trained.rounds,
+    })
+}
+
+fn label_indices(task: &Task, examples: &[Example]) -> Result<Vec<u32>> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            task.label_index(&e.label).map(|l| l as u32).ok_or_else(|| {
+                Error::InvalidInput(format!("example {i}: label {:?} is not one of {:?}", e.label, task.labels()))
+            })
+        })
+        .collect()
+}
+
+/// What the modes' loops share.
+struct Run<'a> {
+    backbone: &'a Backbone,
+    task: &'a Task,
+    taps: &'a [usize],
+    side: &'a SideConfig,
+    secrets: &'a Secrets,
+    cfg: &'a FineTuneConfig,
+    cancel: &'a CancelToken,
+    remote: &'a RemoteSession,
+    test_labels: &'a [u32],
+    started: Instant,
+}
+
+/// What a mode's loop hands back.
+struct Trained {
+    folded: SideNet,
+    held_out: Option<Pivots>,
+    upload_bytes: u64,
+    device_forward_s: f64,
+    server_train_s: f64,
+    loss: Option<f64>,
+    rounds: Vec<RoundReport>,
+}
+
+impl Run<'_> {
+    /// Scores the folded network on the held-out pivots (if any) and records the round.
+    fn report_round(
+        &self,
+        round: usize,
+        net: &SideNet,
+        held_out: Option<&Pivots>,
+        rounds: &mut Vec<RoundReport>,
+    ) -> Result<()> {
+        if let Some(p) = held_out {
+            let finetuned_acc = p.accuracy(Some(net), self.test_labels)?;
+            rounds.push(RoundReport { round, finetuned_acc, elapsed_s: self.started.elapsed().as_secs_f64() });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,122 @@
+//! The `pae` loop (docs/design.md §4, §5). Every training example is forwarded once; its pivot activations are
+//! normalised, rotated by the session's secrets, quantised and uploaded with its first target
+//! `Q·[τ(onehot − softmax(z_b)); 0]` while the next batch computes. The server trains; meanwhile the device
+//! forwards the held-out set. Each refinement round downloads the server's outputs, decodes them and uploads new
+//! targets only. The device keeps neither the training activations nor their targets: per example only its label
+//! logits `z_b` and random id, which is all later rounds need.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+
+use super::progress::{Phase, Progress};
+use super::remote::Upload;
+use super::{Run, Trained};
+use crate::backbone::batching::{Batches, BATCH_TOKENS};
+use crate::dataset::Example;
+use crate::error::{Error, Result};
+use crate::side::normalize_taps;
+use crate::side::targets::prediction_differences;
+use crate::side::SampleId;
+use crate::wire::Frame;
+
+impl Run<'_> {
+    pub(super) fn pae(
+        &self,
+        train: &[Example],
+        labels: &[u32],
+        test: &[Example],
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Trained> {
+        let (n, k, k_out) = (train.len(), self.side.labels, self.side.outputs);
+        let (t, d) = (self.side.taps, self.side.hidden);
+        let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_>>()?;
+        let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
+        let batches =
+            Batches::plan(self.task, self.backbone.tokenizer(), &texts, self.cfg.forward_batch, BATCH_TOKENS)?;
+        let mut z_b = vec![0f32; n * k];
+        let mut forward_s = 0.0;
+        let mut upload_bytes = self.remote.stream(
+            self.cfg.quant,
+            self.cancel,
+            |send| {
+                let mut pending: Vec<usize> = Vec::new();
+                let mut forwarded = 0;
+                let (mut acts, mut targets) = (Vec::new(), Vec::new());
+                for (b, group) in batches.groups.iter().enumerate() {
+                    self.cancel.check()?;
+                    let start = Instant::now();
+                    let out = self.backbone.llama().forward_pivots(
+                        &batches.batch(group),
+                        self.taps,
+                        self.task.label_token_ids(),
+                    )?;
+                    forward_s += start.elapsed().as_secs_f64();
+                    let group_labels: Vec<u32> = group.iter().map(|&i| labels[i]).collect();
+                    let x = self.secrets.rotate_activations(&normalize_taps(&out.taps)?)?;
+                    let delta = prediction_differences(&out.label_logits, None, &group_labels, self.cfg.tau)?;
+                    let y = self.secrets.encode_targets(&delta)?;
+                    for (j, row) in out.label_logits.to_vec2::<f32>()?.into_iter().enumerate() {
+                        z_b[group[j] * k..(group[j] + 1) * k].copy_from_slice(&row);
+                    }
+                    acts.extend(x.flatten_all()?.to_vec1::<f32>()?);
+                    targets.extend(y.flatten_all()?.to_vec1::<f32>()?);
+                    pending.extend_from_slice(group);
+                    let last = b + 1 == batches.groups.len();
+                    while pending.len() >= self.cfg.upload_chunk || (last && !pending.is_empty()) {
+                        let m = pending.len().min(self.cfg.upload_chunk);
+                        let frame_ids = pending.drain(..m).map(|i| ids[i]).collect();
+                        let frame_acts = acts.drain(..m * t * d).collect();
+                        let frame_targets = targets.drain(..m * k_out).collect();
+                        send(Upload::Samples(Frame::samples(frame_ids, t, d, frame_acts, k_out, frame_targets)))?;
+                    }
+                    forwarded += group.len();
+                    progress(&Progress::new(Phase::Forward, forwarded, n, 1, None));
+                }
+                Ok(())
+            },
+            |_, _| {},
+        )?;
+        let z_b = Tensor::from_vec(z_b, (n, k), &Device::Cpu)?;
+
+        let mut server_s = 0.0;
+        let mut held_out = None;
+        let (mut rounds, mut folded) = (Vec::new(), None);
+        let mut loss = None;
+        for round in 1..=self.cfg.rounds {
+            if round > 1 {
+                // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
+                progress(&Progress::new(Phase::Targets, 0, n, round, loss));
+                let o = self.remote.outputs(&ids)?;
+                let decoded = self.secrets.decode_outputs(&o)?;
+                let delta = prediction_differences(&z_b, Some(&decoded), labels, self.cfg.tau)?;
+                upload_bytes += self.remote.upload_targets(&ids, &(o + self.secrets.encode_targets(&delta)?)?)?;
+            }
+            self.cancel.check()?;
+            let start = Instant::now();
+            self.remote.start_training(self.cfg.epochs)?;
+            if held_out.is_none() {
+                // The server trains the first round while the device forwards the held-out set.
+                held_out = Some(self.forward_held_out(test, progress)?);
+            }
+            loss = self.remote.wait_trained(self.cfg, |job| {
+                self.cancel.check()?;
+                progress(&Progress::new(Phase::Train, job.epochs_done, job.epochs_total, round, job.loss));
+                Ok(())
+            })?;
+            server_s += start.elapsed().as_secs_f64();
+            let net = self.secrets.fold(&self.remote.side_network()?)?;
+            self.report_round(round, &net, held_out.as_ref().and_then(Option::as_ref), &mut rounds)?;
+            folded = Some(net);
+        }
+        Ok(Trained {
+            folded: folded.ok_or_else(|| Error::Internal("no refinement round ran".into()))?,
+            held_out: held_out.flatten(),
+            upload_bytes,
+            device_forward_s: forward_s,
+            server_train_s: server_s,
+            loss,
+            rounds,
+        })
+    }
+}

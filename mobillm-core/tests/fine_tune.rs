@@ -1,0 +1,185 @@
+//! The fine-tune (`mobillm_core::fine_tune`) end to end on a tiny generated backbone, against a real assist
+//! server run in this process on 127.0.0.1 (the server crate is a dev-dependency: the test drives the real
+//! router and training queue, not a stand-in).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mobillm_core::dataset::Example;
+use mobillm_core::fine_tune::{fine_tune, CancelToken, FineTuneConfig, Outcome, Phase, Progress};
+use mobillm_core::side::Prediction;
+use mobillm_core::{Backbone, Error, Mode, TaskSpec};
+use mobillm_server::{AppState, ServerConfig};
+
+const KEY: &str = "fine-tune-key";
+
+/// An assist server on a loopback port, stopped when dropped.
+struct Assist {
+    url: String,
+    state: Arc<AppState>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Assist {
+    fn drop(&mut self) {
+        self.state.shutdown(Duration::from_secs(10));
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+fn start(data_dir: &std::path::Path) -> Assist {
+    let state = mobillm_server::open(ServerConfig::new(data_dir, vec![KEY.into()])).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = mobillm_server::app(state.clone());
+    runtime.spawn(async move { axum::serve(listener, app).await });
+    Assist { url, state, runtime: Some(runtime) }
+}
+
+fn spec() -> TaskSpec {
+    TaskSpec { template: "Text: {text}\nIs it pos or neg:".into(), labels: vec!["pos".into(), "neg".into()] }
+}
+
+/// Texts whose label is carried by their words: "pos" examples mention "the pos", "neg" ones do not.
+fn examples(n: usize, offset: usize) -> Vec<Example> {
+    (offset..offset + n)
+        .map(|i| {
+            if i % 2 == 0 {
+                Example { text: format!("the pos {i} at it"), label: "pos".into() }
+            } else {
+                Example { text: format!("on s{i} re as"), label: "neg".into() }
+            }
+        })
+        .collect()
+}
+
+fn config(url: &str, mode: Mode) -> FineTuneConfig {
+    FineTuneConfig {
+        server_url: url.to_string(),
+        api_key: KEY.into(),
+        mode,
+        width: 16,
+        rank: 4,
+        lr: 1e-2,
+        batch_size: 8,
+        epochs: if mode == Mode::Pae { 15 } else { 12 },
+        rounds: 2,
+        forward_batch: 8,
+        upload_chunk: 10,
+        poll: std::time::Duration::from_millis(20),
+        ..FineTuneConfig::default()
+    }
+}
+
+/// Mean probability of the true label.
+fn p_true(predictions: &[Prediction], examples: &[Example]) -> f32 {
+    let labels = ["pos", "neg"];
+    let sum: f32 = predictions
+        .iter()
+        .zip(examples)
+        .map(|(p, e)| p.scores[labels.iter().position(|l| *l == e.label).unwrap()])
+        .sum();
+    sum / examples.len() as f32
+}
+
+fn sessions_on_server(server: &Assist) -> usize {
+    server.state.store.sessions(None, 100).unwrap().len()
+}
+
+fn run(backbone: &Backbone, url: &str, mode: Mode, train: &[Example], test: &[Example]) -> (Outcome, Vec<Progress>) {
+    let mut seen = Vec::new();
+    let outcome =
+        fine_tune(backbone, spec(), train, test, &config(url, mode), &CancelToken::new(), &mut |p| seen.push(*p))
+            .unwrap();
+    (outcome, seen)
+}
+
+#[test]
+fn fine_tunes_a_tiny_backbone_in_both_modes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"));
+    let model = dir.path().join("tiny.gguf");
+    mobillm_core::testkit::write_tiny_gguf(11, &model);
+    let backbone = Backbone::load(&model).unwrap();
+    let (train, test) = (examples(40, 0), examples(12, 100));
+
+    // With no adapter: the backbone's own probabilities (a fresh adapter changes nothing).
+    let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
+    let (pae, progress) = run(&backbone, &server.url, Mode::Pae, &train, &test);
+    let zero = mobillm_core::side::DeviceAdapter {
+        net: mobillm_core::side::SideNet::from_tensors(
+            pae.adapter.side_config(),
+            &pae.adapter.net.tensors().into_iter().map(|(n, t)| (n, t.zeros_like().unwrap())).collect::<Vec<_>>(),
+        )
+        .unwrap(),
+        ..pae.adapter.clone()
+    };
+    let before = p_true(&zero.predict(&backbone, &texts).unwrap(), &train);
+    let after = p_true(&pae.adapter.predict(&backbone, &texts).unwrap(), &train);
+    assert!(after > before + 0.05, "pae moves predictions towards the labels: {before} → {after}");
+    assert!(pae.adapter.secret_seed.is_some());
+    assert_eq!((pae.train_samples, pae.test_samples), (40, 12));
+    assert!(pae.zero_shot_acc.is_some() && pae.finetuned_acc.is_some());
+    // Phases in order; training reported both rounds to the end.
+    let phases: Vec<Phase> = progress.iter().map(|p| p.phase).collect();
+    let first = |ph: Phase| phases.iter().position(|p| *p == ph).unwrap();
+    assert!(first(Phase::Secrets) < first(Phase::Forward) && first(Phase::Forward) < first(Phase::Train));
+    assert_eq!(phases.last(), Some(&Phase::Done));
+    assert!(progress.iter().any(|p| p.phase == Phase::Train && p.round == 2 && p.done == 15 && p.total == 15));
+    assert!(progress.iter().any(|p| p.phase == Phase::Forward && p.done == 40 && p.total == 40));
+
+    let (mobillm, _) = run(&backbone, &server.url, Mode::Mobillm, &train, &test);
+    let after_mobillm = p_true(&mobillm.adapter.predict(&backbone, &texts).unwrap(), &train);
+    assert!(after_mobillm > before + 0.05, "mobillm moves predictions too: {before} → {after_mobillm}");
+    assert!(mobillm.adapter.secret_seed.is_none());
+    // Every token of every tapped layer, every epoch, against pivots once plus a round of targets.
+    assert!(
+        mobillm.upload_bytes > 10 * pae.upload_bytes,
+        "mobillm {} vs pae {} bytes",
+        mobillm.upload_bytes,
+        pae.upload_bytes
+    );
+
+    // Both server sessions were deleted when their fine-tunes ended.
+    assert_eq!(sessions_on_server(&server), 0);
+
+    // The adapter file round-trips and predicts the same.
+    let file = dir.path().join("adapter.safetensors");
+    pae.adapter.save(&file).unwrap();
+    let loaded = mobillm_core::side::DeviceAdapter::load(&file).unwrap();
+    assert_eq!(loaded.predict(&backbone, &texts).unwrap(), pae.adapter.predict(&backbone, &texts).unwrap());
+}
+
+#[test]
+fn cancelling_mid_training_stops_and_deletes_the_server_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"));
+    let model = dir.path().join("tiny.gguf");
+    mobillm_core::testkit::write_tiny_gguf(12, &model);
+    let backbone = Backbone::load(&model).unwrap();
+    let (train, test) = (examples(40, 0), examples(8, 100));
+    let cancel = CancelToken::new();
+    let cfg = FineTuneConfig { epochs: 1000, ..config(&server.url, Mode::Pae) };
+    let phases = Arc::new(Mutex::new(Vec::new()));
+    let result = fine_tune(&backbone, spec(), &train, &test, &cfg, &cancel, &mut |p| {
+        phases.lock().unwrap().push(p.phase);
+        if p.phase == Phase::Train && p.done >= 1 {
+            cancel.cancel();
+        }
+    });
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+    assert!(phases.lock().unwrap().contains(&Phase::Train));
+    assert_eq!(sessions_on_server(&server), 0, "the cancelled session is gone");
+
+    // Bad input is refused before anything is sent.
+    let mut bad = train.clone();
+    bad[3].label = "maybe".into();
+    let err = fine_tune(&backbone, spec(), &bad, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(&err, Error::InvalidInput(m) if m.contains("maybe")), "{err}");
+    let wrong_key = FineTuneConfig { api_key: "nope".into(), ..cfg.clone() };
+    let err = fine_tune(&backbone, spec(), &train, &test, &wrong_key, &CancelToken::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(&err, Error::Server { status: 401, .. }), "{err}");
+}

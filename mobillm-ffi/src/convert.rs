@@ -1,0 +1,263 @@
+//! Every conversion between the foreign face's types and the core's, each one `From`, so that the mapping lives
+//! in one place and is tested here.
+
+use std::sync::Arc;
+
+use mobillm_core::fine_tune::{FineTuneConfig, Outcome, Phase, Progress};
+use mobillm_core::protocol::Mode;
+use mobillm_core::wire::Quant;
+
+use crate::adapter::{Adapter, Prediction};
+use crate::error::MobiLlmError;
+use crate::fine_tune::{FineTuneMode, FineTuneOptions, FineTunePhase, FineTuneProgress, FineTuneResult, Quantization};
+
+impl From<mobillm_core::Error> for MobiLlmError {
+    fn from(e: mobillm_core::Error) -> Self {
+        use mobillm_core::Error as E;
+        let reason = e.to_string();
+        match e {
+            E::Io { .. } => Self::Io { reason },
+            E::InvalidModelFile { .. }
+            | E::TruncatedTensor { .. }
+            | E::UnsupportedTensorType { .. }
+            | E::MissingTensor(_)
+            | E::TensorShape { .. }
+            | E::InvalidConfig(_)
+            | E::UnsupportedArchitecture(_)
+            | E::Tokenizer(_) => Self::InvalidModel { reason },
+            E::InvalidTask(_) => Self::InvalidTask { reason },
+            E::Dataset { .. } | E::InvalidInput(_) => Self::InvalidInput { reason },
+            E::Server { status, code, message } => Self::Server { status, code, reason: message },
+            E::TrainingFailed(message) => Self::Server { status: 500, code: "training_failed".into(), reason: message },
+            E::Network(_) | E::Frame(_) | E::Protocol(_) => Self::Network { reason },
+            E::Cancelled => Self::Cancelled,
+            E::Internal(_) | E::Compute(_) => Self::Internal { reason },
+        }
+    }
+}
+
+impl From<FineTuneMode> for Mode {
+    fn from(m: FineTuneMode) -> Self {
+        match m {
+            FineTuneMode::Pae => Mode::Pae,
+            FineTuneMode::Mobillm => Mode::Mobillm,
+        }
+    }
+}
+
+impl From<Quantization> for Quant {
+    fn from(q: Quantization) -> Self {
+        match q {
+            Quantization::F16 => Quant::F16,
+            Quantization::Int8 => Quant::Int8,
+            Quantization::Int4 => Quant::Int4,
+        }
+    }
+}
+
+impl From<Phase> for FineTunePhase {
+    fn from(p: Phase) -> Self {
+        match p {
+            Phase::Secrets => FineTunePhase::Secrets,
+            Phase::Forward => FineTunePhase::Forward,
+            Phase::Train => FineTunePhase::Train,
+            Phase::Targets => FineTunePhase::Targets,
+            Phase::Evaluate => FineTunePhase::Evaluate,
+            Phase::Done => FineTunePhase::Done,
+        }
+    }
+}
+
+impl From<&Progress> for FineTuneProgress {
+    fn from(p: &Progress) -> Self {
+        FineTuneProgress {
+            phase: p.phase.into(),
+            done: p.done as u64,
+            total: p.total as u64,
+            round: p.round as u32,
+            loss: p.loss,
+        }
+    }
+}
+
+/// The options over the core's defaults for the mode: only what the app set changes them.
+impl From<&FineTuneOptions> for FineTuneConfig {
+    fn from(o: &FineTuneOptions) -> Self {
+        let mut c = FineTuneConfig::for_mode(o.mode.map_or(Mode::Pae, Mode::from));
+        c.server_url = o.server_url.clone();
+        c.api_key = o.api_key.clone();
+        c.ca_pem = o.ca_pem.clone().map(String::into_bytes);
+        if let Some(v) = o.allow_insecure_http {
+            c.insecure_http = v;
+        }
+        if let Some(v) = o.epochs {
+            c.epochs = v as usize;
+        }
+        if let Some(v) = o.rounds {
+            c.rounds = v as usize;
+        }
+        if let Some(v) = o.learning_rate {
+            c.lr = v;
+        }
+        if let Some(v) = o.quantization {
+            c.quant = v.into();
+        }
+        if let Some(v) = o.width {
+            c.width = v as usize;
+        }
+        if let Some(v) = o.rank {
+            c.rank = v as usize;
+        }
+        if let Some(v) = o.forward_batch {
+            c.forward_batch = v as usize;
+        }
+        if let Some(v) = o.poll_millis {
+            c.poll = std::time::Duration::from_millis(v.into());
+        }
+        c
+    }
+}
+
+impl From<Outcome> for FineTuneResult {
+    fn from(o: Outcome) -> Self {
+        FineTuneResult {
+            adapter: Arc::new(Adapter { inner: o.adapter }),
+            zero_shot_accuracy: o.zero_shot_acc,
+            finetuned_accuracy: o.finetuned_acc,
+            train_samples: o.train_samples as u64,
+            test_samples: o.test_samples as u64,
+            upload_bytes: o.upload_bytes,
+            device_forward_seconds: o.device_forward_s,
+            server_train_seconds: o.server_train_s,
+            wall_seconds: o.wall_s,
+        }
+    }
+}
+
+impl From<mobillm_core::side::Prediction> for Prediction {
+    fn from(p: mobillm_core::side::Prediction) -> Self {
+        Prediction { label: p.label, label_index: p.label_index as u32, scores: p.scores }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn options(mode: Option<FineTuneMode>) -> FineTuneOptions {
+        FineTuneOptions {
+            server_url: "https://assist.example.com".into(),
+            api_key: "k".into(),
+            ca_pem: None,
+            allow_insecure_http: None,
+            mode,
+            epochs: None,
+            rounds: None,
+            learning_rate: None,
+            quantization: None,
+            width: None,
+            rank: None,
+            forward_batch: None,
+            poll_millis: None,
+        }
+    }
+
+    #[test]
+    fn unset_options_take_the_cores_defaults_for_the_mode() {
+        for (mode, core) in
+            [(None, Mode::Pae), (Some(FineTuneMode::Pae), Mode::Pae), (Some(FineTuneMode::Mobillm), Mode::Mobillm)]
+        {
+            let got = FineTuneConfig::from(&options(mode));
+            let want = FineTuneConfig::for_mode(core);
+            assert_eq!(
+                (got.mode, got.epochs, got.rounds, got.lr, got.width, got.rank, got.forward_batch, got.poll, got.quant),
+                (
+                    want.mode,
+                    want.epochs,
+                    want.rounds,
+                    want.lr,
+                    want.width,
+                    want.rank,
+                    want.forward_batch,
+                    want.poll,
+                    want.quant
+                ),
+            );
+            assert_eq!((got.server_url.as_str(), got.api_key.as_str()), ("https://assist.example.com", "k"));
+            assert!(!got.insecure_http && got.secrets);
+        }
+    }
+
+    #[test]
+    fn set_options_change_exactly_their_field() {
+        let o = FineTuneOptions {
+            ca_pem: Some("PEM".into()),
+            allow_insecure_http: Some(true),
+            epochs: Some(7),
+            rounds: Some(5),
+            learning_rate: Some(0.01),
+            quantization: Some(Quantization::Int4),
+            width: Some(64),
+            rank: Some(8),
+            forward_batch: Some(4),
+            poll_millis: Some(50),
+            ..options(Some(FineTuneMode::Mobillm))
+        };
+        let c = FineTuneConfig::from(&o);
+        assert_eq!(c.ca_pem.as_deref(), Some(b"PEM".as_slice()));
+        assert!(c.insecure_http);
+        assert_eq!((c.epochs, c.rounds, c.lr, c.width, c.rank, c.forward_batch), (7, 5, 0.01, 64, 8, 4));
+        assert_eq!((c.quant, c.poll, c.mode), (Quant::Int4, Duration::from_millis(50), Mode::Mobillm));
+        assert!(!format!("{o:?}").contains("\"k\""), "Debug hides the key");
+    }
+
+    #[test]
+    fn every_core_error_maps_to_one_foreign_error() {
+        use mobillm_core::Error as E;
+        let cases: Vec<(E, &str)> = vec![
+            (E::Io { path: "/x".into(), source: std::io::Error::other("gone") }, "Io"),
+            (E::InvalidModelFile { path: "/m".into(), reason: "bad".into() }, "InvalidModel"),
+            (E::MissingTensor("t".into()), "InvalidModel"),
+            (E::InvalidConfig("c".into()), "InvalidModel"),
+            (E::Tokenizer("t".into()), "InvalidModel"),
+            (E::InvalidTask("t".into()), "InvalidTask"),
+            (E::Dataset { path: "/d".into(), line: 3, message: "m".into() }, "InvalidInput"),
+            (E::InvalidInput("i".into()), "InvalidInput"),
+            (E::Server { status: 422, code: "limit_exceeded".into(), message: "m".into() }, "Server"),
+            (E::TrainingFailed("diverged".into()), "Server"),
+            (E::Network("n".into()), "Network"),
+            (E::Frame("f".into()), "Network"),
+            (E::Protocol("p".into()), "Network"),
+            (E::Cancelled, "Cancelled"),
+            (E::Internal("bug".into()), "Internal"),
+        ];
+        for (core, want) in cases {
+            let shown = core.to_string();
+            let foreign = MobiLlmError::from(core);
+            let kind = format!("{foreign:?}");
+            assert!(kind.starts_with(want), "{shown} became {kind}");
+            if !matches!(foreign, MobiLlmError::Cancelled | MobiLlmError::Server { .. }) {
+                assert_eq!(foreign.to_string(), shown, "the message is the core's");
+            }
+        }
+        let server = MobiLlmError::from(E::Server { status: 422, code: "limit_exceeded".into(), message: "m".into() });
+        assert!(matches!(server, MobiLlmError::Server { status: 422, ref code, .. } if code == "limit_exceeded"));
+        let failed = MobiLlmError::from(E::TrainingFailed("diverged".into()));
+        assert!(
+            matches!(failed, MobiLlmError::Server { status: 500, ref code, ref reason } if code == "training_failed" && reason == "diverged")
+        );
+    }
+
+    #[test]
+    fn phases_and_progress_map_one_to_one() {
+        let phases = [Phase::Secrets, Phase::Forward, Phase::Train, Phase::Targets, Phase::Evaluate, Phase::Done];
+        let mapped: Vec<FineTunePhase> = phases.iter().map(|&p| p.into()).collect();
+        let mut distinct = mapped.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), phases.len());
+        let p = FineTuneProgress::from(&Progress::new(Phase::Train, 3, 10, 2, Some(0.5)));
+        assert_eq!(p, FineTuneProgress { phase: FineTunePhase::Train, done: 3, total: 10, round: 2, loss: Some(0.5) });
+    }
+}

@@ -1,0 +1,261 @@
+//! A fine-tune as the apps run it: a session that collects labelled examples, its options, what a progress
+//! listener hears, the cancel handle, and the result.
+
+use std::sync::{Arc, Mutex};
+
+use mobillm_core::dataset::Example;
+use mobillm_core::fine_tune::{self, CancelToken, FineTuneConfig};
+
+use crate::adapter::Adapter;
+use crate::backbone::{Backbone, Task};
+use crate::error::{guarded, MobiLlmError, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum FineTuneMode {
+    /// PAE MobiLLM (default): pivots once, device-defined targets, secrets; labels never leave the device.
+    Pae,
+    /// MobiLLM: all tokens every epoch, labels on the server (for comparison).
+    Mobillm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum Quantization {
+    F16,
+    Int8,
+    Int4,
+}
+
+/// How to reach the assist server and how to train. Unset fields take the SDK's defaults for the mode (those of
+/// `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `Debug` never prints the API key.
+#[derive(Clone, uniffi::Record)]
+pub struct FineTuneOptions {
+    /// `https://…` (`http://` only to loopback, unless `allow_insecure_http`).
+    pub server_url: String,
+    /// The server's API key for creating sessions.
+    pub api_key: String,
+    /// Trust only this CA certificate (PEM) instead of the platform's trust store.
+    #[uniffi(default = None)]
+    pub ca_pem: Option<String>,
+    /// Allow plain `http://` to a host that is not loopback (development only, e.g. an emulator reaching its
+    /// host at 10.0.2.2): activations and tokens then cross the network in the clear.
+    #[uniffi(default = None)]
+    pub allow_insecure_http: Option<bool>,
+    #[uniffi(default = None)]
+    pub mode: Option<FineTuneMode>,
+    /// `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
+    #[uniffi(default = None)]
+    pub epochs: Option<u32>,
+    /// `pae` refinement rounds (default 3).
+    #[uniffi(default = None)]
+    pub rounds: Option<u32>,
+    #[uniffi(default = None)]
+    pub learning_rate: Option<f64>,
+    #[uniffi(default = None)]
+    pub quantization: Option<Quantization>,
+    /// Side-network width (default 128) and bottleneck rank (default 16).
+    #[uniffi(default = None)]
+    pub width: Option<u32>,
+    #[uniffi(default = None)]
+    pub rank: Option<u32>,
+    /// Examples per device forward (default 16).
+    #[uniffi(default = None)]
+    pub forward_batch: Option<u32>,
+    /// How often to poll the server during training, in milliseconds (default 250).
+    #[uniffi(default = None)]
+    pub poll_millis: Option<u32>,
+}
+
+impl std::fmt::Debug for FineTuneOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FineTuneOptions")
+            .field("server_url", &self.server_url)
+            .field("api_key", &"<redacted>")
+            .field("mode", &self.mode)
+            .field("epochs", &self.epochs)
+            .field("rounds", &self.rounds)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum FineTunePhase {
+    Secrets,
+    Forward,
+    Train,
+    Targets,
+    Evaluate,
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct FineTuneProgress {
+    pub phase: FineTunePhase,
+    pub done: u64,
+    pub total: u64,
+    /// Refinement round (`pae`) or pass over the data (`mobillm`).
+    pub round: u32,
+    pub loss: Option<f64>,
+}
+
+/// Receives progress on the fine-tune's own thread.
+#[uniffi::export(with_foreign)]
+pub trait ProgressListener: Send + Sync {
+    fn on_progress(&self, progress: FineTuneProgress);
+}
+
+/// Cancels the fine-tune of the session that handed it out; usable from any thread.
+#[derive(uniffi::Object)]
+pub struct CancelHandle {
+    token: CancelToken,
+}
+
+#[uniffi::export]
+impl CancelHandle {
+    pub fn cancel(&self) {
+        self.token.cancel();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+#[derive(uniffi::Record)]
+pub struct FineTuneResult {
+    pub adapter: Arc<Adapter>,
+    /// Held-out accuracy of the backbone alone and with the adapter (absent without held-out examples).
+    pub zero_shot_accuracy: Option<f64>,
+    pub finetuned_accuracy: Option<f64>,
+    pub train_samples: u64,
+    pub test_samples: u64,
+    pub upload_bytes: u64,
+    pub device_forward_seconds: f64,
+    pub server_train_seconds: f64,
+    pub wall_seconds: f64,
+}
+
+#[derive(Debug, Clone, uniffi::Record)]
+pub struct LabeledText {
+    pub text: String,
+    pub label: String,
+}
+
+/// Collects labelled examples for one task and fine-tunes the backbone on them through an assist server.
+#[derive(uniffi::Object)]
+pub struct FineTuneSession {
+    backbone: Arc<mobillm_core::Backbone>,
+    spec: mobillm_core::TaskSpec,
+    examples: Mutex<Vec<Example>>,
+    held_out: Mutex<Vec<Example>>,
+    cancel: CancelToken,
+    running: Mutex<bool>,
+}
+
+fn poisoned<T>(_: T) -> MobiLlmError {
+    MobiLlmError::internal("a lock was poisoned by an earlier panic")
+}
+
+impl FineTuneSession {
+    fn check_label(&self, e: &LabeledText) -> Result<Example> {
+        if !self.spec.labels.contains(&e.label) {
+            return Err(MobiLlmError::InvalidInput {
+                reason: format!("label {:?} is not one of the task's labels {:?}", e.label, self.spec.labels),
+            });
+        }
+        Ok(Example { text: e.text.clone(), label: e.label.clone() })
+    }
+
+    fn add_to(&self, list: &Mutex<Vec<Example>>, items: &[LabeledText]) -> Result<u64> {
+        // All or nothing: one bad label adds none of the batch.
+        let checked = items.iter().map(|e| self.check_label(e)).collect::<Result<Vec<_>>>()?;
+        let mut list = list.lock().map_err(poisoned)?;
+        list.extend(checked);
+        Ok(list.len() as u64)
+    }
+
+    fn set_running(&self, running: bool) {
+        if let Ok(mut r) = self.running.lock() {
+            *r = running;
+        }
+    }
+
+    fn run(&self, options: &FineTuneOptions, listener: Option<&dyn ProgressListener>) -> Result<FineTuneResult> {
+        let train = self.examples.lock().map_err(poisoned)?.clone();
+        let test = self.held_out.lock().map_err(poisoned)?.clone();
+        let config = FineTuneConfig::from(options);
+        let outcome =
+            fine_tune::fine_tune(&self.backbone, self.spec.clone(), &train, &test, &config, &self.cancel, &mut |p| {
+                if let Some(l) = listener {
+                    l.on_progress(FineTuneProgress::from(p));
+                }
+            })?;
+        Ok(FineTuneResult::from(outcome))
+    }
+}
+
+#[uniffi::export]
+impl FineTuneSession {
+    #[uniffi::constructor]
+    pub fn new(backbone: &Backbone, task: &Task) -> Arc<Self> {
+        Arc::new(Self {
+            backbone: backbone.inner.clone(),
+            spec: task.spec.clone(),
+            examples: Mutex::default(),
+            held_out: Mutex::default(),
+            cancel: CancelToken::new(),
+            running: Mutex::new(false),
+        })
+    }
+
+    /// Adds one training example; returns how many the session holds.
+    pub fn add_example(&self, text: String, label: String) -> Result<u64> {
+        self.add_to(&self.examples, &[LabeledText { text, label }])
+    }
+
+    /// Adds training examples, all or none (an unknown label adds nothing).
+    pub fn add_examples(&self, examples: Vec<LabeledText>) -> Result<u64> {
+        self.add_to(&self.examples, &examples)
+    }
+
+    /// Adds held-out examples: scored before and after fine-tuning, never trained on.
+    pub fn add_held_out(&self, examples: Vec<LabeledText>) -> Result<u64> {
+        self.add_to(&self.held_out, &examples)
+    }
+
+    pub fn example_count(&self) -> u64 {
+        self.examples.lock().map_or(0, |l| l.len() as u64)
+    }
+
+    /// The handle that cancels this session's fine-tune.
+    pub fn cancel_handle(&self) -> Arc<CancelHandle> {
+        Arc::new(CancelHandle { token: self.cancel.clone() })
+    }
+
+    /// Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
+    /// awaits. One fine-tune at a time per session.
+    pub async fn fine_tune(
+        self: Arc<Self>,
+        options: FineTuneOptions,
+        listener: Option<Arc<dyn ProgressListener>>,
+    ) -> Result<FineTuneResult> {
+        {
+            let mut running = self.running.lock().map_err(poisoned)?;
+            if *running {
+                return Err(MobiLlmError::InvalidInput { reason: "this session is already fine-tuning".into() });
+            }
+            *running = true;
+        }
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let session = self.clone();
+        let spawned = std::thread::Builder::new().name("mobillm-fine-tune".into()).spawn(move || {
+            let result = guarded(|| session.run(&options, listener.as_deref()));
+            session.set_running(false);
+            let _ = tx.send(result);
+        });
+        if let Err(e) = spawned {
+            self.set_running(false);
+            return Err(MobiLlmError::internal(format!("cannot start a thread: {e}")));
+        }
+        rx.await.unwrap_or_else(|_| Err(MobiLlmError::internal("the fine-tune thread vanished")))
+    }
+}

@@ -1,0 +1,66 @@
+//! Attacks on the labels: which stored samples share one (clustering the targets or the activations), and which
+//! label each is (plain reads of the targets, probes trained on public look-alike data, aligned or not).
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use super::attacks::{
+    accuracy, agreement_naming, argmax_rows, clustering_accuracy, kmeans, one_hot, probe_cv_accuracy, unit_rows, Ridge,
+};
+use super::report::named;
+use super::Case;
+
+/// Every label attack on one session: the results by name, and the details.
+pub fn attack(c: &Case) -> Result<(Vec<(&'static str, f64)>, Value)> {
+    let (view, k, alignments) = (c.view, c.k, &c.alignments);
+    let acts = &view.acts;
+    let (t, kl) = (acts.t, k.n_labels);
+    let (all, y, public) = (&c.all, &c.y, &c.public);
+    let public_y = k.public_labels();
+    let target_clusters = kmeans(&view.targets, kl, 11);
+    let probe_layer = (0..t)
+        .map(|l| (l, probe_cv_accuracy(&k.everyone.layer(public, l), public_y, kl)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(t - 1, |(l, _)| l);
+    let probe = Ridge::fit(&k.everyone.layer(public, probe_layer), &one_hot(public_y, kl), 0.1);
+    let aligned_layer = (0..t)
+        .map(|l| (l, probe_cv_accuracy(&alignments[l].public_features(&k.everyone.layer(public, l)), public_y, kl)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(t - 1, |(l, _)| l);
+    let al = &alignments[aligned_layer];
+    let aligned_probe =
+        Ridge::fit(&al.public_features(&k.everyone.layer(public, aligned_layer)), &one_hot(public_y, kl), 0.1);
+    let aligned_predictions = argmax_rows(&aligned_probe.predict(&al.stored_features(&acts.layer(all, aligned_layer))));
+    let readout = Ridge::fit(&k.everyone.layer(public, t - 1), &k.public_logits, 1e-3);
+    let readout_agreement =
+        accuracy(&argmax_rows(&readout.predict(&k.everyone.layer(public, t - 1))), &argmax_rows(&k.public_logits));
+    let named_clusters = {
+        let names = agreement_naming(&target_clusters, &aligned_predictions, kl);
+        target_clusters.iter().map(|&c| names[c]).collect::<Vec<_>>()
+    };
+    let labels = vec![
+        ("targets_clustered", clustering_accuracy(&target_clusters, y, kl, kl)),
+        ("activations_clustered", clustering_accuracy(&kmeans(&unit_rows(&acts.all_layers(all)), kl, 12), y, kl, kl)),
+        ("last_layer_clustered", clustering_accuracy(&kmeans(&acts.layer(all, t - 1), kl, 13), y, kl, kl)),
+        ("targets_read_plainly", accuracy(&argmax_rows(&view.targets.columns(0, kl).into_owned()), y)),
+        ("public_probe", accuracy(&argmax_rows(&probe.predict(&acts.layer(all, probe_layer))), y)),
+        ("aligned_probe", accuracy(&aligned_predictions, y)),
+        ("backbone_zero_shot_readout", accuracy(&argmax_rows(&readout.predict(&acts.layer(all, t - 1))), y)),
+    ];
+    // The number of labels, as far as the targets show it: Q·[Δ; 0] spans only K − 1 of the K' dimensions (Δ sums
+    // to zero), but the server's own outputs, added from round 2 on, spread further (AdamW steps per coordinate).
+    let target_rank = {
+        let sv = view.targets.clone().cast::<f64>().singular_values();
+        let top = sv.max();
+        sv.iter().filter(|&&v| v > 1e-3 * top).count()
+    };
+    let label_details = json!({
+        "label_count_from_target_rank": target_rank + 1,
+        "attacks": named(&labels),
+        "target_clusters_named_by_aligned_probe": accuracy(&named_clusters, y),
+        "probe_layer": probe_layer,
+        "aligned_probe_layer": aligned_layer,
+        "zero_shot_readout_agreement_on_public": readout_agreement,
+    });
+    Ok((labels, label_details))
+}

@@ -1,0 +1,132 @@
+//! What the server holds once a session is over, read from its data dir the way the server reads it; the same
+//! samples as it would hold them after a proposed whitening; and the auditor's key to which sample is which text.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device, Tensor};
+use mobillm_core::side::{SampleId, Secrets, SideConfig};
+use mobillm_core::wire::{Frame, Limits, Quant};
+use mobillm_server::store::Store;
+use xtask::paths;
+
+use super::acts::Acts;
+use super::attacks::Mat;
+use crate::whitening::Whitening;
+
+/// What the server holds once the session is over, read the way the server reads it.
+pub struct ServerView {
+    pub side: SideConfig,
+    pub acts: Acts,
+    /// `[n, K']`: each sample's current target.
+    pub targets: Mat,
+    pub weights: Option<Vec<u8>>,
+    /// Every printable run of ≥ 16 bytes in the server's files (store and log): where a plaintext would show.
+    pub strings: String,
+}
+
+/// Reads the one kept session from the server's data dir (`work/data`) and log (`work/server.log`).
+pub fn read_server_view(work: &Path) -> Result<ServerView> {
+    let store = Store::open(&work.join("data"), 64 << 20).map_err(|e| anyhow!("opening the server's store: {e}"))?;
+    let sessions = store.sessions(None, 2).map_err(|e| anyhow!("{e}"))?;
+    let [rec] = sessions.as_slice() else {
+        anyhow::bail!("expected the one kept session in the server's store, found {}", sessions.len());
+    };
+    let set = store.training_set(rec).map_err(|e| anyhow!("{e}"))?;
+    let weights = store.weights(&rec.id).map_err(|e| anyhow!("{e}"))?;
+    drop(store);
+    let (n, k) = (set.ids.len(), rec.shape.outputs);
+    let (t, d) = (rec.shape.layers, rec.shape.dim);
+    let flat: Vec<f32> = set.x.iter().map(|v| v.to_f32()).collect();
+    let targets = set.targets;
+    let mut strings = String::new();
+    for path in [work.join("server.log")].into_iter().chain(paths::walk(&work.join("data"))?) {
+        printable_runs(&std::fs::read(&path)?, 16, &mut strings);
+    }
+    Ok(ServerView {
+        side: rec.side.clone(),
+        acts: Acts { flat, n, t, d },
+        targets: Mat::from_row_slice(n, k, &targets),
+        weights,
+        strings,
+    })
+}
+
+fn printable_runs(bytes: &[u8], min: usize, out: &mut String) {
+    for run in bytes.split(|b| !(b.is_ascii_graphic() || *b == b' ')) {
+        if run.len() >= min {
+            out.push_str(&String::from_utf8_lossy(run));
+            out.push('\n');
+        }
+    }
+}
+
+/// What the server would hold if the device whitened before rotating (`R_l·W_l·(â_l − μ_l)`, rescaled), for the victim's samples in
+/// the order of `truth`, with the targets of the real session. Fresh rotations: any Haar draw is as good as the
+/// device's. Also returns the attacker's knowledge of every text in whitened coordinates (W is public).
+pub fn simulate_whitening(
+    view: &ServerView,
+    truth: &[usize],
+    everyone: &Acts,
+    n_train: usize,
+    centre: bool,
+) -> Result<(ServerView, Acts)> {
+    let (t, d) = (everyone.t, everyone.d);
+    let all = Tensor::from_slice(&everyone.flat, (everyone.n, t, d), &Device::Cpu)?;
+    let whitening = Whitening::fit(&all.narrow(0, n_train, everyone.n - n_train)?, super::WHITENING_EPS, centre)?;
+    let whitened = Acts::from_tensor(&whitening.apply(&all)?)?;
+    let secrets = Secrets::from_seed(&SideConfig::new(t, d, 2), [42; 32])?;
+    let rows: Vec<f32> =
+        truth.iter().flat_map(|&i| whitened.flat[i * t * d..(i + 1) * t * d].iter().copied()).collect();
+    let stored =
+        as_stored(&secrets.rotate_activations(&Tensor::from_vec(rows, (truth.len(), t, d), &Device::Cpu)?)?)?;
+    let view = ServerView {
+        side: view.side.clone(),
+        acts: Acts::from_tensor(&stored)?,
+        targets: view.targets.clone(),
+        weights: None,
+        strings: String::new(),
+    };
+    Ok((view, whitened))
+}
+
+/// Activations `[N, T, d]` as the server would store them: through the real wire codec at the device's default
+/// int8 and back, then f16. (Exact f32 values would let the last bits of each norm identify a sample.)
+fn as_stored(x: &Tensor) -> Result<Tensor> {
+    let (n, t, d) = x.dims3()?;
+    let flat = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(flat.len());
+    for chunk in flat.chunks(256 * t * d) {
+        let m = chunk.len() / (t * d);
+        let ids = (0..m).map(|_| SampleId::random()).collect::<mobillm_core::Result<Vec<_>>>()?;
+        let frame = Frame::samples(ids, t, d, chunk.to_vec(), 1, vec![0.0; m]);
+        let (decoded, _) = Frame::decode(&frame.encode(Quant::Int8)?, &Limits::default())?;
+        out.extend(decoded.activations);
+    }
+    Ok(Tensor::from_vec(out, (n, t, d), &Device::Cpu)?.to_dtype(DType::F16)?.to_dtype(DType::F32)?)
+}
+
+/// The auditor's key: which victim example (row of `everyone`, the first `n_train` rows) each stored sample is.
+/// With secrets, the auditor rotates its own plain activations with the device's secrets and matches the last
+/// layer; a stored sample that matches nothing well stops the audit (its ground truth would be wrong).
+pub fn ground_truth(view: &ServerView, everyone: &Acts, n_train: usize, secrets: &Secrets) -> Result<Vec<usize>> {
+    let (t, d) = (everyone.t, everyone.d);
+    let last = t - 1;
+    let mut rotated = Vec::with_capacity(n_train * d);
+    for start in (0..n_train).step_by(128) {
+        let len = (n_train - start).min(128);
+        let chunk =
+            Tensor::from_slice(&everyone.flat[start * t * d..(start + len) * t * d], (len, t, d), &Device::Cpu)?;
+        rotated.extend(secrets.rotate_activations(&chunk)?.narrow(1, last, 1)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    let candidates = Mat::from_row_slice(n_train, d, &rotated);
+    let sims = view.acts.layer(&view.acts.rows(), last) * candidates.transpose() / d as f32;
+    (0..view.acts.n)
+        .map(|i| {
+            let (j, sim) =
+                (0..n_train).map(|j| (j, sims[(i, j)])).max_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or((0, 0.0));
+            anyhow::ensure!(sim > 0.95, "stored sample {i} matches no training example (best cosine {sim:.3})");
+            Ok(j)
+        })
+        .collect()
+}

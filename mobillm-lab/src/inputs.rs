@@ -1,0 +1,90 @@
+//! What the harnesses run on: the backbone, the task and the split that `--model/--data/--template` select
+//! (fetching the pinned defaults as needed), and the pivot activations of a set of examples, cached on disk.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use mobillm_core::dataset::{self, Example, Split};
+use mobillm_core::{Backbone, Task, TaskSpec};
+use sha2::{Digest, Sha256};
+use xtask::args::DataArgs;
+use xtask::fetch;
+
+/// The backbone, the task and the split that `--model/--data/--template` select (fetching defaults as needed).
+pub fn load(args: &DataArgs) -> Result<(Backbone, Task, Split)> {
+    let model = match &args.model {
+        Some(p) => p.clone(),
+        None => fetch::model()?,
+    };
+    let (split, default_labels) = match &args.data {
+        Some(p) => {
+            let split = dataset::split_jsonl(p)?;
+            let all: Vec<_> = split.train.iter().chain(&split.test).cloned().collect();
+            (split, dataset::labels_of(&all))
+        }
+        None => (dataset::uci_split(&fetch::uci_data()?)?, dataset::UCI_LABELS.map(String::from).to_vec()),
+    };
+    let template = match (&args.template, &args.data) {
+        (Some(t), _) => t.clone(),
+        (None, None) => dataset::UCI_TEMPLATE.to_string(),
+        (None, Some(_)) => anyhow::bail!("--data needs --template (a prompt with {{text}} ending in an answer cue)"),
+    };
+    let backbone = Backbone::load(&model).with_context(|| format!("loading {}", model.display()))?;
+    let task = Task::new(TaskSpec { template, labels: default_labels }, backbone.tokenizer())?;
+    Ok((backbone, task, split))
+}
+
+/// Pivot activations and label logits of a set of examples.
+pub struct Pivots {
+    /// `[N, taps, d]`, as the backbone computed them (not normalised).
+    pub taps: Tensor,
+    /// `[N, K]`.
+    pub logits: Tensor,
+    pub labels: Vec<u32>,
+}
+
+/// Pivot taps (all blocks) and label logits of `examples`, from the cache when this model, task and data were
+/// forwarded before.
+pub fn pivots(backbone: &Backbone, task: &Task, examples: &[Example], what: &str) -> Result<Pivots> {
+    let labels = examples
+        .iter()
+        .map(|e| task.label_index(&e.label).map(|i| i as u32).context("label not in the task"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut key = Sha256::new();
+    key.update(backbone.fingerprint());
+    key.update(serde_json::to_vec(task.spec())?);
+    for e in examples {
+        key.update(e.text.as_bytes());
+        key.update([0]);
+    }
+    let dir: PathBuf = fetch::cache_dir()?.join("pivots");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{:x}.safetensors", key.finalize()));
+    if let Ok(mut t) = candle_core::safetensors::load(&path, &Device::Cpu) {
+        if let (Some(taps), Some(logits)) = (t.remove("taps"), t.remove("logits")) {
+            eprintln!("{what}: {} pivots from the cache", examples.len());
+            return Ok(Pivots { taps, logits, labels });
+        }
+    }
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let start = Instant::now();
+    let out = backbone.forward_all(task, &texts, &backbone.all_taps(), 16, |done, total| {
+        eprint!(
+            "\r{what}: forward {done}/{total} ({:.0} ms/sample)",
+            start.elapsed().as_secs_f64() * 1e3 / done as f64
+        );
+        let _ = std::io::stderr().flush();
+    })?;
+    eprintln!();
+    let map = std::collections::HashMap::from([
+        ("taps".to_string(), out.taps.clone()),
+        ("logits".to_string(), out.label_logits.clone()),
+    ]);
+    let tmp = path.with_extension("partial");
+    candle_core::safetensors::save(&map, &tmp)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(Pivots { taps: out.taps, logits: out.label_logits, labels })
+}

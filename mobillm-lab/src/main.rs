@@ -1,0 +1,60 @@
+//! `mobillm-lab`: the research commands (`cargo xtask <command>` runs them through here).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use mobillm_lab::{audit, bench, bench_forward, load, lora, side_eval, zeroshot};
+
+#[derive(Parser)]
+#[command(name = "mobillm-lab", about = "MobiLLM research: audit, evaluations, benchmarks, load test")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Zero-shot accuracy of the frozen backbone on a held-out split.
+    Zeroshot(zeroshot::Args),
+    /// Side-network accuracy on real pivot activations: zero-shot, `pae` with secrets, cross-entropy baseline.
+    SideEval(side_eval::Args),
+    /// Forward-pass speed and peak memory: candle's stock quantized model, all weights dequantized, and ours.
+    BenchForward(bench_forward::Args),
+    /// MobiLLM (`pae`, `mobillm`) against on-device LoRA: device memory and time, upload, accuracy, time to
+    /// accuracy; writes docs/bench.json and docs/benchmarks.md.
+    Bench(bench::Args),
+    /// On-device LoRA (the usual alternative) on the UCI sentences, in this process: accuracy per epoch, device
+    /// seconds per training sample, peak RSS. The baseline of the benchmarks.
+    BenchLora(lora::WorkerArgs),
+    /// Privacy audit: fine-tunes with secrets on and off, then plays the server and attacks labels, texts and
+    /// the model from what it stored; writes docs/privacy-audit.json and docs/privacy.md's results; prints JSON.
+    Audit(audit::Args),
+    /// Load test: N simulated devices fine-tune against one server at once; prints one JSON line (upload and
+    /// health latency percentiles, errors, the server's peak RSS).
+    Load(load::Args),
+    /// Writes a tiny generated GGUF model (the tests' model) to PATH.
+    TinyModel {
+        #[arg(long, default_value_t = 21)]
+        seed: u64,
+        path: PathBuf,
+    },
+    /// (internal) one benchmark variant, run in its own process so its peak RSS is its own.
+    #[command(hide = true)]
+    BenchForwardWorker(bench_forward::WorkerArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Zeroshot(args) => zeroshot::run(args)?,
+        Cmd::SideEval(args) => side_eval::run(args)?,
+        Cmd::BenchForward(args) => bench_forward::run(args)?,
+        Cmd::BenchForwardWorker(args) => bench_forward::worker(args)?,
+        Cmd::Bench(args) => bench::run(args)?,
+        Cmd::BenchLora(args) => lora::worker(args)?,
+        Cmd::Audit(args) => audit::run(args)?,
+        Cmd::Load(args) => println!("{}", load::run(args)?),
+        Cmd::TinyModel { seed, path } => mobillm_core::testkit::write_tiny_gguf(seed, &path),
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! The research commands are thin wrappers: `cargo xtask audit …` runs `mobillm-lab audit …`, so the chores above
+//! never compile the research crate's dependencies.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use xtask::paths;
+
+/// Builds the `mobillm-lab` binary (release) and returns its path.
+pub fn build() -> Result<PathBuf> {
+    eprintln!("building mobillm-lab (release)…");
+    paths::run(paths::cargo().args(["build", "--release", "--quiet", "-p", "mobillm-lab"]), "building mobillm-lab")?;
+    Ok(paths::bin_dir()?.join("mobillm-lab"))
+}
+
+/// Runs `mobillm-lab <command> <args>` with our stdio; its failure is ours.
+pub fn run(command: &str, args: &[String]) -> Result<()> {
+    let lab = build()?;
+    paths::run(std::process::Command::new(lab).arg(command).args(args), &format!("mobillm-lab {command}"))
+}

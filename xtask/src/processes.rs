@@ -1,0 +1,110 @@
+//! The release binaries as processes: building `mobillm-server` and `mobillm-device`, and a server on loopback
+//! that is killed when its handle is dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::paths;
+
+/// Kills the server when its owner is done, however that ends.
+pub struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Builds the server and device binaries (release) and returns the directory holding them.
+pub fn build_binaries() -> Result<PathBuf> {
+    eprintln!("building mobillm-server and mobillm-device (release)…");
+    paths::run(
+        paths::cargo().args(["build", "--release", "--quiet", "-p", "mobillm-server", "-p", "mobillm-core"]).args([
+            "--features",
+            "mobillm-core/cli",
+            "--bin",
+            "mobillm-server",
+            "--bin",
+            "mobillm-device",
+        ]),
+        "building the server and device binaries",
+    )?;
+    paths::bin_dir()
+}
+
+/// A `mobillm-server` on loopback: its URL, its admin listener's URL and token.
+pub struct Server {
+    _process: ServerProcess,
+    pub url: String,
+    pub admin_url: String,
+    pub admin_token: String,
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self._process.0.id()
+    }
+
+    /// A GET on the admin listener (plain HTTP on loopback), e.g. `/metrics`.
+    pub fn admin_get(&self, path: &str) -> Result<String> {
+        http_get(&self.admin_url, path, &self.admin_token)
+    }
+}
+
+/// Starts `mobillm-server` on 127.0.0.1 port 0 (API and admin) with `api_key`, passed through the environment
+/// as a deployment would; logs go to `log`.
+pub fn start_server(bin_dir: &Path, data_dir: &Path, api_key: &str, log: &Path) -> Result<Server> {
+    start_server_with(bin_dir, data_dir, api_key, log, &[])
+}
+
+/// As [`start_server`], with more flags.
+pub fn start_server_with(
+    bin_dir: &Path,
+    data_dir: &Path,
+    api_key: &str,
+    log: &Path,
+    extra: &[String],
+) -> Result<Server> {
+    let admin_token = format!("admin-{}", std::process::id());
+    let mut child = Command::new(bin_dir.join("mobillm-server"))
+        .args(["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("MOBILLM_API_KEYS", api_key)
+        .env("MOBILLM_ADMIN_TOKEN", &admin_token)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .context("starting mobillm-server")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("server stdout")?);
+    let (mut line, mut admin_line) = (String::new(), String::new());
+    stdout.read_line(&mut line)?;
+    stdout.read_line(&mut admin_line)?;
+    let process = ServerProcess(child);
+    let (Some(addr), Some(admin)) =
+        (line.trim().strip_prefix("listening on "), admin_line.trim().strip_prefix("admin listening on "))
+    else {
+        bail!("mobillm-server did not start; its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    };
+    Ok(Server { url: format!("http://{addr}"), admin_url: format!("http://{admin}"), admin_token, _process: process })
+}
+
+/// A plain HTTP/1.1 GET on loopback with a bearer token (the servers started here speak plain HTTP).
+pub fn http_get(base: &str, path: &str, token: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let addr = base.strip_prefix("http://").context("not an http:// URL")?;
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {}", head.lines().next().unwrap_or(""));
+    Ok(body.to_string())
+}

@@ -1,0 +1,52 @@
+//! `cargo xtask test`, the README's test command: fetches what the tests need, then runs every test of the
+//! workspace in release mode, the API check, the SDK's checks and a small demo.
+
+use anyhow::Result;
+use xtask::{demo, fetch, paths};
+
+use crate::{api_check, bindings};
+
+/// The real model is fetched first so the integration tests run instead of skipping: `MOBILLM_REQUIRE_MODEL=1`
+/// turns a missing model into a failure.
+pub fn run(args: &[String]) -> Result<()> {
+    let model = fetch::model()?;
+    fetch::uci_data()?;
+    // The Kotlin tests need a JVM and JNA; find out now rather than after half an hour of tests.
+    bindings::ensure_jvm()?;
+    paths::run(
+        paths::cargo()
+            .args(["test", "--release", "--workspace"])
+            .args(args)
+            .env("MOBILLM_MODEL", &model)
+            .env("MOBILLM_REQUIRE_MODEL", "1"),
+        "cargo test",
+    )?;
+    if !args.is_empty() {
+        return Ok(()); // a filtered run: only the tests asked for
+    }
+    // The API contract, as an outside client checks it.
+    api_check::run()?;
+    // The SDK: committed bindings are current, Swift passes its static checks, Kotlin tests pass on the JVM.
+    bindings::bindings(true)?;
+    bindings::swift_check()?;
+    bindings::kotlin_test()?;
+    // The main job, small: the real model, server and device binaries as separate processes, UCI data.
+    eprintln!("test: demo smoke run (160 train / 100 held-out UCI sentences)");
+    let result = demo::run(demo::Args {
+        mode: "pae".into(),
+        train: Some(160),
+        test: Some(100),
+        epochs: Some(5),
+        ..Default::default()
+    })?;
+    println!("{result}");
+    let (zero, tuned) = (result["zero_shot_acc"].as_f64(), result["finetuned_acc"].as_f64());
+    let per_sample = result["upload_bytes_per_sample"].as_f64().unwrap_or(f64::INFINITY);
+    anyhow::ensure!(
+        matches!((zero, tuned), (Some(z), Some(t)) if t >= z + 0.05),
+        "the demo's fine-tune did not beat zero-shot by 5 points: {result}"
+    );
+    anyhow::ensure!(per_sample <= 20_000.0, "the demo uploaded {per_sample} bytes per sample (goal ≤ 20 KB)");
+    eprintln!("test: demo smoke run passed");
+    Ok(())
+}
