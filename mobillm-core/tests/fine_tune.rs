@@ -143,7 +143,14 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
         pae.upload_bytes
     );
 
-    // Both server sessions were deleted when their fine-tunes ended.
+    // With label noise the fine-tune reports its ε (a large ε flips almost nothing, so it still learns).
+    let noisy_cfg = FineTuneConfig { label_epsilon: Some(8.0), ..config(&server.url, Mode::Pae) };
+    let noisy = fine_tune(&backbone, spec(), &train, &test, &noisy_cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+    assert_eq!((pae.label_epsilon, noisy.label_epsilon), (None, Some(8.0)));
+    let after_noisy = p_true(&noisy.adapter.predict(&backbone, &texts).unwrap(), &train);
+    assert!(after_noisy > before + 0.05, "pae with label noise still learns: {before} → {after_noisy}");
+
+    // Every server session were deleted when their fine-tunes ended.
     assert_eq!(sessions_on_server(&server), 0);
 
     // The adapter file round-trips and predicts the same.
@@ -179,6 +186,9 @@ fn cancelling_mid_training_stops_and_deletes_the_server_session() {
     bad[3].label = "maybe".into();
     let err = fine_tune(&backbone, spec(), &bad, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(&err, Error::InvalidInput(m) if m.contains("maybe")), "{err}");
+    let bad_epsilon = FineTuneConfig { label_epsilon: Some(0.0), ..cfg.clone() };
+    let err = fine_tune(&backbone, spec(), &train, &test, &bad_epsilon, &CancelToken::new(), &mut |_| {}).unwrap_err();
+    assert!(matches!(&err, Error::InvalidInput(m) if m.contains("ε")), "{err}");
     let wrong_key = FineTuneConfig { api_key: "nope".into(), ..cfg.clone() };
     let err = fine_tune(&backbone, spec(), &train, &test, &wrong_key, &CancelToken::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(&err, Error::Server { status: 401, .. }), "{err}");

@@ -114,6 +114,7 @@ impl From<&FineTuneOptions> for FineTuneConfig {
         if let Some(v) = o.poll_millis {
             c.poll = std::time::Duration::from_millis(v.into());
         }
+        c.label_epsilon = o.label_epsilon;
         c
     }
 }
@@ -124,6 +125,7 @@ impl From<Outcome> for FineTuneResult {
             adapter: Arc::new(Adapter { inner: o.adapter }),
             zero_shot_accuracy: o.zero_shot_acc,
             finetuned_accuracy: o.finetuned_acc,
+            label_epsilon: o.label_epsilon,
             train_samples: o.train_samples as u64,
             test_samples: o.test_samples as u64,
             upload_bytes: o.upload_bytes,
@@ -161,6 +163,7 @@ mod tests {
             rank: None,
             forward_batch: None,
             poll_millis: None,
+            label_epsilon: None,
         }
     }
 
@@ -203,6 +206,7 @@ mod tests {
             rank: Some(8),
             forward_batch: Some(4),
             poll_millis: Some(50),
+            label_epsilon: Some(2.5),
             ..options(Some(FineTuneMode::Mobillm))
         };
         let c = FineTuneConfig::from(&o);
@@ -210,6 +214,7 @@ mod tests {
         assert!(c.insecure_http);
         assert_eq!((c.epochs, c.rounds, c.lr, c.width, c.rank, c.forward_batch), (7, 5, 0.01, 64, 8, 4));
         assert_eq!((c.quant, c.poll, c.mode), (Quant::Int4, Duration::from_millis(50), Mode::Mobillm));
+        assert_eq!(c.label_epsilon, Some(2.5));
         assert!(!format!("{o:?}").contains("\"k\""), "Debug hides the key");
     }
 

@@ -63,6 +63,10 @@ pub struct FineTuneOptions {
     /// How often to poll the server during training, in milliseconds (default 250).
     #[uniffi(default = None)]
     pub poll_millis: Option<u32>,
+    /// Label differential privacy: train on labels passed through randomized response at this ε (smaller is
+    /// more private and less accurate). Unset: the true labels.
+    #[uniffi(default = None)]
+    pub label_epsilon: Option<f64>,
 }
 
 impl std::fmt::Debug for FineTuneOptions {
@@ -73,6 +77,7 @@ impl std::fmt::Debug for FineTuneOptions {
             .field("mode", &self.mode)
             .field("epochs", &self.epochs)
             .field("rounds", &self.rounds)
+            .field("label_epsilon", &self.label_epsilon)
             .finish_non_exhaustive()
     }
 }
@@ -126,6 +131,8 @@ pub struct FineTuneResult {
     /// Held-out accuracy of the backbone alone and with the adapter (absent without held-out examples).
     pub zero_shot_accuracy: Option<f64>,
     pub finetuned_accuracy: Option<f64>,
+    /// The ε of the label noise the fine-tune trained with (absent: the true labels).
+    pub label_epsilon: Option<f64>,
     pub train_samples: u64,
     pub test_samples: u64,
     pub upload_bytes: u64,

@@ -42,6 +42,9 @@ pub struct FineTuneConfig {
     pub upload_chunk: usize,
     /// `pae` only: rotate with secret matrices (on by default; off only to measure what they protect).
     pub secrets: bool,
+    /// Label differential privacy: train on labels passed through randomized response at this ε
+    /// (`side::label_noise`); `None` trains on the true labels. Smaller is more private and less accurate.
+    pub label_epsilon: Option<f64>,
     /// Keep the server session after the fine-tune (for inspection); by default it is deleted.
     pub keep_server_session: bool,
     /// How often to ask the server about training progress.
@@ -79,6 +82,7 @@ impl FineTuneConfig {
             forward_batch: 16,
             upload_chunk: 64,
             secrets: true,
+            label_epsilon: None,
             keep_server_session: false,
             poll: Duration::from_millis(250),
             max_train_wait: Duration::from_secs(3600),
@@ -96,10 +100,10 @@ impl FineTuneConfig {
         ]
         .into_iter()
         .find(|(_, v)| *v == 0);
-        match zero {
-            Some((name, _)) => Err(Error::InvalidInput(format!("{name} must be positive"))),
-            None => Ok(()),
+        if let Some((name, _)) = zero {
+            return Err(Error::InvalidInput(format!("{name} must be positive")));
         }
+        self.label_epsilon.map_or(Ok(()), crate::side::label_noise::validate_epsilon)
     }
 }
 
@@ -130,6 +134,7 @@ impl std::fmt::Debug for FineTuneConfig {
             .field("forward_batch", &self.forward_batch)
             .field("upload_chunk", &self.upload_chunk)
             .field("secrets", &self.secrets)
+            .field("label_epsilon", &self.label_epsilon)
             .field("keep_server_session", &self.keep_server_session)
             .field("poll", &self.poll)
             .field("max_train_wait", &self.max_train_wait)

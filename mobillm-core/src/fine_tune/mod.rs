@@ -21,6 +21,8 @@ pub mod remote;
 
 use std::time::Instant;
 
+use rand::TryRngCore;
+
 pub use config::FineTuneConfig;
 pub use progress::{CancelToken, Phase, Progress};
 
@@ -28,7 +30,7 @@ use crate::backbone::Backbone;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
 use crate::protocol::Mode;
-use crate::side::{DeviceAdapter, Secrets, SideConfig, SideNet};
+use crate::side::{label_noise, DeviceAdapter, Secrets, SideConfig, SideNet};
 use crate::task::{Task, TaskSpec};
 use held_out::Pivots;
 use remote::RemoteSession;
@@ -43,6 +45,8 @@ pub struct Outcome {
     /// Held-out accuracy of the backbone alone and with the adapter (`None` without held-out examples).
     pub zero_shot_acc: Option<f64>,
     pub finetuned_acc: Option<f64>,
+    /// The ε of the label noise the fine-tune trained with (`None`: the true labels).
+    pub label_epsilon: Option<f64>,
     /// Bytes of every frame the device sent (activations, targets).
     pub upload_bytes: u64,
     /// Seconds the device spent in backbone forwards of training examples.
@@ -80,6 +84,15 @@ pub fn fine_tune(
     }
     cfg.validate()?;
     let labels = label_indices(&task, train)?;
+    // Drawn once: every round trains on the same noisy labels, so each label is released once.
+    let labels = match cfg.label_epsilon {
+        Some(epsilon) => {
+            let mut seed = [0u8; 32];
+            rand::rngs::OsRng.try_fill_bytes(&mut seed).map_err(|e| Error::Internal(format!("OS RNG: {e}")))?;
+            label_noise::randomize(&labels, task.labels().len(), epsilon, seed)?
+        }
+        None => labels,
+    };
     let test_labels = label_indices(&task, test)?;
     let taps = cfg.taps.clone().unwrap_or_else(|| backbone.all_taps());
     let side = SideConfig {
@@ -133,6 +146,7 @@ pub fn fine_tune(
         test_samples: test.len(),
         zero_shot_acc,
         finetuned_acc,
+        label_epsilon: cfg.label_epsilon,
         upload_bytes: trained.upload_bytes,
         device_forward_s: trained.device_forward_s,
         server_train_s: trained.server_train_s,

@@ -1,8 +1,10 @@
 //! The side network (docs/design.md §3), its training objectives (§4) and the device's secrets (§5), shared by the
-//! server's trainer and the device's fusion.
+//! server's trainer and the device's fusion; and the device's label noise (`label_noise`, label differential
+//! privacy).
 
 pub mod adapter;
 pub mod config;
+pub mod label_noise;
 pub mod network;
 pub mod sample;
 pub mod secrets;

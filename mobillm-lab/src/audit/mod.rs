@@ -43,6 +43,10 @@ pub struct Args {
     /// Candidate texts per re-identification, the true one among them.
     #[arg(long, default_value_t = 100)]
     pub pool: usize,
+    /// Train on labels passed through randomized response at this ε (the device's label noise); the label
+    /// attacks are scored against the true labels.
+    #[arg(long)]
+    pub label_epsilon: Option<f64>,
     /// Do not write docs/privacy-audit.json and the generated section of docs/privacy.md.
     #[arg(long)]
     pub no_docs: bool,
@@ -140,6 +144,9 @@ pub fn run(args: Args) -> Result<()> {
         if !secrets_on {
             device_args.push("--no-secrets".into());
         }
+        if let Some(epsilon) = args.label_epsilon {
+            device_args.extend(["--label-epsilon".to_string(), epsilon.to_string()]);
+        }
         let device = demo::run_in(
             demo::Args {
                 mode: "pae".into(),
@@ -194,7 +201,12 @@ pub fn run(args: Args) -> Result<()> {
             "stolen_adapter": num(&on["stolen_adapter_acc"]) <= chance + 0.05,
         },
         "data": {"train": n_train, "public": split.test.len(), "attacked": args.attacked.min(n_train), "pool": args.pool},
-        "command": format!("cargo xtask audit{}", args.train.map_or(String::new(), |n| format!(" --train {n}"))),
+        "command": format!(
+            "cargo xtask audit{}{}",
+            args.train.map_or(String::new(), |n| format!(" --train {n}")),
+            args.label_epsilon.map_or(String::new(), |e| format!(" --label-epsilon {e}"))
+        ),
+        "label_epsilon": args.label_epsilon,
         "machine": xtask::report::machine(),
         "date": xtask::report::today(),
     });

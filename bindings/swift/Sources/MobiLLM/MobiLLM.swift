@@ -1773,6 +1773,11 @@ public struct FineTuneOptions: Equatable, Hashable {
      * How often to poll the server during training, in milliseconds (default 250).
      */
     public var pollMillis: UInt32?
+    /**
+     * Label differential privacy: train on labels passed through randomized response at this ε (smaller is
+     * more private and less accurate). Unset: the true labels.
+     */
+    public var labelEpsilon: Double?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1804,7 +1809,11 @@ public struct FineTuneOptions: Equatable, Hashable {
          */forwardBatch: UInt32? = nil, 
         /**
          * How often to poll the server during training, in milliseconds (default 250).
-         */pollMillis: UInt32? = nil) {
+         */pollMillis: UInt32? = nil, 
+        /**
+         * Label differential privacy: train on labels passed through randomized response at this ε (smaller is
+         * more private and less accurate). Unset: the true labels.
+         */labelEpsilon: Double? = nil) {
         self.serverUrl = serverUrl
         self.apiKey = apiKey
         self.caPem = caPem
@@ -1818,6 +1827,7 @@ public struct FineTuneOptions: Equatable, Hashable {
         self.rank = rank
         self.forwardBatch = forwardBatch
         self.pollMillis = pollMillis
+        self.labelEpsilon = labelEpsilon
     }
 
     
@@ -1848,7 +1858,8 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
                 width: FfiConverterOptionUInt32.read(from: &buf), 
                 rank: FfiConverterOptionUInt32.read(from: &buf), 
                 forwardBatch: FfiConverterOptionUInt32.read(from: &buf), 
-                pollMillis: FfiConverterOptionUInt32.read(from: &buf)
+                pollMillis: FfiConverterOptionUInt32.read(from: &buf), 
+                labelEpsilon: FfiConverterOptionDouble.read(from: &buf)
         )
     }
 
@@ -1866,6 +1877,7 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
         FfiConverterOptionUInt32.write(value.rank, into: &buf)
         FfiConverterOptionUInt32.write(value.forwardBatch, into: &buf)
         FfiConverterOptionUInt32.write(value.pollMillis, into: &buf)
+        FfiConverterOptionDouble.write(value.labelEpsilon, into: &buf)
     }
 }
 
@@ -1964,6 +1976,10 @@ public struct FineTuneResult {
      */
     public var zeroShotAccuracy: Double?
     public var finetunedAccuracy: Double?
+    /**
+     * The ε of the label noise the fine-tune trained with (absent: the true labels).
+     */
+    public var labelEpsilon: Double?
     public var trainSamples: UInt64
     public var testSamples: UInt64
     public var uploadBytes: UInt64
@@ -1976,10 +1992,14 @@ public struct FineTuneResult {
     public init(adapter: Adapter, 
         /**
          * Held-out accuracy of the backbone alone and with the adapter (absent without held-out examples).
-         */zeroShotAccuracy: Double?, finetunedAccuracy: Double?, trainSamples: UInt64, testSamples: UInt64, uploadBytes: UInt64, deviceForwardSeconds: Double, serverTrainSeconds: Double, wallSeconds: Double) {
+         */zeroShotAccuracy: Double?, finetunedAccuracy: Double?, 
+        /**
+         * The ε of the label noise the fine-tune trained with (absent: the true labels).
+         */labelEpsilon: Double?, trainSamples: UInt64, testSamples: UInt64, uploadBytes: UInt64, deviceForwardSeconds: Double, serverTrainSeconds: Double, wallSeconds: Double) {
         self.adapter = adapter
         self.zeroShotAccuracy = zeroShotAccuracy
         self.finetunedAccuracy = finetunedAccuracy
+        self.labelEpsilon = labelEpsilon
         self.trainSamples = trainSamples
         self.testSamples = testSamples
         self.uploadBytes = uploadBytes
@@ -2007,6 +2027,7 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
                 adapter: FfiConverterTypeAdapter.read(from: &buf), 
                 zeroShotAccuracy: FfiConverterOptionDouble.read(from: &buf), 
                 finetunedAccuracy: FfiConverterOptionDouble.read(from: &buf), 
+                labelEpsilon: FfiConverterOptionDouble.read(from: &buf), 
                 trainSamples: FfiConverterUInt64.read(from: &buf), 
                 testSamples: FfiConverterUInt64.read(from: &buf), 
                 uploadBytes: FfiConverterUInt64.read(from: &buf), 
@@ -2020,6 +2041,7 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
         FfiConverterTypeAdapter.write(value.adapter, into: &buf)
         FfiConverterOptionDouble.write(value.zeroShotAccuracy, into: &buf)
         FfiConverterOptionDouble.write(value.finetunedAccuracy, into: &buf)
+        FfiConverterOptionDouble.write(value.labelEpsilon, into: &buf)
         FfiConverterUInt64.write(value.trainSamples, into: &buf)
         FfiConverterUInt64.write(value.testSamples, into: &buf)
         FfiConverterUInt64.write(value.uploadBytes, into: &buf)

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! MOBILLM_API_KEY=K mobillm-device fine-tune --model M.gguf --server http://127.0.0.1:8787 (--uci DIR | --data F.jsonl
-//!                --template T) [--mode pae|mobillm] [--train N] [--test N] [--epochs E] [--save adapter.safetensors]
+//!                --template T) [--mode pae|mobillm] [--train N] [--test N] [--epochs E] [--label-epsilon ε]
+//!                [--save adapter.safetensors]
 //! mobillm-device predict --model M.gguf --adapter adapter.safetensors "some text" …
 //! ```
 
@@ -98,6 +99,10 @@ struct FineTuneArgs {
     /// Server learning rate (default 3e-3 for pae, 1e-3 for mobillm's small steps).
     #[arg(long)]
     lr: Option<f64>,
+    /// Label differential privacy: train on labels passed through randomized response at this ε (smaller is
+    /// more private and less accurate; default: the true labels).
+    #[arg(long)]
+    label_epsilon: Option<f64>,
     /// Save the device adapter here.
     #[arg(long)]
     save: Option<PathBuf>,
@@ -180,6 +185,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         ca_pem: args.ca.as_ref().map(std::fs::read).transpose()?,
         secrets: !args.no_secrets,
         keep_server_session: args.keep_session,
+        label_epsilon: args.label_epsilon,
         ..FineTuneConfig::for_mode(args.mode)
     };
     args.epochs.inspect(|&v| cfg.epochs = v);
@@ -206,6 +212,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         "mode": outcome.mode.to_string(),
         "zero_shot_acc": outcome.zero_shot_acc,
         "finetuned_acc": outcome.finetuned_acc,
+        "label_epsilon": outcome.label_epsilon,
         "train_samples": outcome.train_samples,
         "test_samples": outcome.test_samples,
         "upload_bytes": outcome.upload_bytes,

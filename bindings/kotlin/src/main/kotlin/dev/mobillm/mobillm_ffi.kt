@@ -3495,6 +3495,12 @@ data class FineTuneOptions (
      * How often to poll the server during training, in milliseconds (default 250).
      */
     var `pollMillis`: kotlin.UInt? = null 
+    , 
+    /**
+     * Label differential privacy: train on labels passed through randomized response at this ε (smaller is
+     * more private and less accurate). Unset: the true labels.
+     */
+    var `labelEpsilon`: kotlin.Double? = null 
     
 ){
     
@@ -3524,6 +3530,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.read(buf),
             FfiConverterOptionalUInt.read(buf),
             FfiConverterOptionalUInt.read(buf),
+            FfiConverterOptionalDouble.read(buf),
         )
     }
 
@@ -3540,7 +3547,8 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.allocationSize(value.`width`) +
             FfiConverterOptionalUInt.allocationSize(value.`rank`) +
             FfiConverterOptionalUInt.allocationSize(value.`forwardBatch`) +
-            FfiConverterOptionalUInt.allocationSize(value.`pollMillis`)
+            FfiConverterOptionalUInt.allocationSize(value.`pollMillis`) +
+            FfiConverterOptionalDouble.allocationSize(value.`labelEpsilon`)
     )
 
     override fun write(value: FineTuneOptions, buf: ByteBuffer) {
@@ -3557,6 +3565,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.write(value.`rank`, buf)
             FfiConverterOptionalUInt.write(value.`forwardBatch`, buf)
             FfiConverterOptionalUInt.write(value.`pollMillis`, buf)
+            FfiConverterOptionalDouble.write(value.`labelEpsilon`, buf)
     }
 }
 
@@ -3628,6 +3637,11 @@ data class FineTuneResult (
     , 
     var `finetunedAccuracy`: kotlin.Double?
     , 
+    /**
+     * The ε of the label noise the fine-tune trained with (absent: the true labels).
+     */
+    var `labelEpsilon`: kotlin.Double?
+    , 
     var `trainSamples`: kotlin.ULong
     , 
     var `testSamples`: kotlin.ULong
@@ -3653,6 +3667,7 @@ data class FineTuneResult (
         this.`adapter`,
         this.`zeroShotAccuracy`,
         this.`finetunedAccuracy`,
+        this.`labelEpsilon`,
         this.`trainSamples`,
         this.`testSamples`,
         this.`uploadBytes`,
@@ -3674,6 +3689,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterTypeAdapter.read(buf),
             FfiConverterOptionalDouble.read(buf),
             FfiConverterOptionalDouble.read(buf),
+            FfiConverterOptionalDouble.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
@@ -3687,6 +3703,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterTypeAdapter.allocationSize(value.`adapter`) +
             FfiConverterOptionalDouble.allocationSize(value.`zeroShotAccuracy`) +
             FfiConverterOptionalDouble.allocationSize(value.`finetunedAccuracy`) +
+            FfiConverterOptionalDouble.allocationSize(value.`labelEpsilon`) +
             FfiConverterULong.allocationSize(value.`trainSamples`) +
             FfiConverterULong.allocationSize(value.`testSamples`) +
             FfiConverterULong.allocationSize(value.`uploadBytes`) +
@@ -3699,6 +3716,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterTypeAdapter.write(value.`adapter`, buf)
             FfiConverterOptionalDouble.write(value.`zeroShotAccuracy`, buf)
             FfiConverterOptionalDouble.write(value.`finetunedAccuracy`, buf)
+            FfiConverterOptionalDouble.write(value.`labelEpsilon`, buf)
             FfiConverterULong.write(value.`trainSamples`, buf)
             FfiConverterULong.write(value.`testSamples`, buf)
             FfiConverterULong.write(value.`uploadBytes`, buf)

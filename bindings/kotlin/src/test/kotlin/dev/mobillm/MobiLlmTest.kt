@@ -13,6 +13,7 @@ import kotlin.system.exitProcess
 import kotlin.test.assertEquals
 import kotlin.test.assertFailsWith
 import kotlin.test.assertNotNull
+import kotlin.test.assertNull
 import kotlin.test.assertTrue
 import kotlinx.coroutines.Dispatchers
 import kotlinx.coroutines.async
@@ -112,6 +113,17 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
         // Progress arrives on the fine-tune's own (native) thread, never on the caller's.
         assertTrue(recorder.threads.isNotEmpty())
         assertTrue(caller !in recorder.threads, "progress on the caller's thread $caller")
+    },
+    "label noise at ε is reported back, and an ε of zero is an InvalidInput error" to {
+        FineTuneSession(backbone, task).use { session ->
+            session.addExamples(examples(40))
+            val result = runBlocking { session.fineTune(options().copy(labelEpsilon = 8.0), null) }
+            assertEquals(8.0, result.labelEpsilon)
+            assertNull(trained.labelEpsilon)
+            assertFailsWith<MobiLlmException.InvalidInput> {
+                runBlocking { session.fineTune(options().copy(labelEpsilon = 0.0), null) }
+            }
+        }
     },
     "the adapter predicts every label with probabilities, and moves predictions towards the labels" to {
         val adapter = trained.adapter
