@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use mobillm_core::client::AssistClient;
+use mobillm_core::memory;
 use mobillm_core::protocol::CreateSession;
 use mobillm_core::side::SampleId;
 use mobillm_core::wire::{Frame, Quant};
@@ -117,33 +118,12 @@ fn device(client: &AssistClient, key: &str, i: usize, args: &Args, tally: &Tally
     Ok(())
 }
 
-/// One `GET /healthz` on a fresh connection, as a load balancer's probe sends it.
-fn healthz(addr: &str) -> std::io::Result<()> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")?;
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer)?;
-    if answer.starts_with(b"HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(std::io::ErrorKind::InvalidData.into())
-    }
-}
-
 fn percentile(values: &mut [f64], p: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }
     values.sort_by(f64::total_cmp);
     values[((values.len() - 1) as f64 * p).round() as usize]
-}
-
-fn peak_rss_mb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 pub fn run(args: Args) -> Result<serde_json::Value> {
@@ -183,11 +163,11 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
         });
         let prober = s.spawn(|| {
             let (mut times, mut failures) = (Vec::new(), 0usize);
-            let addr = server.url.trim_start_matches("http://").to_string();
             while !stop.load(Ordering::SeqCst) && started.elapsed() < DEVICE_DEADLINE {
                 let t = Instant::now();
-                match healthz(&addr) {
-                    Ok(()) => times.push(t.elapsed().as_secs_f64() * 1e3),
+                // A fresh connection and no credentials, as a load balancer's probe sends it.
+                match processes::http_get(&server.url, "/healthz", None) {
+                    Ok(_) => times.push(t.elapsed().as_secs_f64() * 1e3),
                     Err(_) => failures += 1,
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -211,11 +191,9 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
         stop.store(true, Ordering::SeqCst);
         prober.join().expect("health prober")
     });
-    let peak = peak_rss_mb(server.pid()).context("the server's /proc status")?;
+    let peak = memory::peak_rss_mb_of(server.pid()).context("the server's /proc status")?;
     let metrics = server.admin_get("/metrics").unwrap_or_default();
-    let metric = |name: &str| -> f64 {
-        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(0.0)
-    };
+    let metric = |name: &str| processes::metric(&metrics, name).unwrap_or(0.0);
     let mut uploads = tally.uploads_ms.into_inner().expect("uploads");
     if let Some(e) = tally.first_error.into_inner().expect("error") {
         eprintln!("load: first error: {e}");

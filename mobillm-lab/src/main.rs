@@ -1,7 +1,5 @@
 //! `mobillm-lab`: the research commands (`cargo xtask <command>` runs them through here).
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use mobillm_lab::{audit, bench, bench_forward, load, lora, side_eval, zeroshot};
@@ -33,12 +31,6 @@ enum Cmd {
     /// Load test: N simulated devices fine-tune against one server at once; prints one JSON line (upload and
     /// health latency percentiles, errors, the server's peak RSS).
     Load(load::Args),
-    /// Writes a tiny generated GGUF model (the tests' model) to PATH.
-    TinyModel {
-        #[arg(long, default_value_t = 21)]
-        seed: u64,
-        path: PathBuf,
-    },
     /// (internal) one benchmark variant, run in its own process so its peak RSS is its own.
     #[command(hide = true)]
     BenchForwardWorker(bench_forward::WorkerArgs),
@@ -54,7 +46,6 @@ fn main() -> Result<()> {
         Cmd::BenchLora(args) => lora::worker(args)?,
         Cmd::Audit(args) => audit::run(args)?,
         Cmd::Load(args) => println!("{}", load::run(args)?),
-        Cmd::TinyModel { seed, path } => mobillm_core::testkit::write_tiny_gguf(seed, &path),
     }
     Ok(())
 }

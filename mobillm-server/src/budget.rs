@@ -10,12 +10,10 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use mobillm_core::side::trainer::OUTPUT_BATCH;
 use mobillm_core::side::SideConfig;
 
 use crate::store::SessionShape;
-
-/// Rows per forward batch when the server computes outputs (the trainer's own batch size).
-pub const OUTPUT_ROWS: usize = 256;
 
 pub struct Budget {
     total: u64,
@@ -90,7 +88,7 @@ pub struct Cost {
     pub trainer: u64,
     /// One mini-batch's forward graph kept for the backward pass, with its gradients.
     pub batch: u64,
-    /// A forward pass without gradients over [`OUTPUT_ROWS`] rows (what outputs are computed in).
+    /// A forward pass without gradients over [`OUTPUT_BATCH`] rows (what outputs are computed in).
     pub forward: u64,
     /// One cached sample in a training set (f16 activations, f32 target, id).
     pub sample: u64,
@@ -112,7 +110,7 @@ impl Cost {
         // about eight width-sized and four rank-sized intermediates; doubled for their gradients.
         let per_row = m(3, d)?.checked_add(m(8, w)?)?.checked_add(m(4, r)?)?;
         let batch = f32s(m(batch_size, t)?.checked_mul(per_row)?)?.checked_mul(2)?;
-        let forward = f32s(m(OUTPUT_ROWS, t)?.checked_mul(per_row)?)?;
+        let forward = f32s(m(OUTPUT_BATCH, t)?.checked_mul(per_row)?)?;
         let sample = (shape.stored_sample_len() as u64).checked_add(16)?;
         Some(Cost { params, trainer, batch, forward, sample })
     }

@@ -164,6 +164,10 @@ impl ServerConfig {
         self.memory_budget_mb.saturating_mul(MIB)
     }
 
+    pub fn store_cache_bytes(&self) -> usize {
+        usize::try_from(self.store_cache_mb.saturating_mul(MIB)).unwrap_or(usize::MAX)
+    }
+
     pub fn min_free_disk_bytes(&self) -> u64 {
         self.min_free_disk_mb.saturating_mul(MIB)
     }
@@ -173,6 +177,8 @@ impl ServerConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quotas {
     pub max_sessions_per_key: usize,
+    /// The most a session's sample cap can be. The cap itself is fixed at creation (also bounded by the byte
+    /// quota and the memory budget) and kept in the session record, which is what the store checks.
     pub max_samples_per_session: usize,
     pub session_bytes: u64,
     pub key_bytes: u64,

@@ -44,7 +44,7 @@ impl AppState {
     /// Opens the store; the training workers are started by [`crate::open`].
     pub(crate) fn new(mut config: ServerConfig) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(!config.api_keys.is_empty(), "no API key configured");
-        let store = Store::open(&config.data_dir, (config.store_cache_mb << 20) as usize)?;
+        let store = Store::open(&config.data_dir, config.store_cache_bytes())?;
         let api_keys = config.api_keys.iter().map(|k| sha256(k.as_bytes())).collect();
         let admin_token = config.admin_token.as_deref().map(|t| sha256(t.as_bytes()));
         // The plain secrets are not needed past this point.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 
-use xtask::paths::root;
+use xtask::paths::{self, root};
 use xtask::{fetch, processes};
 
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
@@ -22,13 +22,13 @@ fn install() -> Result<std::path::PathBuf> {
     let dir = fetch::cache_dir()?.join(SCHEMATHESIS.replace("==", "-"));
     if !dir.join("schemathesis").exists() {
         eprintln!("api-check: installing {SCHEMATHESIS} from PyPI into {}", dir.display());
-        let status = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-            .arg(&dir)
-            .arg(SCHEMATHESIS)
-            .status()
-            .context("running python3 -m pip")?;
-        ensure!(status.success(), "pip install {SCHEMATHESIS} failed ({status})");
+        paths::run(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+                .arg(&dir)
+                .arg(SCHEMATHESIS),
+            &format!("pip install {SCHEMATHESIS}"),
+        )?;
     }
     Ok(dir)
 }

@@ -147,9 +147,14 @@ pub fn kotlin_test() -> Result<()> {
     generate(&lib, work.path())?;
 
     let (model, other) = (work.path().join("tiny.gguf"), work.path().join("other.gguf"));
-    let lab = crate::lab::build()?;
     for (seed, path) in [("21", &model), ("22", &other)] {
-        run(Command::new(&lab).args(["tiny-model", "--seed", seed]).arg(path), "mobillm-lab tiny-model")?;
+        run(
+            cargo()
+                .args(["run", "--release", "--quiet", "-p", "mobillm-core", "--features", "testkit"])
+                .args(["--example", "tiny_model", "--", seed])
+                .arg(path),
+            "writing a tiny test model",
+        )?;
     }
     let key = format!("kotlin-{}", std::process::id());
     let log = work.path().join("server.log");

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::args::DataArgs;
 use crate::fetch;
-use crate::processes::{build_binaries, start_server};
+use crate::processes::{build_binaries, metric, start_server};
 
 #[derive(clap::Args, Default)]
 pub struct Args {
@@ -91,11 +91,8 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
         serde_json::from_str(last).with_context(|| format!("mobillm-device printed {last:?}"))?;
     // The server's own training throughput, from its metrics (samples × epochs per second of training).
     if let Ok(metrics) = server.admin_get("/metrics") {
-        let value = |name: &str| -> Option<f64> {
-            metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        };
         if let (Some(samples), Some(seconds)) =
-            (value("mobillm_trained_samples_total"), value("mobillm_training_seconds_total"))
+            (metric(&metrics, "mobillm_trained_samples_total"), metric(&metrics, "mobillm_training_seconds_total"))
         {
             result["server_train_samples_per_s"] = serde_json::json!(samples / seconds.max(1e-9));
         }

@@ -7,7 +7,7 @@ use anyhow::Result;
 use xtask::paths;
 
 /// Builds the `mobillm-lab` binary (release) and returns its path.
-pub fn build() -> Result<PathBuf> {
+fn build() -> Result<PathBuf> {
     eprintln!("building mobillm-lab (release)…");
     paths::run(paths::cargo().args(["build", "--release", "--quiet", "-p", "mobillm-lab"]), "building mobillm-lab")?;
     Ok(paths::bin_dir()?.join("mobillm-lab"))

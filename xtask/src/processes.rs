@@ -51,7 +51,7 @@ impl Server {
 
     /// A GET on the admin listener (plain HTTP on loopback), e.g. `/metrics`.
     pub fn admin_get(&self, path: &str) -> Result<String> {
-        http_get(&self.admin_url, path, &self.admin_token)
+        http_get(&self.admin_url, path, Some(&self.admin_token))
     }
 }
 
@@ -93,18 +93,23 @@ pub fn start_server_with(
     Ok(Server { url: format!("http://{addr}"), admin_url: format!("http://{admin}"), admin_token, _process: process })
 }
 
-/// A plain HTTP/1.1 GET on loopback with a bearer token (the servers started here speak plain HTTP).
-pub fn http_get(base: &str, path: &str, token: &str) -> Result<String> {
+/// A plain HTTP/1.1 GET on loopback, with a bearer token if given (the servers started here speak plain HTTP);
+/// the answer must come within 10 s.
+pub fn http_get(base: &str, path: &str, token: Option<&str>) -> Result<String> {
     use std::io::{Read, Write};
     let addr = base.strip_prefix("http://").context("not an http:// URL")?;
     let mut stream = std::net::TcpStream::connect(addr)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-    )?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").context("malformed HTTP answer")?;
     anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {}", head.lines().next().unwrap_or(""));
     Ok(body.to_string())
+}
+
+/// The value of the unlabelled metric `name` in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::progress::{Phase, Progress};
 use super::Run;
-use crate::backbone::batching::{Batches, BATCH_TOKENS};
+use crate::backbone::batching::BATCH_TOKENS;
 use crate::dataset::Example;
 use crate::error::Result;
 use crate::side::targets::{accuracy, predict};
@@ -53,9 +53,7 @@ impl Run<'_> {
         }
         let (n, k) = (test.len(), self.side.labels);
         let per = self.side.taps * self.side.hidden;
-        let texts: Vec<&str> = test.iter().map(|e| e.text.as_str()).collect();
-        let batches =
-            Batches::plan(self.task, self.backbone.tokenizer(), &texts, self.cfg.forward_batch, BATCH_TOKENS)?;
+        let batches = self.plan(test, BATCH_TOKENS)?;
         let mut taps = vec![half::f16::ZERO; n * per];
         let mut logits = vec![0f32; n * k];
         let mut done = 0;

@@ -13,7 +13,6 @@ use rand::SeedableRng;
 use super::progress::{Phase, Progress};
 use super::remote::Upload;
 use super::{Run, Trained};
-use crate::backbone::batching::Batches;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
 use crate::side::SampleId;
@@ -33,9 +32,7 @@ impl Run<'_> {
     ) -> Result<Trained> {
         let (n, k) = (train.len(), self.side.labels);
         let (t, d) = (self.side.taps, self.side.hidden);
-        let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
-        let mut batches =
-            Batches::plan(self.task, self.backbone.tokenizer(), &texts, self.cfg.forward_batch, STEP_TOKENS)?;
+        let mut batches = self.plan(train, STEP_TOKENS)?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.cfg.seed);
         let (mut forward_s, mut upload_bytes) = (0.0, 0u64);
         let step_s = Mutex::new(0.0f64);

@@ -26,6 +26,7 @@ use rand::TryRngCore;
 pub use config::FineTuneConfig;
 pub use progress::{CancelToken, Phase, Progress};
 
+use crate::backbone::batching::Batches;
 use crate::backbone::Backbone;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
@@ -193,6 +194,12 @@ struct Trained {
 }
 
 impl Run<'_> {
+    /// The forward batches of `examples`, at most `forward_batch` examples and `max_tokens` padded tokens each.
+    fn plan(&self, examples: &[Example], max_tokens: usize) -> Result<Batches> {
+        let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+        Batches::plan(self.task, self.backbone.tokenizer(), &texts, self.cfg.forward_batch, max_tokens)
+    }
+
     /// Scores the folded network on the held-out pivots (if any) and records the round.
     fn report_round(
         &self,

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use super::progress::{Phase, Progress};
 use super::remote::Upload;
 use super::{Run, Trained};
-use crate::backbone::batching::{Batches, BATCH_TOKENS};
+use crate::backbone::batching::BATCH_TOKENS;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
 use crate::side::normalize_taps;
@@ -31,9 +31,7 @@ impl Run<'_> {
         let (n, k, k_out) = (train.len(), self.side.labels, self.side.outputs);
         let (t, d) = (self.side.taps, self.side.hidden);
         let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_>>()?;
-        let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
-        let batches =
-            Batches::plan(self.task, self.backbone.tokenizer(), &texts, self.cfg.forward_batch, BATCH_TOKENS)?;
+        let batches = self.plan(train, BATCH_TOKENS)?;
         let mut z_b = vec![0f32; n * k];
         let mut forward_s = 0.0;
         let mut upload_bytes = self.remote.stream(
@@ -95,9 +93,9 @@ impl Run<'_> {
             self.cancel.check()?;
             let start = Instant::now();
             self.remote.start_training(self.cfg.epochs)?;
-            if held_out.is_none() {
+            if round == 1 {
                 // The server trains the first round while the device forwards the held-out set.
-                held_out = Some(self.forward_held_out(test, progress)?);
+                held_out = self.forward_held_out(test, progress)?;
             }
             loss = self.remote.wait_trained(self.cfg, |job| {
                 self.cancel.check()?;
@@ -106,12 +104,12 @@ impl Run<'_> {
             })?;
             server_s += start.elapsed().as_secs_f64();
             let net = self.secrets.fold(&self.remote.side_network()?)?;
-            self.report_round(round, &net, held_out.as_ref().and_then(Option::as_ref), &mut rounds)?;
+            self.report_round(round, &net, held_out.as_ref(), &mut rounds)?;
             folded = Some(net);
         }
         Ok(Trained {
             folded: folded.ok_or_else(|| Error::Internal("no refinement round ran".into()))?,
-            held_out: held_out.flatten(),
+            held_out,
             upload_bytes,
             device_forward_s: forward_s,
             server_train_s: server_s,

@@ -4,7 +4,6 @@
 //! computes the next ones, and turns the server's answers into what the loops need: a training round waited for,
 //! outputs in the device's sample order, the side network checked against the session's shape.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
@@ -83,36 +82,35 @@ impl RemoteSession {
         produce: impl FnOnce(&dyn Fn(Upload) -> Result<()>) -> Result<()>,
         mut on_step: impl FnMut(StepAck, f64) + Send,
     ) -> Result<u64> {
-        let bytes = AtomicU64::new(0);
         let (tx, rx) = sync_channel::<Upload>(2);
         std::thread::scope(|scope| {
-            let sender = scope.spawn(|| -> Result<()> {
+            let sender = scope.spawn(|| -> Result<u64> {
+                let mut bytes = 0u64;
                 for item in rx {
                     cancel.check()?;
+                    let (Upload::Samples(frame) | Upload::Step(frame)) = &item;
+                    let encoded = frame.encode(quant)?;
                     match item {
-                        Upload::Samples(frame) => {
-                            let encoded = frame.encode(quant)?;
+                        Upload::Samples(_) => {
                             self.client.upload_frame(&self.session, &encoded)?;
-                            bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
                         }
-                        Upload::Step(frame) => {
-                            let encoded = frame.encode(quant)?;
+                        Upload::Step(_) => {
                             let sent = Instant::now();
                             let ack = self.client.train_step(&self.session, &encoded)?;
-                            bytes.fetch_add(encoded.len() as u64, Ordering::Relaxed);
                             on_step(ack, sent.elapsed().as_secs_f64());
                         }
                     }
+                    bytes += encoded.len() as u64;
                 }
-                Ok(())
+                Ok(bytes)
             });
             let hand_over = |item: Upload| tx.send(item).map_err(|_| Error::Network("the upload stopped".into()));
             let produced = produce(&hand_over);
             drop(tx);
-            let sent = sender.join().map_err(|_| Error::Internal("the upload thread panicked".into()))?;
-            sent.and(produced)
-        })?;
-        Ok(bytes.into_inner())
+            let bytes = sender.join().map_err(|_| Error::Internal("the upload thread panicked".into()))??;
+            produced?;
+            Ok(bytes)
+        })
     }
 
     /// Replaces the targets of uploaded samples: `targets` is `[n, K']`, row i for `ids[i]`. Returns the bytes

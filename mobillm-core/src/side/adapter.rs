@@ -124,7 +124,7 @@ impl DeviceAdapter {
 
     /// Decoded logit corrections `[N, K]` for already-computed pivot taps `[N, T, d]` (not yet normalised).
     pub fn corrections(&self, taps: &Tensor) -> Result<Tensor> {
-        outputs_in_batches(&self.net, &normalize_taps(taps)?, 256)
+        outputs_in_batches(&self.net, &normalize_taps(taps)?, super::trainer::OUTPUT_BATCH)
     }
 
     /// Predicts the label of each text with the backbone plus this adapter.

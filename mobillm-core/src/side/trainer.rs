@@ -182,7 +182,7 @@ impl SideTrainer {
 
     /// Outputs `[N, K']` for `x: [N, T, d]`, in batches, without building a graph.
     pub fn outputs(&self, x: &Tensor) -> Result<Tensor> {
-        outputs_in_batches(&self.net, x, 256)
+        outputs_in_batches(&self.net, x, OUTPUT_BATCH)
     }
 
     /// The parameters' dtype.
@@ -190,6 +190,9 @@ impl SideTrainer {
         self.dtype
     }
 }
+
+/// Rows per forward batch when outputs are computed without gradients (server outputs, device predictions).
+pub const OUTPUT_BATCH: usize = 256;
 
 pub fn outputs_in_batches(net: &SideNet, x: &Tensor, batch: usize) -> Result<Tensor> {
     let n = x.dim(0)?;
