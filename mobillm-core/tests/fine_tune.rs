@@ -121,6 +121,7 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     let after = p_true(&pae.adapter.predict(&backbone, &texts).unwrap(), &train);
     assert!(after > before + 0.05, "pae moves predictions towards the labels: {before} → {after}");
     assert!(pae.adapter.secret_seed.is_some());
+    assert!(pae.adapter.whitening.is_some(), "a session with secrets whitens");
     assert_eq!((pae.train_samples, pae.test_samples), (40, 12));
     assert!(pae.zero_shot_acc.is_some() && pae.finetuned_acc.is_some());
     // Phases in order; training reported both rounds to the end.
@@ -134,7 +135,7 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     let (mobillm, _) = run(&backbone, &server.url, Mode::Mobillm, &train, &test);
     let after_mobillm = p_true(&mobillm.adapter.predict(&backbone, &texts).unwrap(), &train);
     assert!(after_mobillm > before + 0.05, "mobillm moves predictions too: {before} → {after_mobillm}");
-    assert!(mobillm.adapter.secret_seed.is_none());
+    assert!(mobillm.adapter.secret_seed.is_none() && mobillm.adapter.whitening.is_none());
     // Every token of every tapped layer, every epoch, against pivots once plus a round of targets.
     assert!(
         mobillm.upload_bytes > 10 * pae.upload_bytes,

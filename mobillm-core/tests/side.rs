@@ -11,6 +11,7 @@ use mobillm_core::side::network::{DOWN, GATE_ALPHA, OUT, PROJ, UP};
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences};
 use mobillm_core::side::{
     normalize_taps, DeviceAdapter, Objective, Optimizer, Secrets, SideConfig, SideNet, SideTrainer, TrainConfig,
+    Whitening,
 };
 use mobillm_core::{Error, TaskSpec};
 
@@ -323,6 +324,7 @@ fn device_adapter_files_round_trip_and_reject_damage() {
         taps: (0..T).collect(),
         backbone_fingerprint: "f".repeat(64),
         secret_seed: secrets.seed(),
+        whitening: Some(Whitening::fit(&data.x, 3, 0.1).unwrap()),
         net: secrets.fold(&trained).unwrap(),
     };
     let dir = tempfile::tempdir().unwrap();
@@ -333,8 +335,41 @@ fn device_adapter_files_round_trip_and_reject_damage() {
     assert_eq!(loaded.taps, adapter.taps);
     assert_eq!(loaded.secret_seed, Some([4; 32]));
     assert_eq!(loaded.side_config(), &c);
+    assert!(loaded.whitening.is_some());
     let raw = data.x.clone();
-    assert_eq!(flat(&loaded.corrections(&raw).unwrap()), flat(&adapter.corrections(&raw).unwrap()));
+    let whitened = flat(&adapter.corrections(&raw).unwrap());
+    assert_eq!(flat(&loaded.corrections(&raw).unwrap()), whitened);
+    let unwhitened = DeviceAdapter { whitening: None, ..adapter.clone() };
+    assert_ne!(flat(&unwhitened.corrections(&raw).unwrap()), whitened, "the whitening is applied");
+
+    // A version 1 file (before whitening) still reads, and runs as it was trained: without whitening. A version
+    // from the future is refused by name.
+    let (tensors, meta) = mobillm_core::side::weights_file::from_bytes(&unwhitened_bytes(&unwhitened)).unwrap();
+    for (version, readable) in [("1", true), ("3", false)] {
+        let mut meta = meta.clone();
+        meta.insert("format_version".into(), version.into());
+        let old = dir.path().join(format!("v{version}.safetensors"));
+        let bytes =
+            mobillm_core::side::weights_file::to_bytes(&mobillm_core::side::weights_file::as_refs(&tensors), meta)
+                .unwrap();
+        std::fs::write(&old, bytes).unwrap();
+        match DeviceAdapter::load(&old) {
+            Ok(a) if readable => {
+                assert!(a.whitening.is_none());
+                assert_eq!(flat(&a.corrections(&raw).unwrap()), flat(&unwhitened.corrections(&raw).unwrap()));
+            }
+            Err(e) if !readable => assert!(e.to_string().contains("version 3"), "{e}"),
+            other => panic!("version {version}: {other:?}"),
+        }
+    }
+    // A whitening tensor without the others is damage, not an old file.
+    let mut partial = tensors.clone();
+    partial.push(("whitening.mean".into(), Tensor::zeros((T, D), DType::F32, &Device::Cpu).unwrap()));
+    let bytes =
+        mobillm_core::side::weights_file::to_bytes(&mobillm_core::side::weights_file::as_refs(&partial), meta).unwrap();
+    std::fs::write(dir.path().join("partial.safetensors"), bytes).unwrap();
+    let err = DeviceAdapter::load(&dir.path().join("partial.safetensors")).unwrap_err();
+    assert!(err.to_string().contains("whitening.mean"), "{err}");
 
     let bytes = std::fs::read(&path).unwrap();
     for cut in [0, 8, bytes.len() / 2, bytes.len() - 3] {
@@ -422,6 +457,7 @@ fn device_adapter_predicts_with_its_backbone_only() {
         taps: taps.clone(),
         backbone_fingerprint: backbone.fingerprint().to_string(),
         secret_seed: secrets.seed(),
+        whitening: None,
         net: secrets.fold(trainer.net()).unwrap(),
     };
     let file = dir.path().join("adapter.safetensors");
@@ -451,4 +487,12 @@ fn device_adapter_predicts_with_its_backbone_only() {
     assert_ne!(other.fingerprint(), backbone.fingerprint());
     let err = adapter.predict(&other, &refs).unwrap_err();
     assert!(err.to_string().contains("another backbone"), "{err}");
+}
+
+/// The bytes of an adapter file saved without whitening.
+fn unwhitened_bytes(adapter: &DeviceAdapter) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plain.safetensors");
+    adapter.save(&path).unwrap();
+    std::fs::read(path).unwrap()
 }

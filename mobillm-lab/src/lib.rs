@@ -5,7 +5,7 @@
 //! - [`side_eval`], [`zeroshot`]: accuracy of the side network and of the frozen backbone on real pivots;
 //! - [`bench`], [`bench_forward`], [`lora`]: MobiLLM against on-device LoRA, and the forward pass's speed and memory;
 //! - [`load`]: many simulated devices against one server;
-//! - [`inputs`], [`whitening`]: what the harnesses share.
+//! - [`inputs`]: what the harnesses share.
 
 pub mod audit;
 pub mod bench;
@@ -14,5 +14,4 @@ pub mod inputs;
 pub mod load;
 pub mod lora;
 pub mod side_eval;
-pub mod whitening;
 pub mod zeroshot;

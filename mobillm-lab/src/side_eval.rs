@@ -13,7 +13,7 @@ use mobillm_core::side::targets::{accuracy, predict, prediction_differences, DEF
 use mobillm_core::side::{normalize_taps, Activation, Objective, Secrets, SideConfig, SideTrainer, TrainConfig};
 
 use crate::inputs;
-use crate::whitening::Whitening;
+use mobillm_core::side::whitening::{self, Whitening};
 use xtask::args::DataArgs;
 
 #[derive(clap::Args)]
@@ -47,11 +47,21 @@ pub struct Args {
     /// Train without secrets (R = Q = I), for comparison.
     #[arg(long)]
     pub no_secrets: bool,
-    /// Centre and whiten each layer before rotating, with the mean and covariance of the training split and ε =
-    /// EPS times the mean eigenvalue (the audit simulates 0.1): the design change docs/privacy.md proposes against
-    /// the alignment attack, to measure what it costs in accuracy.
-    #[arg(long, value_name = "EPS")]
-    pub whiten: Option<f64>,
+    /// Centre and whiten each layer before rotating, as the device does with its secrets on (μ and W from a
+    /// subset of the training split of the device's size, its rank and ε), to measure what it costs in accuracy.
+    #[arg(long)]
+    pub whiten: bool,
+    /// With --whiten: ε relative to the mean eigenvalue, and the directions whitened exactly (default: the
+    /// device's).
+    #[arg(long, default_value_t = whitening::RELATIVE_EPS)]
+    pub whiten_eps: f64,
+    #[arg(long, default_value_t = whitening::RANK)]
+    pub whiten_rank: usize,
+    /// Also fit a ridge readout of these tapped layers (comma-separated positions, or `all`) on the device's
+    /// inputs with the true labels, as a label head that never leaves the device would be, and report its
+    /// held-out accuracy for a range of ridge penalties.
+    #[arg(long, value_name = "LAYERS")]
+    pub ridge: Option<String>,
     /// Skip the cross-entropy baseline.
     #[arg(long)]
     pub no_baseline: bool,
@@ -94,12 +104,18 @@ pub fn run(args: Args) -> Result<()> {
 
     // What the device sends: unit-RMS, rotated activations (once) and rotated targets (per round).
     let (x_train_plain, x_test_plain) = (normalize_taps(&train.taps)?, normalize_taps(&test.taps)?);
-    let (x_train_plain, x_test_plain) = match args.whiten {
-        Some(eps) => {
-            let whitening = Whitening::fit(&x_train_plain, eps, true)?;
-            (whitening.apply(&x_train_plain)?, whitening.apply(&x_test_plain)?)
-        }
-        None => (x_train_plain, x_test_plain),
+    let (x_train_plain, x_test_plain) = if args.whiten {
+        let n = x_train_plain.dim(0)?;
+        let subset: Vec<u32> = (0..n.min(whitening::CALIBRATION_SAMPLES) as u32).collect();
+        let calibration = x_train_plain.index_select(&Tensor::new(subset.as_slice(), &Device::Cpu)?, 0)?;
+        let whitening = Whitening::fit(&calibration, args.whiten_rank, args.whiten_eps)?;
+        (whitening.apply(&x_train_plain)?, whitening.apply(&x_test_plain)?)
+    } else {
+        (x_train_plain, x_test_plain)
+    };
+    let ridge = match &args.ridge {
+        Some(layers) => ridge_head(layers, &x_train_plain, &x_test_plain, &train, &test, args.tau)?,
+        None => serde_json::Value::Null,
     };
     let x_train = secrets.rotate_activations(&x_train_plain)?;
 
@@ -160,8 +176,9 @@ pub fn run(args: Args) -> Result<()> {
         "pae_acc": pae_acc,
         "pae_rounds": rounds,
         "ce_baseline": baseline,
+        "ridge_head": ridge,
         "secrets": secrets.is_enabled(),
-        "whitened": args.whiten,
+        "whitened": args.whiten.then_some(serde_json::json!({"eps": args.whiten_eps, "rank": args.whiten_rank})),
         "side": cfg,
         "train": {"lr": args.lr, "batch": args.batch, "epochs_per_round": args.epochs, "rounds": args.rounds, "tau": args.tau},
         "epoch_s": epoch_s,
@@ -169,4 +186,53 @@ pub fn run(args: Args) -> Result<()> {
     });
     println!("{result}");
     Ok(())
+}
+
+/// A ridge readout of some layers' device inputs `[N, T, d]`, fitted on the round-1 targets Δ (in its dual form,
+/// so any number of layers fits in N×N): held-out accuracy of `z_b + readout` per ridge penalty.
+fn ridge_head(
+    layers: &str,
+    x_train: &Tensor,
+    x_test: &Tensor,
+    train: &inputs::Pivots,
+    test: &inputs::Pivots,
+    tau: f64,
+) -> Result<serde_json::Value> {
+    let (n, t, d) = x_train.dims3()?;
+    let chosen: Vec<usize> = if layers == "all" {
+        (0..t).collect()
+    } else {
+        layers.split(',').map(|l| l.trim().parse::<usize>()).collect::<std::result::Result<_, _>>()?
+    };
+    anyhow::ensure!(chosen.iter().all(|&l| l < t), "--ridge: layers are positions below {t}");
+    let pick = |x: &Tensor| -> Result<Tensor> {
+        let idx = Tensor::new(chosen.iter().map(|&l| l as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+        Ok(x.to_dtype(candle_core::DType::F32)?.index_select(&idx, 1)?.reshape((x.dim(0)?, chosen.len() * d))?)
+    };
+    let (phi, phi_test) = (pick(x_train)?, pick(x_test)?);
+    let k_train = phi.matmul(&phi.t()?)?.to_vec2::<f32>()?;
+    let k_test = phi_test.matmul(&phi.t()?)?;
+    let delta = prediction_differences(&train.logits, None, &train.labels, tau)?.to_vec2::<f32>()?;
+    let kk = delta[0].len();
+    let km = nalgebra::DMatrix::<f64>::from_fn(n, n, |i, j| f64::from(k_train[i][j]));
+    let y = nalgebra::DMatrix::<f64>::from_fn(n, kk, |i, j| f64::from(delta[i][j]));
+    let eig = km.symmetric_eigen();
+    let uty = eig.eigenvectors.transpose() * &y;
+    let scale = eig.eigenvalues.mean();
+    let mut results = Vec::new();
+    for rel in [1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0] {
+        let lambda = rel * scale;
+        let mut a = uty.clone();
+        for (i, mut row) in a.row_iter_mut().enumerate() {
+            row /= eig.eigenvalues[i] + lambda;
+        }
+        let alpha = &eig.eigenvectors * a; // [n, K]
+        let alpha =
+            Tensor::from_vec(alpha.transpose().iter().map(|v| *v as f32).collect::<Vec<_>>(), (n, kk), &Device::Cpu)?;
+        let corr = k_test.matmul(&alpha)?;
+        let acc = accuracy(&predict(&test.logits, Some(&corr))?, &test.labels);
+        eprintln!("ridge head on layers {layers}, λ = {rel} × mean eigenvalue: held-out {:.1}%", acc * 100.0);
+        results.push(serde_json::json!({"relative_lambda": rel, "test_acc": acc}));
+    }
+    Ok(serde_json::json!({"layers": layers, "results": results}))
 }

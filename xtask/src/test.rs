@@ -1,10 +1,10 @@
 //! `cargo xtask test`, the README's test command: fetches what the tests need, then runs every test of the
-//! workspace in release mode, the API check, the SDK's checks and a small demo.
+//! workspace in release mode, the API check, the SDK's checks, a small demo and a small privacy audit.
 
 use anyhow::Result;
 use xtask::{demo, fetch, paths};
 
-use crate::{api_check, bindings};
+use crate::{api_check, bindings, lab};
 
 /// The real model is fetched first so the integration tests run instead of skipping: `MOBILLM_REQUIRE_MODEL=1`
 /// turns a missing model into a failure.
@@ -48,5 +48,9 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     anyhow::ensure!(per_sample <= 20_000.0, "the demo uploaded {per_sample} bytes per sample (goal ≤ 20 KB)");
     eprintln!("test: demo smoke run passed");
+    // The privacy audit, small: the attacks still work with the secrets off, and the default holds its goals.
+    eprintln!("test: quick privacy audit (400 training sentences, 200 attacked)");
+    let quick = ["--train", "400", "--attacked", "200", "--no-docs", "--check"];
+    lab::run("audit", &quick.map(String::from))?;
     Ok(())
 }

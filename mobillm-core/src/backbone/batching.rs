@@ -33,6 +33,13 @@ impl Batches {
         Ok(Batches { encoded, groups })
     }
 
+    /// The batches of `subset` (indices into `encoded`) planned on their own, in the same indices.
+    pub fn groups_of(&self, subset: &[usize], max_examples: usize, max_tokens: usize) -> Vec<Vec<usize>> {
+        let encoded: Vec<Vec<u32>> = subset.iter().map(|&i| self.encoded[i].clone()).collect();
+        let groups = group_by_length(&encoded, max_examples, max_tokens);
+        groups.into_iter().map(|g| g.into_iter().map(|j| subset[j]).collect()).collect()
+    }
+
     /// The token ids of one batch.
     pub fn batch(&self, group: &[usize]) -> Vec<Vec<u32>> {
         group.iter().map(|&i| self.encoded[i].clone()).collect()

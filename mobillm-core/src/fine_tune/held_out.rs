@@ -1,5 +1,6 @@
 //! The held-out examples: forwarded once, kept as f16 pivots (half the memory; corrections are computed from
-//! them in f32 slices), and scored with and without the adapter after every round.
+//! them in f32 slices), and scored with and without the adapter after every round, through the session's
+//! whitening as the adapter will be.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -9,12 +10,13 @@ use crate::backbone::batching::BATCH_TOKENS;
 use crate::dataset::Example;
 use crate::error::Result;
 use crate::side::targets::{accuracy, predict};
-use crate::side::{normalize_taps, SideNet};
+use crate::side::{device_inputs, SideNet, Whitening};
 
-/// Held-out pivots: taps `[N, T, d]` (f16) and the backbone's label logits `[N, K]`.
+/// Held-out pivots: taps `[N, T, d]` (f16), the backbone's label logits `[N, K]` and the session's whitening.
 pub struct Pivots {
     pub taps: Tensor,
     pub logits: Tensor,
+    pub whitening: Option<Whitening>,
 }
 
 /// Rows scored at a time.
@@ -30,7 +32,7 @@ impl Pivots {
                     .step_by(SCORE_ROWS)
                     .map(|s| -> Result<Tensor> {
                         let rows = self.taps.narrow(0, s, SCORE_ROWS.min(n - s))?.to_dtype(DType::F32)?;
-                        Ok(net.forward(&normalize_taps(&rows)?)?.to_dtype(DType::F32)?)
+                        Ok(net.forward(&device_inputs(&rows, self.whitening.as_ref())?)?.to_dtype(DType::F32)?)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Some(Tensor::cat(&parts, 0)?)
@@ -46,6 +48,7 @@ impl Run<'_> {
     pub(super) fn forward_held_out(
         &self,
         test: &[Example],
+        whitening: Option<&Whitening>,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Option<Pivots>> {
         if test.is_empty() {
@@ -73,6 +76,7 @@ impl Run<'_> {
         Ok(Some(Pivots {
             taps: Tensor::from_vec(taps, (n, self.side.taps, self.side.hidden), &Device::Cpu)?,
             logits: Tensor::from_vec(logits, (n, k), &Device::Cpu)?,
+            whitening: whitening.cloned(),
         }))
     }
 }

@@ -37,7 +37,7 @@ impl Run<'_> {
         let (mut forward_s, mut upload_bytes) = (0.0, 0u64);
         let step_s = Mutex::new(0.0f64);
         let last_loss = Mutex::new(None);
-        let held_out = self.forward_held_out(test, progress)?;
+        let held_out = self.forward_held_out(test, None, progress)?;
         let (mut rounds, mut folded) = (Vec::new(), None);
         for epoch in 1..=self.cfg.epochs {
             // Batches keep their length grouping; their order changes every pass.
@@ -79,6 +79,7 @@ impl Run<'_> {
         let server_train_s = *step_s.lock().expect("step time");
         Ok(Trained {
             folded: folded.ok_or_else(|| Error::Internal("no pass over the data ran".into()))?,
+            whitening: None,
             held_out,
             upload_bytes,
             device_forward_s: forward_s,

@@ -31,7 +31,7 @@ use crate::backbone::Backbone;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
 use crate::protocol::Mode;
-use crate::side::{label_noise, DeviceAdapter, Secrets, SideConfig, SideNet};
+use crate::side::{label_noise, DeviceAdapter, Secrets, SideConfig, SideNet, Whitening};
 use crate::task::{Task, TaskSpec};
 use held_out::Pivots;
 use remote::RemoteSession;
@@ -133,6 +133,7 @@ pub fn fine_tune(
         taps: taps.clone(),
         backbone_fingerprint: backbone.fingerprint().to_string(),
         secret_seed: secrets.seed(),
+        whitening: trained.whitening,
         net: trained.folded,
     };
     let (zero_shot_acc, finetuned_acc) = match &trained.held_out {
@@ -185,6 +186,7 @@ struct Run<'a> {
 /// What a mode's loop hands back.
 struct Trained {
     folded: SideNet,
+    whitening: Option<Whitening>,
     held_out: Option<Pivots>,
     upload_bytes: u64,
     device_forward_s: f64,

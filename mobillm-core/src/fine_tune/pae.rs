@@ -1,13 +1,15 @@
 //! The `pae` loop (docs/design.md §4, §5). Every training example is forwarded once; its pivot activations are
-//! normalised, rotated by the session's secrets, quantised and uploaded with its first target
-//! `Q·[τ(onehot − softmax(z_b)); 0]` while the next batch computes. The server trains; meanwhile the device
+//! normalised, whitened and rotated by the session's secrets, quantised and uploaded with its first target
+//! `Q·[τ(onehot − softmax(z_b)); 0]` while the next batch computes. The whitening is fitted on a random
+//! [`CALIBRATION_SAMPLES`] of the examples, forwarded first and held (f16) until the fit; nothing is sent before it. The server trains; meanwhile the device
 //! forwards the held-out set. Each refinement round downloads the server's outputs, decodes them and uploads new
 //! targets only. The device keeps neither the training activations nor their targets: per example only its label
 //! logits `z_b` and random id, which is all later rounds need.
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use rand::seq::index::sample;
 
 use super::progress::{Phase, Progress};
 use super::remote::Upload;
@@ -15,9 +17,10 @@ use super::{Run, Trained};
 use crate::backbone::batching::BATCH_TOKENS;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
-use crate::side::normalize_taps;
 use crate::side::targets::prediction_differences;
+use crate::side::whitening::{self, Whitening, CALIBRATION_SAMPLES};
 use crate::side::SampleId;
+use crate::side::{device_inputs, normalize_taps};
 use crate::wire::Frame;
 
 impl Run<'_> {
@@ -32,16 +35,43 @@ impl Run<'_> {
         let (t, d) = (self.side.taps, self.side.hidden);
         let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_>>()?;
         let batches = self.plan(train, BATCH_TOKENS)?;
+        // With secrets on, a random subset is forwarded first and held until it has fitted the whitening.
+        let (first, rest) = if self.secrets.is_enabled() { calibration_split(n) } else { (vec![], (0..n).collect()) };
+        let plan = |part: &[usize]| batches.groups_of(part, self.cfg.forward_batch, BATCH_TOKENS);
         let mut z_b = vec![0f32; n * k];
         let mut forward_s = 0.0;
+        let mut whitening = None;
         let mut upload_bytes = self.remote.stream(
             self.cfg.quant,
             self.cancel,
             |send| {
                 let mut pending: Vec<usize> = Vec::new();
-                let mut forwarded = 0;
                 let (mut acts, mut targets) = (Vec::new(), Vec::new());
-                for (b, group) in batches.groups.iter().enumerate() {
+                let mut emitted = 0;
+                // Whitens, rotates and targets one forwarded group, and sends every full frame.
+                let mut emit = |group: &[usize], taps: &Tensor, logits: &Tensor, w: Option<&Whitening>| -> Result<()> {
+                    let group_labels: Vec<u32> = group.iter().map(|&i| labels[i]).collect();
+                    let x = self.secrets.rotate_activations(&device_inputs(taps, w)?)?;
+                    let delta = prediction_differences(logits, None, &group_labels, self.cfg.tau)?;
+                    let y = self.secrets.encode_targets(&delta)?;
+                    for (j, row) in logits.to_vec2::<f32>()?.into_iter().enumerate() {
+                        z_b[group[j] * k..(group[j] + 1) * k].copy_from_slice(&row);
+                    }
+                    acts.extend(x.flatten_all()?.to_vec1::<f32>()?);
+                    targets.extend(y.flatten_all()?.to_vec1::<f32>()?);
+                    pending.extend_from_slice(group);
+                    emitted += group.len();
+                    while pending.len() >= self.cfg.upload_chunk || (emitted == n && !pending.is_empty()) {
+                        let m = pending.len().min(self.cfg.upload_chunk);
+                        let frame_ids = pending.drain(..m).map(|i| ids[i]).collect();
+                        let frame_acts = acts.drain(..m * t * d).collect();
+                        let frame_targets = targets.drain(..m * k_out).collect();
+                        send(Upload::Samples(Frame::samples(frame_ids, t, d, frame_acts, k_out, frame_targets)))?;
+                    }
+                    Ok(())
+                };
+                let mut forwarded = 0;
+                let mut forward = |group: &[usize]| -> Result<crate::backbone::PivotOutput> {
                     self.cancel.check()?;
                     let start = Instant::now();
                     let out = self.backbone.llama().forward_pivots(
@@ -50,26 +80,26 @@ impl Run<'_> {
                         self.task.label_token_ids(),
                     )?;
                     forward_s += start.elapsed().as_secs_f64();
-                    let group_labels: Vec<u32> = group.iter().map(|&i| labels[i]).collect();
-                    let x = self.secrets.rotate_activations(&normalize_taps(&out.taps)?)?;
-                    let delta = prediction_differences(&out.label_logits, None, &group_labels, self.cfg.tau)?;
-                    let y = self.secrets.encode_targets(&delta)?;
-                    for (j, row) in out.label_logits.to_vec2::<f32>()?.into_iter().enumerate() {
-                        z_b[group[j] * k..(group[j] + 1) * k].copy_from_slice(&row);
-                    }
-                    acts.extend(x.flatten_all()?.to_vec1::<f32>()?);
-                    targets.extend(y.flatten_all()?.to_vec1::<f32>()?);
-                    pending.extend_from_slice(group);
-                    let last = b + 1 == batches.groups.len();
-                    while pending.len() >= self.cfg.upload_chunk || (last && !pending.is_empty()) {
-                        let m = pending.len().min(self.cfg.upload_chunk);
-                        let frame_ids = pending.drain(..m).map(|i| ids[i]).collect();
-                        let frame_acts = acts.drain(..m * t * d).collect();
-                        let frame_targets = targets.drain(..m * k_out).collect();
-                        send(Upload::Samples(Frame::samples(frame_ids, t, d, frame_acts, k_out, frame_targets)))?;
-                    }
                     forwarded += group.len();
                     progress(&Progress::new(Phase::Forward, forwarded, n, 1, None));
+                    Ok(out)
+                };
+                let mut held = Vec::new();
+                for group in plan(&first) {
+                    let out = forward(&group)?;
+                    held.push((group, normalize_taps(&out.taps)?.to_dtype(DType::F16)?, out.label_logits));
+                }
+                if !held.is_empty() {
+                    let taps = held.iter().map(|(_, x, _)| x).collect::<Vec<_>>();
+                    whitening =
+                        Some(Whitening::fit(&Tensor::cat(&taps, 0)?, whitening::RANK, whitening::RELATIVE_EPS)?);
+                }
+                for (group, taps, logits) in held {
+                    emit(&group, &taps.to_dtype(DType::F32)?, &logits, whitening.as_ref())?;
+                }
+                for group in plan(&rest) {
+                    let out = forward(&group)?;
+                    emit(&group, &out.taps, &out.label_logits, whitening.as_ref())?;
                 }
                 Ok(())
             },
@@ -95,7 +125,7 @@ impl Run<'_> {
             self.remote.start_training(self.cfg.epochs)?;
             if round == 1 {
                 // The server trains the first round while the device forwards the held-out set.
-                held_out = self.forward_held_out(test, progress)?;
+                held_out = self.forward_held_out(test, whitening.as_ref(), progress)?;
             }
             loss = self.remote.wait_trained(self.cfg, |job| {
                 self.cancel.check()?;
@@ -109,6 +139,7 @@ impl Run<'_> {
         }
         Ok(Trained {
             folded: folded.ok_or_else(|| Error::Internal("no refinement round ran".into()))?,
+            whitening,
             held_out,
             upload_bytes,
             device_forward_s: forward_s,
@@ -117,4 +148,13 @@ impl Run<'_> {
             rounds,
         })
     }
+}
+
+/// A random subset of `n` training examples to fit the whitening on, and the others.
+fn calibration_split(n: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut first = sample(&mut rand::rng(), n, n.min(CALIBRATION_SAMPLES)).into_vec();
+    first.sort_unstable();
+    let mut chosen = vec![false; n];
+    first.iter().for_each(|&i| chosen[i] = true);
+    (first, (0..n).filter(|&i| !chosen[i]).collect())
 }

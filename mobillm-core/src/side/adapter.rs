@@ -1,7 +1,10 @@
 //! The device adapter file: the folded side network (it runs on plain activations and outputs decoded logit
 //! corrections `[N, K]`) plus everything needed to use it and to continue the session: the task, the tapped
-//! layers, the side network's shape, the backbone fingerprint it was trained against, and the session's secret
-//! seed. One safetensors file; the non-tensor parts are JSON strings in its metadata.
+//! layers, the side network's shape, the backbone fingerprint it was trained against, the session's secret seed
+//! and its whitening. One safetensors file; the non-tensor parts are JSON strings in its metadata.
+//!
+//! Format versions: 2 adds the whitening (`whitening.*` tensors, present when the session had secrets); version 1
+//! files (no whitening) are still read and run as they were trained.
 //!
 //! The file holds the session secret: apps keep it in private storage, and can seal it with a key from their
 //! platform's keystore ([`DeviceAdapter::save_sealed`], authenticated encryption, [`crate::sealed`]). Saving
@@ -16,12 +19,15 @@ use super::config::SideConfig;
 use super::network::{normalize_taps, SideNet};
 use super::trainer::outputs_in_batches;
 use super::weights_file;
+use super::whitening::Whitening;
 use crate::backbone::Backbone;
 use crate::error::{Error, Result};
 use crate::task::{Task, TaskSpec};
 
 const FORMAT: &str = "mobillm-device-adapter";
-const FORMAT_VERSION: &str = "1";
+const FORMAT_VERSION: &str = "2";
+/// Versions this code reads.
+const READS: [&str; 2] = ["1", "2"];
 
 #[derive(Debug, Clone)]
 pub struct DeviceAdapter {
@@ -30,6 +36,9 @@ pub struct DeviceAdapter {
     pub backbone_fingerprint: String,
     /// The session's secret seed (`None` when trained without secrets).
     pub secret_seed: Option<[u8; 32]>,
+    /// The session's whitening, applied to unit-RMS taps before the network (`None` without secrets, and in
+    /// version 1 files).
+    pub whitening: Option<Whitening>,
     /// The folded network: `out` has K rows.
     pub net: SideNet,
 }
@@ -70,7 +79,9 @@ impl DeviceAdapter {
         if let Some(seed) = self.secret_seed {
             meta.insert("secret_seed".into(), hex(&seed));
         }
-        weights_file::to_bytes(&self.net.tensors(), meta)
+        let mut tensors = self.net.tensors();
+        tensors.extend(self.whitening.iter().flat_map(Whitening::tensors));
+        weights_file::to_bytes(&tensors, meta)
     }
 
     /// Reads a plain adapter file (a sealed one needs [`DeviceAdapter::load_sealed`]).
@@ -99,7 +110,7 @@ impl DeviceAdapter {
         if field("format")? != FORMAT {
             return Err(invalid(format!("not a MobiLLM device adapter (format {:?})", meta.get("format"))));
         }
-        if field("format_version")? != FORMAT_VERSION {
+        if !READS.contains(&field("format_version")?.as_str()) {
             return Err(invalid(format!("adapter format version {} is not supported", field("format_version")?)));
         }
         let parse = |k: &str| -> Result<serde_json::Value> {
@@ -115,16 +126,19 @@ impl DeviceAdapter {
             Some(h) => Some(unhex(h).ok_or_else(|| invalid("malformed secret_seed".into()))?),
             None => None,
         };
-        let net = SideNet::from_tensors(&side, &weights_file::as_refs(&tensors)).map_err(|e| invalid(e.to_string()))?;
+        let tensors = weights_file::as_refs(&tensors);
+        let net = SideNet::from_tensors(&side, &tensors).map_err(|e| invalid(e.to_string()))?;
+        let whitening =
+            Whitening::from_tensors(&tensors, side.taps, side.hidden).map_err(|e| invalid(e.to_string()))?;
         if net.out_rows() != side.labels {
             return Err(invalid(format!("the network has {} outputs for {} labels", net.out_rows(), side.labels)));
         }
-        Ok(Self { task, taps, backbone_fingerprint: field("backbone")?.clone(), secret_seed, net })
+        Ok(Self { task, taps, backbone_fingerprint: field("backbone")?.clone(), secret_seed, whitening, net })
     }
 
     /// Decoded logit corrections `[N, K]` for already-computed pivot taps `[N, T, d]` (not yet normalised).
     pub fn corrections(&self, taps: &Tensor) -> Result<Tensor> {
-        outputs_in_batches(&self.net, &normalize_taps(taps)?, super::trainer::OUTPUT_BATCH)
+        outputs_in_batches(&self.net, &device_inputs(taps, self.whitening.as_ref())?, super::trainer::OUTPUT_BATCH)
     }
 
     /// Predicts the label of each text with the backbone plus this adapter.
@@ -146,6 +160,16 @@ impl DeviceAdapter {
                 Prediction { label: self.task.labels[i].clone(), label_index: i, scores }
             })
             .collect())
+    }
+}
+
+/// What the device feeds its folded network (and, rotated, the server): taps `[N, T, d]` scaled to unit RMS,
+/// then whitened with the session's whitening if it has one.
+pub fn device_inputs(taps: &Tensor, whitening: Option<&Whitening>) -> Result<Tensor> {
+    let x = normalize_taps(taps)?;
+    match whitening {
+        Some(w) => w.apply(&x),
+        None => Ok(x),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The side network (docs/design.md §3), its training objectives (§4) and the device's secrets (§5), shared by the
-//! server's trainer and the device's fusion; and the device's label noise (`label_noise`, label differential
-//! privacy).
+//! server's trainer and the device's fusion; the device's whitening (`whitening`) and label noise (`label_noise`,
+//! label differential privacy).
 
 pub mod adapter;
 pub mod config;
@@ -11,10 +11,12 @@ pub mod secrets;
 pub mod targets;
 pub mod trainer;
 pub mod weights_file;
+pub mod whitening;
 
-pub use adapter::{DeviceAdapter, Prediction};
+pub use adapter::{device_inputs, DeviceAdapter, Prediction};
 pub use config::{Activation, Optimizer, SideConfig, TrainConfig};
 pub use network::{normalize_taps, SideNet};
 pub use sample::{CachedSample, SampleId};
 pub use secrets::Secrets;
 pub use trainer::{EpochReport, Objective, SideTrainer};
+pub use whitening::Whitening;

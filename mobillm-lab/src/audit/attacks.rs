@@ -265,6 +265,96 @@ impl Alignment {
     }
 }
 
+/// Alignment by higher moments, for clouds that are whitened: each cloud is centred and whitened by its own
+/// covariance (which undoes any linear whitening the device applied, up to a rotation), then FastICA finds its `k`
+/// most non-Gaussian directions (largest |excess kurtosis|); directions are paired across the clouds by kurtosis
+/// rank and oriented by skew. Independent non-Gaussian components are what second moments cannot see and a
+/// rotation cannot hide.
+pub struct IcaAlignment {
+    public: Standardized,
+    stored: Standardized,
+}
+
+/// `x ↦ (x − mean)·map`: unit-variance scores of the components, in the attacker's pairing order.
+struct Standardized {
+    mean: Vec<f32>,
+    /// `[d, k]`
+    map: Mat,
+}
+
+impl Standardized {
+    fn apply(&self, x: &Mat) -> Mat {
+        subtract_row(x, &self.mean) * &self.map
+    }
+}
+
+impl IcaAlignment {
+    pub fn fit(public: &Mat, stored: &Mat, k: usize, seed: u64) -> Self {
+        let (public, stored) = (independent_components(public, k, seed), independent_components(stored, k, seed));
+        Self { public, stored }
+    }
+
+    pub fn public_features(&self, x: &Mat) -> Mat {
+        self.public.apply(x)
+    }
+
+    pub fn stored_features(&self, x: &Mat) -> Mat {
+        self.stored.apply(x)
+    }
+}
+
+/// Iterations of FastICA per component (it usually converges in tens).
+const ICA_ITERATIONS: usize = 200;
+
+/// The `k` most non-Gaussian components of `x` by deflationary FastICA (kurtosis contrast), sorted by
+/// |excess kurtosis| and oriented to positive skew.
+fn independent_components(x: &Mat, k: usize, seed: u64) -> Standardized {
+    let (n, d) = x.shape();
+    let mean = column_means(x);
+    let xc = subtract_row(x, &mean).cast::<f64>();
+    let eig = (xc.transpose() * &xc / n.max(1) as f64).symmetric_eigen();
+    let floor = eig.eigenvalues.max() * 1e-9 + 1e-12;
+    let whiten = DMatrix::<f64>::from_fn(d, d, |i, j| eig.eigenvectors[(i, j)] / eig.eigenvalues[j].max(floor).sqrt());
+    let z = &xc * &whiten; // [n, d], identity covariance
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut found: Vec<nalgebra::DVector<f64>> = Vec::new();
+    for _ in 0..k.min(d) {
+        let mut w = nalgebra::DVector::<f64>::from_fn(d, |_, _| rng.random_range(-1.0..1.0));
+        for _ in 0..ICA_ITERATIONS {
+            let u = &z * &w;
+            // w ← E[z·u³] − 3w, then deflate and normalise.
+            let u3 = u.map(|v| v * v * v);
+            let mut next = z.transpose() * u3 / n as f64 - &w * 3.0;
+            for f in &found {
+                next -= f * f.dot(&next);
+            }
+            let norm = next.norm().max(1e-12);
+            next /= norm;
+            let converged = (next.dot(&w).abs() - 1.0).abs() < 1e-6;
+            w = next;
+            if converged {
+                break;
+            }
+        }
+        found.push(w);
+    }
+    let moments = |w: &nalgebra::DVector<f64>| {
+        let u = &z * w;
+        let m = |p: i32| u.iter().map(|v| v.powi(p)).sum::<f64>() / n as f64;
+        (m(4) - 3.0, m(3))
+    };
+    let mut scored: Vec<(f64, nalgebra::DVector<f64>)> = found
+        .into_iter()
+        .map(|w| {
+            let (kurtosis, skew) = moments(&w);
+            (kurtosis.abs(), if skew < 0.0 { -w } else { w })
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let cols: Vec<_> = scored.iter().map(|(_, w)| &whiten * w).collect();
+    Standardized { mean, map: DMatrix::from_columns(&cols).cast::<f32>() }
+}
+
 /// For each query row `i`, the member of `pools[i]` (rows of `candidates`) nearest in Euclidean distance.
 pub fn nearest_in_pool(queries: &Mat, candidates: &Mat, pools: &[Vec<usize>]) -> Vec<usize> {
     pools
@@ -387,6 +477,61 @@ mod tests {
             .sum::<f32>()
             / 6.0;
         assert!(mean_corr < 0.7, "aligned an isotropic cloud: {mean_corr}");
+    }
+
+    #[test]
+    fn ica_alignment_undoes_a_secret_whitening_and_rotation_of_non_gaussian_sources() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        // Independent sources with distinct excess kurtosis (product of normals 6, Laplace 3, two-point with noise
+        // about −1.7, uniform −1.2) and four Gaussian ones, mixed by one fixed public matrix: the backbone's view.
+        let d = 8;
+        let sources = |rng: &mut ChaCha8Rng, n: usize| {
+            Mat::from_fn(n, d, |_, j| {
+                let u: f64 = rng.random_range(-1.0..1.0);
+                (match j {
+                    0 => gaussian(rng) * gaussian(rng),
+                    1 => -u.abs().ln() * u.signum(),
+                    2 => u.signum() + 0.3 * gaussian(rng),
+                    3 => u,
+                    _ => gaussian(rng),
+                }) as f32
+            })
+        };
+        let mix =
+            random_rotation(d, &mut rng) * Mat::from_diagonal(&nalgebra::DVector::from_fn(d, |i, _| 1.0 + i as f32));
+        let (public, private) =
+            (sources(&mut rng, 20000) * mix.transpose(), sources(&mut rng, 20000) * mix.transpose());
+        // The device whitens with its own statistics and rotates: second moments now say nothing.
+        let centred = subtract_row(&private, &column_means(&private)).cast::<f64>();
+        let eig = (centred.transpose() * &centred / 20000.0).symmetric_eigen();
+        let w = &eig.eigenvectors
+            * DMatrix::from_diagonal(&eig.eigenvalues.map(|v| 1.0 / v.sqrt()))
+            * eig.eigenvectors.transpose();
+        let stored = (centred * w).cast::<f32>() * random_rotation(d, &mut rng).transpose();
+        let second = Alignment::fit(&public, &stored, 4);
+        let ica = IcaAlignment::fit(&public, &stored, 4, 1);
+        let corr = |a: &Mat, b: &Mat, j: usize| {
+            let (a, b) = (a.column(j), b.column(j));
+            let (a, b) = (a.add_scalar(-a.mean()), b.add_scalar(-b.mean()));
+            a.dot(&b) / (a.norm() * b.norm())
+        };
+        let (want, got) = (ica.public_features(&private), ica.stored_features(&stored));
+        for j in 0..4 {
+            // Symmetric sources have no skew to orient them by: the sign is the attacker's to guess.
+            let c = corr(&want, &got, j).abs();
+            assert!(c > 0.9, "ICA component {j}: correlation {c}");
+        }
+        let (want, got) = (second.public_features(&private), second.stored_features(&stored));
+        let mean_corr = (0..4).map(|j| corr(&want, &got, j).abs()).sum::<f32>() / 4.0;
+        assert!(mean_corr < 0.7, "second moments aligned a secretly whitened cloud: {mean_corr}");
+        // Gaussian sources have no higher moments to align by: the same attack learns nothing.
+        let gauss = |rng: &mut ChaCha8Rng| Mat::from_fn(20000, d, |_, _| gaussian(rng) as f32);
+        let (public, private) = (gauss(&mut rng), gauss(&mut rng));
+        let stored = &private * random_rotation(d, &mut rng).transpose();
+        let ica = IcaAlignment::fit(&public, &stored, 4, 1);
+        let (want, got) = (ica.public_features(&private), ica.stored_features(&stored));
+        let mean_corr = (0..4).map(|j| corr(&want, &got, j).abs()).sum::<f32>() / 4.0;
+        assert!(mean_corr < 0.7, "ICA aligned Gaussian clouds: {mean_corr}");
     }
 
     #[test]

@@ -22,9 +22,9 @@ use xtask::args::DataArgs;
 use xtask::demo;
 
 use crate::inputs;
-use attacks::Alignment;
+use attacks::{Alignment, IcaAlignment};
 use knowledge::Knowledge;
-use server_view::{ground_truth, read_server_view, simulate_whitening, ServerView};
+use server_view::{ground_truth, read_server_view, simulate_public_whitening, ServerView};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,19 +50,34 @@ pub struct Args {
     /// Do not write docs/privacy-audit.json and the generated section of docs/privacy.md.
     #[arg(long)]
     pub no_docs: bool,
+    /// Fail unless every attack family succeeds with the secrets off (so the attacks stay real) and the default's
+    /// re-identification, token recovery and stolen-adapter figures are within their goals (token recovery by a
+    /// margin of half) (`cargo xtask test` runs a small audit with this).
+    #[arg(long)]
+    pub check: bool,
 }
 
 /// Principal axes per layer that the alignment attack matches.
 const ALIGN_AXES: usize = 16;
+/// The layers (every sixth, ending with the last) and components per layer of the higher-moment (ICA) alignment,
+/// which costs far more than the second-moment one.
+const ICA_LAYERS: [usize; 5] = [5, 11, 17, 23, 29];
+const ICA_COMPONENTS: usize = 16;
 /// Tokens this frequent in the public texts (by document frequency) are the attacker's free guesses (the, a, .);
 /// token recovery counts only the others.
 pub const FREQUENT_TOKENS: usize = 200;
-/// The proposed whitening's ε, relative to the mean eigenvalue. Measured: a hundredth re-identified as many samples
-/// (13.0% against 13.3%) and cost 3 points of accuracy (the side network overfits amplified noise directions).
-pub const WHITENING_EPS: f64 = 0.1;
-
-/// The whitening variants simulated on the secrets-on session's samples: (report key, centred).
-pub const WHITENING: [(&str, bool); 2] = [("whitened_simulated", false), ("centred_whitened_simulated", true)];
+/// The report's columns: (key, title). With the secrets on the server holds the device's whitened, rotated
+/// samples; it attacks them with its public data as it is, and whitened with public statistics (its best guess at
+/// the session's secret whitening). The simulated column is the alternative design: whitening with public
+/// statistics that the attacker knows.
+pub const CONDITIONS: [(&str, &str); 4] = [
+    ("secrets_on", "secrets on (default)"),
+    ("secrets_on_attacker_whitens", "secrets on, attacker whitens its data"),
+    ("public_whitening_simulated", "public whitening instead (simulated)"),
+    ("secrets_off", "secrets off"),
+];
+/// The conditions that are the default design: its figures are the worst of them.
+const DEFAULT: [&str; 2] = ["secrets_on", "secrets_on_attacker_whitens"];
 
 /// Anchor counts of the known-plaintext re-identification.
 pub const KNOWN_PLAINTEXT: [usize; 3] = [1, 4, 16];
@@ -75,6 +90,8 @@ pub struct Case<'a> {
     pub k: &'a Knowledge,
     /// Each layer's alignment of stored to public activations, from second moments.
     pub alignments: Vec<Alignment>,
+    /// Some layers' alignment from higher moments: (layer, alignment).
+    pub ica: Vec<(usize, IcaAlignment)>,
     /// The true label of each stored sample.
     pub y: Vec<u32>,
     /// Every stored sample.
@@ -94,11 +111,18 @@ fn attack(view: &ServerView, truth: &[usize], k: &Knowledge, args: &Args) -> Res
     eprintln!("audit: aligning {t} layers from second moments");
     let alignments: Vec<Alignment> =
         (0..t).map(|l| Alignment::fit(&k.everyone.layer(&public, l), &acts.layer(&all, l), ALIGN_AXES)).collect();
+    eprintln!("audit: aligning {} layers from higher moments (ICA)", ICA_LAYERS.len());
+    let ica = ICA_LAYERS
+        .iter()
+        .filter(|&&l| l < t)
+        .map(|&l| (l, IcaAlignment::fit(&k.everyone.layer(&public, l), &acts.layer(&all, l), ICA_COMPONENTS, l as u64)))
+        .collect();
     let case = Case {
         view,
         truth,
         k,
         alignments,
+        ica,
         y: truth.iter().map(|&i| k.labels[i]).collect(),
         all,
         public,
@@ -166,39 +190,48 @@ pub fn run(args: Args) -> Result<()> {
             Some(seed) => Secrets::from_seed(adapter.side_config(), seed)?,
             None => Secrets::disabled(adapter.side_config())?,
         };
-        let truth = ground_truth(&view, &knowledge.everyone, n_train, &secrets)?;
-        let mut result = attack(&view, &truth, &knowledge, &args)?;
-        result["details"]["device_finetuned_acc"] = device["finetuned_acc"].clone();
-        eprintln!("audit: {name}: {}", headline(&result));
-        report.insert(name.into(), result);
-        if secrets_on {
-            for (key, centre) in WHITENING {
-                eprintln!("audit: the same samples as the server would hold them after {key}");
-                let (simulated, whitened) = simulate_whitening(&view, &truth, &knowledge.everyone, n_train, centre)?;
-                let plain = std::mem::replace(&mut knowledge.everyone, whitened);
-                let result = attack(&simulated, &truth, &knowledge, &args);
-                knowledge.everyone = plain;
-                let result = result?;
-                eprintln!("audit: {key}: {}", headline(&result));
-                report.insert(key.into(), result);
-            }
+        anyhow::ensure!(adapter.whitening.is_some() == secrets_on, "the device's whitening is not as asked");
+        let truth = ground_truth(&view, &knowledge.everyone, n_train, &secrets, adapter.whitening.as_ref())?;
+        let device_acc = device["finetuned_acc"].clone();
+        let mut attack_as = |key: &str, view: &ServerView, k: &Knowledge| -> Result<()> {
+            eprintln!("audit: {key}");
+            let mut result = attack(view, &truth, k, &args)?;
+            result["details"]["device_finetuned_acc"] = device_acc.clone();
+            eprintln!("audit: {key}: {}", headline(&result));
+            report.insert(key.into(), result);
+            Ok(())
+        };
+        if !secrets_on {
+            attack_as("secrets_off", &view, &knowledge)?;
+            continue;
         }
+        attack_as("secrets_on", &view, &knowledge)?;
+        let (simulated, whitened) = simulate_public_whitening(&view, &truth, &knowledge.everyone, n_train)?;
+        let plain = std::mem::replace(&mut knowledge.everyone, whitened);
+        let adaptive = attack_as("secrets_on_attacker_whitens", &view, &knowledge)
+            .and_then(|()| attack_as("public_whitening_simulated", &simulated, &knowledge));
+        knowledge.everyone = plain;
+        adaptive?;
     }
     let labels = &knowledge.labels[..n_train];
     let chance = (0..knowledge.n_labels as u32).map(|l| labels.iter().filter(|&&x| x == l).count()).max().unwrap_or(0)
         as f64
         / n_train as f64;
-    let on = &report["secrets_on"];
-    let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    // The default's figure for each attack: the best the server does in any of the default's conditions.
+    let worst = |key: &str| DEFAULT.iter().filter_map(|c| report[*c][key].as_f64()).fold(f64::NAN, f64::max);
     let mut full = json!({
         "chance": chance,
-        "secrets_on": report["secrets_on"],
-        "secrets_off": report["secrets_off"],
+        "default": {
+            "label_attack_acc": worst("label_attack_acc"),
+            "reidentification": worst("reidentification"),
+            "text_recovery": worst("text_recovery"),
+            "stolen_adapter_acc": worst("stolen_adapter_acc"),
+        },
         "goals_met": {
-            "label_attack": num(&on["label_attack_acc"]) <= chance + 0.05,
-            "reidentification": num(&on["reidentification"]) <= 0.05,
-            "text_recovery": num(&on["text_recovery"]) <= 0.05,
-            "stolen_adapter": num(&on["stolen_adapter_acc"]) <= chance + 0.05,
+            "label_attack": worst("label_attack_acc") <= chance + 0.05,
+            "reidentification": worst("reidentification") <= 0.05,
+            "text_recovery": worst("text_recovery") <= 0.05,
+            "stolen_adapter": worst("stolen_adapter_acc") <= chance + 0.05,
         },
         "data": {"train": n_train, "public": split.test.len(), "attacked": args.attacked.min(n_train), "pool": args.pool},
         "command": format!(
@@ -210,7 +243,7 @@ pub fn run(args: Args) -> Result<()> {
         "machine": xtask::report::machine(),
         "date": xtask::report::today(),
     });
-    for (key, _) in WHITENING {
+    for (key, _) in CONDITIONS {
         full[key] = report[key].clone();
     }
     if !args.no_docs {
@@ -219,13 +252,51 @@ pub fn run(args: Args) -> Result<()> {
     let mut line = json!({
         "chance": chance,
         "zero_shot_acc": full["secrets_on"]["details"]["model"]["zero_shot"],
-        "secrets_on": headline(&full["secrets_on"]),
-        "secrets_off": headline(&full["secrets_off"]),
+        "default": full["default"],
+        "goals_met": full["goals_met"],
     });
-    for (key, _) in WHITENING {
+    for (key, _) in CONDITIONS {
         line[key] = headline(&full[key]);
     }
     println!("{line}");
+    if args.check {
+        check(&full, chance)?;
+    }
+    Ok(())
+}
+
+/// What `--check` asserts. The label partition is not among the default's goals it checks: the default does not
+/// hide it (docs/privacy.md), and the check says so rather than passing on a goal it misses.
+fn check(full: &Value, chance: f64) -> Result<()> {
+    let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let off = &full["secrets_off"];
+    let text_chance = num(&off["details"]["text"]["chance"]);
+    let mut failures = Vec::new();
+    let mut expect = |ok: bool, what: String| {
+        if !ok {
+            failures.push(what);
+        }
+    };
+    let (reid, label, text) =
+        (num(&off["reidentification"]), num(&off["label_attack_acc"]), num(&off["text_recovery"]));
+    expect(reid >= 0.9, format!("secrets off: re-identification {reid:.3}, expected ≥ 0.9"));
+    expect(label >= 0.9, format!("secrets off: label attack {label:.3}, expected ≥ 0.9"));
+    expect(text >= 20.0 * text_chance, format!("secrets off: token recovery {text:.4}, expected ≥ 20× chance"));
+    let stolen = num(&off["stolen_adapter_acc"]);
+    expect(stolen >= chance + 0.15, format!("secrets off: stolen adapter {stolen:.3}, expected ≥ chance + 0.15"));
+    let default = &full["default"];
+    let (reid, text) = (num(&default["reidentification"]), num(&default["text_recovery"]));
+    // At 200 attacked samples one sample is half a point: the default measured 1.0–3.5% here, so the bound is
+    // the goal itself.
+    expect(reid <= 0.05, format!("default: re-identification {reid:.3}, expected ≤ 0.05 (the goal)"));
+    expect(text <= 0.025, format!("default: token recovery {text:.4}, expected ≤ 0.025 (goal 0.05)"));
+    let stolen = num(&default["stolen_adapter_acc"]);
+    expect(stolen <= chance + 0.05, format!("default: stolen adapter {stolen:.3}, expected ≤ chance + 0.05"));
+    anyhow::ensure!(failures.is_empty(), "privacy audit check failed:\n  {}", failures.join("\n  "));
+    eprintln!(
+        "audit check passed: every attack family works with the secrets off; with the default, re-identification, \
+         token recovery and the stolen adapter stay within their goals (the label partition is not hidden)"
+    );
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Re-identification: which candidate text a stored sample is, among `pool` candidates, from the stored
-//! activations alone (nearest neighbour, norms, cross-layer products, spectral alignment) or with a few samples
-//! whose text the attacker knows (inner products survive any rotation within a layer).
+//! activations alone (nearest neighbour, norms, cross-layer products, alignment by second or higher moments) or
+//! with a few samples whose text the attacker knows (inner products survive any rotation within a layer).
 
 use anyhow::Result;
 use rand::seq::SliceRandom;
@@ -53,6 +53,21 @@ pub fn attack(c: &Case, args: &Args) -> Result<(Vec<(&'static str, f64)>, Value)
             .collect();
         unit_rows(&hstack(&blocks))
     };
+    let ica_features = |x: &Acts, rows: &[usize], stored: bool| -> Mat {
+        let blocks: Vec<Mat> = c
+            .ica
+            .iter()
+            .map(|(l, a)| {
+                let layer = x.layer(rows, *l);
+                if stored {
+                    a.stored_features(&layer)
+                } else {
+                    a.public_features(&layer)
+                }
+            })
+            .collect();
+        unit_rows(&hstack(&blocks))
+    };
     let reid = vec![
         (
             "activations",
@@ -76,6 +91,14 @@ pub fn attack(c: &Case, args: &Args) -> Result<(Vec<(&'static str, f64)>, Value)
             rate(nearest_in_pool(
                 &aligned_features(acts, attacked, true),
                 &aligned_features(&k.everyone, &everyone, false),
+                &pools,
+            )),
+        ),
+        (
+            "aligned_by_higher_moments",
+            rate(nearest_in_pool(
+                &ica_features(acts, attacked, true),
+                &ica_features(&k.everyone, &everyone, false),
                 &pools,
             )),
         ),
@@ -103,6 +126,10 @@ pub fn attack(c: &Case, args: &Args) -> Result<(Vec<(&'static str, f64)>, Value)
         let mean = norms.mean();
         (norms.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / norms.len().max(1) as f32).sqrt() / mean
     };
+    eprintln!(
+        "audit: re-identification by attack: {}",
+        reid.iter().map(|(name, v)| format!("{name} {:.1}%", v * 100.0)).collect::<Vec<_>>().join(", ")
+    );
     let reid_details = json!({
         "attacks": named(&reid),
         "chance": 1.0 / args.pool as f64,

@@ -4,7 +4,7 @@ use anyhow::Result;
 use serde_json::{json, Value};
 use xtask::{paths, report};
 
-use super::WHITENING;
+use super::CONDITIONS;
 
 /// The most successful of several attacks.
 pub fn best(values: &[(&str, f64)]) -> f64 {
@@ -26,11 +26,10 @@ pub fn write_docs(r: &Value) -> Result<()> {
     let pct = |v: Option<&Value>| v.and_then(Value::as_f64).map_or("–".to_string(), |x| format!("{:.1}%", x * 100.0));
     let on = &r["secrets_on"];
     let chance = r["chance"].as_f64().unwrap_or(0.5);
-    let mut conditions = vec!["secrets_on".to_string(), "secrets_off".to_string()];
-    conditions.extend(WHITENING.map(|(key, _)| key.to_string()));
+    let conditions = CONDITIONS.map(|(key, _)| key);
     let mut rows = String::new();
     let mut row = |what: &str, pointer: &str, goal: &str| {
-        let cells: Vec<String> = conditions.iter().map(|c| pct(r[c.as_str()].pointer(pointer))).collect();
+        let cells: Vec<String> = conditions.iter().map(|c| pct(r[*c].pointer(pointer))).collect();
         rows.push_str(&format!("| {what} | {} | {goal} |\n", cells.join(" | ")));
     };
     let keys = |pointer: &str| -> Vec<String> {
@@ -71,12 +70,10 @@ pub fn write_docs(r: &Value) -> Result<()> {
         "{START}\n## Measured\n\n`{cmd}` on {machine}, {date}: {train} training sentences fine-tuned through the real \
 server, {public} public look-alike sentences for the attacker, {attacked} stored samples attacked for texts. \
 Chance (the majority label) {chance}; token-recovery chance {text_chance}.\n\n\
-| attack | secrets on | secrets off | {whitened} | goal (secrets on) |\n\
-|---|---:|---:|{align}---|\n{rows}{END}",
-        whitened = WHITENING
-            .map(|(_, centre)| format!("secrets on + {}whitening (simulated)", if centre { "centred " } else { "" }))
-            .join(" | "),
-        align = "---:|".repeat(WHITENING.len()),
+| attack | {titles} | goal (default) |\n\
+|---|{align}---|\n{rows}{END}",
+        titles = CONDITIONS.map(|(_, title)| title).join(" | "),
+        align = "---:|".repeat(CONDITIONS.len()),
         cmd = r["command"].as_str().unwrap_or(""),
         machine = r["machine"].as_str().unwrap_or(""),
         date = r["date"].as_str().unwrap_or(""),

@@ -1,10 +1,12 @@
 //! What the server holds once a session is over, read from its data dir the way the server reads it; the same
-//! samples as it would hold them after a proposed whitening; and the auditor's key to which sample is which text.
+//! samples as it would hold them under the alternative design (whitening with public statistics); and the
+//! auditor's key to which sample is which text.
 
 use std::path::Path;
 
 use anyhow::{anyhow, Result};
 use candle_core::{DType, Device, Tensor};
+use mobillm_core::side::whitening::{self, Whitening};
 use mobillm_core::side::{SampleId, Secrets, SideConfig};
 use mobillm_core::wire::{Frame, Limits, Quant};
 use mobillm_server::store::Store;
@@ -12,7 +14,6 @@ use xtask::paths;
 
 use super::acts::Acts;
 use super::attacks::Mat;
-use crate::whitening::Whitening;
 
 /// What the server holds once the session is over, read the way the server reads it.
 pub struct ServerView {
@@ -61,19 +62,21 @@ fn printable_runs(bytes: &[u8], min: usize, out: &mut String) {
     }
 }
 
-/// What the server would hold if the device whitened before rotating (`R_l·W_l·(â_l − μ_l)`, rescaled), for the victim's samples in
+/// What the server would hold if the device whitened with public statistics instead of its session's
+/// (`R_l·rms(W_l·(â_l − μ_l))`, μ and W from the public texts, at the device's rank), for the victim's samples in
 /// the order of `truth`, with the targets of the real session. Fresh rotations: any Haar draw is as good as the
-/// device's. Also returns the attacker's knowledge of every text in whitened coordinates (W is public).
-pub fn simulate_whitening(
+/// device's. Also returns every text whitened the same way: what an attacker computes from public data, and under
+/// this design exactly the device's whitening.
+pub fn simulate_public_whitening(
     view: &ServerView,
     truth: &[usize],
     everyone: &Acts,
     n_train: usize,
-    centre: bool,
 ) -> Result<(ServerView, Acts)> {
     let (t, d) = (everyone.t, everyone.d);
     let all = Tensor::from_slice(&everyone.flat, (everyone.n, t, d), &Device::Cpu)?;
-    let whitening = Whitening::fit(&all.narrow(0, n_train, everyone.n - n_train)?, super::WHITENING_EPS, centre)?;
+    let whitening =
+        Whitening::fit(&all.narrow(0, n_train, everyone.n - n_train)?, whitening::RANK, whitening::RELATIVE_EPS)?;
     let whitened = Acts::from_tensor(&whitening.apply(&all)?)?;
     let secrets = Secrets::from_seed(&SideConfig::new(t, d, 2), [42; 32])?;
     let rows: Vec<f32> =
@@ -107,9 +110,15 @@ fn as_stored(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The auditor's key: which victim example (row of `everyone`, the first `n_train` rows) each stored sample is.
-/// With secrets, the auditor rotates its own plain activations with the device's secrets and matches the last
-/// layer; a stored sample that matches nothing well stops the audit (its ground truth would be wrong).
-pub fn ground_truth(view: &ServerView, everyone: &Acts, n_train: usize, secrets: &Secrets) -> Result<Vec<usize>> {
+/// With secrets, the auditor whitens and rotates its own plain activations with the device's secrets and matches
+/// the last layer; a stored sample that matches nothing well stops the audit (its ground truth would be wrong).
+pub fn ground_truth(
+    view: &ServerView,
+    everyone: &Acts,
+    n_train: usize,
+    secrets: &Secrets,
+    whitening: Option<&Whitening>,
+) -> Result<Vec<usize>> {
     let (t, d) = (everyone.t, everyone.d);
     let last = t - 1;
     let mut rotated = Vec::with_capacity(n_train * d);
@@ -117,6 +126,10 @@ pub fn ground_truth(view: &ServerView, everyone: &Acts, n_train: usize, secrets:
         let len = (n_train - start).min(128);
         let chunk =
             Tensor::from_slice(&everyone.flat[start * t * d..(start + len) * t * d], (len, t, d), &Device::Cpu)?;
+        let chunk = match whitening {
+            Some(w) => w.apply(&chunk)?,
+            None => chunk,
+        };
         rotated.extend(secrets.rotate_activations(&chunk)?.narrow(1, last, 1)?.flatten_all()?.to_vec1::<f32>()?);
     }
     let candidates = Mat::from_row_slice(n_train, d, &rotated);
