@@ -1,8 +1,8 @@
 //! The `pae` loop (docs/design.md §4, §5). Every training example is forwarded once; its pivot activations are
 //! normalised, whitened and rotated by the session's secrets, quantised and uploaded with its first target
 //! `Q·[τ(onehot − softmax(z_b)); 0]` while the next batch computes. The whitening is fitted on a random
-//! [`CALIBRATION_SAMPLES`] of the examples, forwarded first and held (f16) until the fit; nothing is sent before it. The server trains; meanwhile the device
-//! forwards the held-out set. Each refinement round downloads the server's outputs, decodes them and uploads new
+//! [`CALIBRATION_SAMPLES`] of the examples, forwarded first and held (f16) until the fit; nothing is sent before
+//! it. The server trains; meanwhile the device forwards the held-out set. Each refinement round downloads the server's outputs, decodes them and uploads new
 //! targets only. The device keeps neither the training activations nor their targets: per example only its label
 //! logits `z_b` and random id, which is all later rounds need.
 

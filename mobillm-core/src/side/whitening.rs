@@ -12,8 +12,8 @@
 //!   can only estimate them from look-alike data.
 //! - W is `(C + εI)^{-1/2}` for the covariance C about μ, ε equal to C's mean eigenvalue: the dominant directions
 //!   are flattened to about unit variance while the weak ones are not amplified above it (amplified noise
-//!   directions are what the side network overfits), held in a low-rank form: the top [`RANK`] eigenpairs exactly and
-//!   every other direction at the mean of the remaining eigenvalues. `W = r·I + U·diag(s − r)·Uᵀ` costs `T·k·d`
+//!   directions are what the side network overfits), held in a low-rank form: the top [`RANK`] eigenpairs
+//!   exactly and every other direction at the mean of the remaining eigenvalues. `W = r·I + U·diag(s − r)·Uᵀ` costs `T·k·d`
 //!   values instead of `T·d²` (2 MiB against 40 MiB at SmolLM2's size) and as many multiply-adds per sample.
 //! - The result is rescaled to unit RMS, like every tap, so no per-sample norm leaves the device. That rescaling
 //!   is not linear, so W is not folded into the network: the adapter applies it before the folded network.
@@ -63,9 +63,11 @@ impl Whitening {
             .into_par_iter()
             .map(|l| -> Result<LayerFit> {
                 let rows = x.narrow(1, l, 1)?.squeeze(1)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let xl = DMatrix::<f64>::from_row_iterator(n, d, rows.iter().map(|&v| f64::from(v)));
-                let mean = xl.row_mean();
-                let xc = DMatrix::from_fn(n, d, |i, j| xl[(i, j)] - mean[j]);
+                let mut xc = DMatrix::<f64>::from_row_iterator(n, d, rows.iter().map(|&v| f64::from(v)));
+                let mean = xc.row_mean();
+                for mut row in xc.row_iter_mut() {
+                    row -= &mean;
+                }
                 let c = xc.tr_mul(&xc) / n as f64;
                 let trace = c.trace().max(0.0);
                 let eig = SymmetricEigen::new(c);

@@ -205,11 +205,16 @@ pub fn probe_cv_accuracy(x: &Mat, labels: &[u32], k: usize) -> f64 {
     accuracy(&predicted, &labels[half..])
 }
 
+/// The rows of `x` about their column means (in f64), and the eigen-decomposition of their covariance.
+fn centred_eigen(x: &Mat) -> (DMatrix<f64>, nalgebra::SymmetricEigen<f64, nalgebra::Dyn>) {
+    let xc = subtract_row(x, &column_means(x)).cast::<f64>();
+    let eig = (xc.transpose() * &xc / x.nrows().max(1) as f64).symmetric_eigen();
+    (xc, eig)
+}
+
 /// The `k` principal axes (`[d, k]`, by decreasing variance) of the rows of `x`.
 fn principal_axes(x: &Mat, k: usize) -> Mat {
-    let xc = subtract_row(x, &column_means(x)).cast::<f64>();
-    let cov = xc.transpose() * &xc / x.nrows().max(1) as f64;
-    let eig = cov.symmetric_eigen();
+    let (_, eig) = centred_eigen(x);
     let mut order: Vec<usize> = (0..eig.eigenvalues.len()).collect();
     order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
     let cols: Vec<_> = order.iter().take(k).map(|&i| eig.eigenvectors.column(i).into_owned()).collect();
@@ -310,9 +315,7 @@ const ICA_ITERATIONS: usize = 200;
 /// |excess kurtosis| and oriented to positive skew.
 fn independent_components(x: &Mat, k: usize, seed: u64) -> Standardized {
     let (n, d) = x.shape();
-    let mean = column_means(x);
-    let xc = subtract_row(x, &mean).cast::<f64>();
-    let eig = (xc.transpose() * &xc / n.max(1) as f64).symmetric_eigen();
+    let (xc, eig) = centred_eigen(x);
     let floor = eig.eigenvalues.max() * 1e-9 + 1e-12;
     let whiten = DMatrix::<f64>::from_fn(d, d, |i, j| eig.eigenvectors[(i, j)] / eig.eigenvalues[j].max(floor).sqrt());
     let z = &xc * &whiten; // [n, d], identity covariance
@@ -352,7 +355,7 @@ fn independent_components(x: &Mat, k: usize, seed: u64) -> Standardized {
         .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0));
     let cols: Vec<_> = scored.iter().map(|(_, w)| &whiten * w).collect();
-    Standardized { mean, map: DMatrix::from_columns(&cols).cast::<f32>() }
+    Standardized { mean: column_means(x), map: DMatrix::from_columns(&cols).cast::<f32>() }
 }
 
 /// For each query row `i`, the member of `pools[i]` (rows of `candidates`) nearest in Euclidean distance.
@@ -502,8 +505,7 @@ mod tests {
         let (public, private) =
             (sources(&mut rng, 20000) * mix.transpose(), sources(&mut rng, 20000) * mix.transpose());
         // The device whitens with its own statistics and rotates: second moments now say nothing.
-        let centred = subtract_row(&private, &column_means(&private)).cast::<f64>();
-        let eig = (centred.transpose() * &centred / 20000.0).symmetric_eigen();
+        let (centred, eig) = centred_eigen(&private);
         let w = &eig.eigenvectors
             * DMatrix::from_diagonal(&eig.eigenvalues.map(|v| 1.0 / v.sqrt()))
             * eig.eigenvectors.transpose();

@@ -63,8 +63,8 @@ fn printable_runs(bytes: &[u8], min: usize, out: &mut String) {
 }
 
 /// What the server would hold if the device whitened with public statistics instead of its session's
-/// (`R_l·rms(W_l·(â_l − μ_l))`, μ and W from the public texts, at the device's rank), for the victim's samples in
-/// the order of `truth`, with the targets of the real session. Fresh rotations: any Haar draw is as good as the
+/// (`R_l·rms(W_l·(â_l − μ_l))`, μ and W from the public texts, at the device's rank), for the victim's samples
+/// in the order of `truth`, with the targets of the real session. Fresh rotations: any Haar draw is as good as the
 /// device's. Also returns every text whitened the same way: what an attacker computes from public data, and under
 /// this design exactly the device's whitening.
 pub fn simulate_public_whitening(
