@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use mobillm_lab::{audit, bench, bench_forward, load, lora, side_eval, zeroshot};
+use mobillm_lab::{audit, bench, bench_forward, frontier, load, lora, side_eval, zeroshot};
 
 #[derive(Parser)]
 #[command(name = "mobillm-lab", about = "MobiLLM research: audit, evaluations, benchmarks, load test")]
@@ -28,6 +28,9 @@ enum Cmd {
     /// Privacy audit: fine-tunes with secrets on and off, then plays the server and attacks labels, texts and
     /// the model from what it stored; writes docs/privacy-audit.json and docs/privacy.md's results; prints JSON.
     Audit(audit::Args),
+    /// The label defences' frontier: device accuracy against the best label attack for each defence and setting;
+    /// writes docs/privacy-frontier.{json,png} and docs/privacy.md's frontier table; prints JSON.
+    Frontier(frontier::Args),
     /// Load test: N simulated devices fine-tune against one server at once; prints one JSON line (upload and
     /// health latency percentiles, errors, the server's peak RSS).
     Load(load::Args),
@@ -45,6 +48,7 @@ fn main() -> Result<()> {
         Cmd::Bench(args) => bench::run(args)?,
         Cmd::BenchLora(args) => lora::worker(args)?,
         Cmd::Audit(args) => audit::run(args)?,
+        Cmd::Frontier(args) => frontier::run(args)?,
         Cmd::Load(args) => println!("{}", load::run(args)?),
     }
     Ok(())

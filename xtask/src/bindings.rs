@@ -139,7 +139,7 @@ const JNA: &str = "/usr/share/java/jna.jar";
 /// `cargo xtask kotlin-test`: compiles the freshly generated Kotlin and the tests in `bindings/kotlin/src/test`
 /// with kotlinc, and runs them on the JVM against the real library, a tiny generated model and a real server.
 pub fn kotlin_test() -> Result<()> {
-    ensure_jvm()?;
+    ensure_test_packages()?;
     let kotlin = kotlin_home()?;
     let lib = build_ffi()?;
     let bin_dir = processes::build_binaries()?;
@@ -209,25 +209,31 @@ fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
-/// The Debian packages the Kotlin tests run on.
-const JVM_PACKAGES: [&str; 2] = ["default-jdk-headless", "libjna-java"];
+/// The Debian packages the tests need: a JVM and JNA for the Kotlin tests, and the font the privacy frontier's plot
+/// draws its text with (the plot's test in mobillm-lab).
+const TEST_PACKAGES: [&str; 3] = ["default-jdk-headless", "libjna-java", "fonts-dejavu-core"];
+const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
-/// Makes sure a JVM and JNA are installed: as root it installs them through apt-get (as `.ci/run` does);
+fn test_packages_installed() -> bool {
+    on_path("java") && Path::new(JNA).exists() && Path::new(PLOT_FONT).exists()
+}
+
+/// Makes sure the [`TEST_PACKAGES`] are installed: as root it installs them through apt-get (as `.ci/run` does);
 /// otherwise it names the one command to run.
-pub fn ensure_jvm() -> Result<()> {
-    if on_path("java") && Path::new(JNA).exists() {
+pub fn ensure_test_packages() -> Result<()> {
+    if test_packages_installed() {
         return Ok(());
     }
     let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
     ensure!(
         is_root && on_path("apt-get"),
-        "the Kotlin tests need a JVM and JNA; install them with: sudo apt-get install -y {}",
-        JVM_PACKAGES.join(" ")
+        "the tests need a JVM, JNA and a font; install them with: sudo apt-get install -y {}",
+        TEST_PACKAGES.join(" ")
     );
-    eprintln!("kotlin-test: installing {} (apt-get)…", JVM_PACKAGES.join(" "));
+    eprintln!("test: installing {} (apt-get)…", TEST_PACKAGES.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]), "apt-get update")?;
-    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(JVM_PACKAGES), "apt-get install")?;
-    ensure!(on_path("java") && Path::new(JNA).exists(), "apt-get did not install java and {JNA}");
+    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(TEST_PACKAGES), "apt-get install")?;
+    ensure!(test_packages_installed(), "apt-get did not install java, {JNA} and {PLOT_FONT}");
     Ok(())
 }
 

@@ -75,6 +75,10 @@ enum Cmd {
     /// docs/privacy.md's results.
     #[command(disable_help_flag = true)]
     Audit(LabArgs),
+    /// (lab) The label defences' frontier: accuracy against the best label attack; writes
+    /// docs/privacy-frontier.{json,png} and docs/privacy.md's frontier table.
+    #[command(disable_help_flag = true)]
+    Frontier(LabArgs),
     /// (lab) Load test: N simulated devices against one server; prints one JSON line.
     #[command(disable_help_flag = true)]
     Load(LabArgs),
@@ -98,6 +102,7 @@ fn main() -> Result<()> {
         Cmd::Bench(a) => lab::run("bench", &a.args)?,
         Cmd::BenchLora(a) => lab::run("bench-lora", &a.args)?,
         Cmd::Audit(a) => lab::run("audit", &a.args)?,
+        Cmd::Frontier(a) => lab::run("frontier", &a.args)?,
         Cmd::Load(a) => lab::run("load", &a.args)?,
     }
     Ok(())

@@ -11,8 +11,9 @@ use crate::{api_check, bindings, lab};
 pub fn run(args: &[String]) -> Result<()> {
     let model = fetch::model()?;
     fetch::uci_data()?;
-    // The Kotlin tests need a JVM and JNA; find out now rather than after half an hour of tests.
-    bindings::ensure_jvm()?;
+    // The Kotlin tests need a JVM and JNA, the frontier plot's test a font; find out now rather than after half an
+    // hour of tests.
+    bindings::ensure_test_packages()?;
     paths::run(
         paths::cargo()
             .args(["test", "--release", "--workspace"])
@@ -50,7 +51,6 @@ pub fn run(args: &[String]) -> Result<()> {
     eprintln!("test: demo smoke run passed");
     // The privacy audit, small: the attacks still work with the secrets off, and the default holds its goals.
     eprintln!("test: quick privacy audit (400 training sentences, 200 attacked)");
-    let quick = ["--train", "400", "--attacked", "200", "--no-docs", "--check"];
-    lab::run("audit", &quick.map(String::from))?;
+    lab::run("audit", &["--quick".to_string()])?;
     Ok(())
 }

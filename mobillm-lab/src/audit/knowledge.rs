@@ -39,6 +39,13 @@ impl Knowledge {
     pub fn public_labels(&self) -> &[u32] {
         &self.labels[self.n_train..]
     }
+
+    /// The share of the victim's majority label: what guessing it for every sample gets.
+    pub fn chance(&self) -> f64 {
+        let labels = &self.labels[..self.n_train];
+        let most = (0..self.n_labels as u32).map(|l| labels.iter().filter(|&&x| x == l).count()).max().unwrap_or(0);
+        most as f64 / self.n_train.max(1) as f64
+    }
 }
 
 /// Forwards the victim's and the public texts once (cached) and gathers what the attacker and auditor know.

@@ -5,10 +5,25 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::attacks::{
-    accuracy, agreement_naming, argmax_rows, clustering_accuracy, kmeans, one_hot, probe_cv_accuracy, unit_rows, Ridge,
+    accuracy, agreement_naming, argmax_rows, clustering_accuracy, cross_fitted_ridge, kmeans, one_hot,
+    probe_cv_accuracy, unit_rows, Ridge,
 };
 use super::report::named;
 use super::Case;
+
+/// The label attacks that read only the stored activations, no target: all a server learns about labels when
+/// nothing label-dependent is sent.
+pub const FROM_ACTIVATIONS: [&str; 5] =
+    ["activations_clustered", "last_layer_clustered", "public_probe", "aligned_probe", "backbone_zero_shot_readout"];
+/// The label attacks that use no public look-alike data (their clusters are named by the true labels: upper bounds
+/// on what the partition gives away).
+pub const WITHOUT_PUBLIC_DATA: [&str; 5] = [
+    "targets_clustered",
+    "targets_predicted_out_of_fold",
+    "activations_clustered",
+    "last_layer_clustered",
+    "targets_read_plainly",
+];
 
 /// Every label attack on one session: the results by name, and the details.
 pub fn attack(c: &Case) -> Result<(Vec<(&'static str, f64)>, Value)> {
@@ -38,8 +53,11 @@ pub fn attack(c: &Case) -> Result<(Vec<(&'static str, f64)>, Value)> {
         let names = agreement_naming(&target_clusters, &aligned_predictions, kl);
         target_clusters.iter().map(|&c| names[c]).collect::<Vec<_>>()
     };
+    // The server's own model of its targets, scored out of fold: what it generalizes survives label noise.
+    let model_targets = cross_fitted_ridge(&acts.all_layers(all), &view.targets, &[0.01, 0.1, 1.0, 10.0]);
     let labels = vec![
         ("targets_clustered", clustering_accuracy(&target_clusters, y, kl, kl)),
+        ("targets_predicted_out_of_fold", clustering_accuracy(&kmeans(&model_targets, kl, 14), y, kl, kl)),
         ("activations_clustered", clustering_accuracy(&kmeans(&unit_rows(&acts.all_layers(all)), kl, 12), y, kl, kl)),
         ("last_layer_clustered", clustering_accuracy(&kmeans(&acts.layer(all, t - 1), kl, 13), y, kl, kl)),
         ("targets_read_plainly", accuracy(&argmax_rows(&view.targets.columns(0, kl).into_owned()), y)),

@@ -6,13 +6,13 @@
 //! the adapter); the attacks never use them.
 
 mod acts;
-mod attacks;
-mod knowledge;
-mod labels;
+pub(crate) mod attacks;
+pub(crate) mod knowledge;
+pub(crate) mod labels;
 mod model;
 mod reidentification;
 mod report;
-mod server_view;
+pub(crate) mod server_view;
 mod text;
 
 use anyhow::Result;
@@ -51,11 +51,18 @@ pub struct Args {
     #[arg(long)]
     pub no_docs: bool,
     /// Fail unless every attack family succeeds with the secrets off (so the attacks stay real) and the default's
-    /// re-identification, token recovery and stolen-adapter figures are within their goals (token recovery by a
-    /// margin of half) (`cargo xtask test` runs a small audit with this).
+    /// re-identification, token recovery and stolen-adapter figures are within their goals by a margin.
     #[arg(long)]
     pub check: bool,
+    /// The small audit `cargo xtask test` runs (about 3.5 minutes): 400 training sentences, 200 of them attacked,
+    /// no held-out scoring, only the conditions the check reads; implies --no-docs and --check.
+    #[arg(long)]
+    pub quick: bool,
 }
+
+/// The training sentences of `--quick`, and how many of them are attacked.
+const QUICK_TRAIN: usize = 400;
+const QUICK_ATTACKED: usize = 200;
 
 /// Principal axes per layer that the alignment attack matches.
 const ALIGN_AXES: usize = 16;
@@ -102,32 +109,104 @@ pub struct Case<'a> {
     pub attacked: Vec<usize>,
 }
 
+impl<'a> Case<'a> {
+    /// Aligns every layer from second moments and `ica_layers` from higher moments (those only re-identification
+    /// uses).
+    pub fn new(
+        view: &'a ServerView,
+        truth: &'a [usize],
+        k: &'a Knowledge,
+        attacked: usize,
+        ica_layers: &[usize],
+    ) -> Self {
+        let acts = &view.acts;
+        let (n, t) = (acts.n, acts.t);
+        let all = acts.rows();
+        let public = k.public_rows();
+        eprintln!("audit: aligning {t} layers from second moments");
+        let alignments: Vec<Alignment> =
+            (0..t).map(|l| Alignment::fit(&k.everyone.layer(&public, l), &acts.layer(&all, l), ALIGN_AXES)).collect();
+        let ica_layers: Vec<usize> = ica_layers.iter().copied().filter(|&l| l < t).collect();
+        if !ica_layers.is_empty() {
+            eprintln!("audit: aligning {} layers from higher moments (ICA)", ica_layers.len());
+        }
+        let ica = ica_layers
+            .into_iter()
+            .map(|l| {
+                (l, IcaAlignment::fit(&k.everyone.layer(&public, l), &acts.layer(&all, l), ICA_COMPONENTS, l as u64))
+            })
+            .collect();
+        Case {
+            view,
+            truth,
+            k,
+            alignments,
+            ica,
+            y: truth.iter().map(|&i| k.labels[i]).collect(),
+            all,
+            public,
+            attacked: (0..n.min(attacked)).collect(),
+        }
+    }
+}
+
+/// A real `pae` fine-tune through the server binary, as the server kept it.
+pub struct Session {
+    pub view: ServerView,
+    /// Which victim text (row of `Knowledge::everyone`) each stored sample is.
+    pub truth: Vec<usize>,
+    /// The device's held-out accuracy (null without held-out scoring).
+    pub device_acc: Value,
+}
+
+/// Fine-tunes on the first `k.n_train` victim texts through the real server and device binaries (secrets on or
+/// off, labels through randomized response at `label_epsilon`), scoring on `held_out` examples, and reads what
+/// the server kept. The device's secrets, from its saved adapter, give the auditor its key.
+pub fn fine_tune(
+    data: &DataArgs,
+    k: &Knowledge,
+    held_out: usize,
+    epochs: Option<usize>,
+    secrets_on: bool,
+    label_epsilon: Option<f64>,
+) -> Result<Session> {
+    let work = tempfile::tempdir()?;
+    let adapter_path = work.path().join("device-adapter.safetensors");
+    let mut device_args = vec!["--keep-session".to_string()];
+    if !secrets_on {
+        device_args.push("--no-secrets".into());
+    }
+    if let Some(epsilon) = label_epsilon {
+        device_args.extend(["--label-epsilon".to_string(), epsilon.to_string()]);
+    }
+    let device = demo::run_in(
+        demo::Args {
+            mode: "pae".into(),
+            data: data.clone(),
+            train: Some(k.n_train),
+            test: Some(held_out),
+            epochs,
+            save: Some(adapter_path.clone()),
+            device_args,
+        },
+        work.path(),
+    )?;
+    let view = read_server_view(work.path())?;
+    let adapter = DeviceAdapter::load(&adapter_path)?;
+    anyhow::ensure!(adapter.secret_seed.is_some() == secrets_on, "the device's secrets are not as asked");
+    let secrets = match adapter.secret_seed {
+        Some(seed) => Secrets::from_seed(adapter.side_config(), seed)?,
+        None => Secrets::disabled(adapter.side_config())?,
+    };
+    anyhow::ensure!(adapter.whitening.is_some() == secrets_on, "the device's whitening is not as asked");
+    let truth = ground_truth(&view, &k.everyone, k.n_train, &secrets, adapter.whitening.as_ref())?;
+    Ok(Session { view, truth, device_acc: device["finetuned_acc"].clone() })
+}
+
 /// Every attack on one session's stored data. Returns the headline numbers and the details.
 fn attack(view: &ServerView, truth: &[usize], k: &Knowledge, args: &Args) -> Result<Value> {
-    let acts = &view.acts;
-    let (n, t) = (acts.n, acts.t);
-    let all = acts.rows();
-    let public = k.public_rows();
-    eprintln!("audit: aligning {t} layers from second moments");
-    let alignments: Vec<Alignment> =
-        (0..t).map(|l| Alignment::fit(&k.everyone.layer(&public, l), &acts.layer(&all, l), ALIGN_AXES)).collect();
-    eprintln!("audit: aligning {} layers from higher moments (ICA)", ICA_LAYERS.len());
-    let ica = ICA_LAYERS
-        .iter()
-        .filter(|&&l| l < t)
-        .map(|&l| (l, IcaAlignment::fit(&k.everyone.layer(&public, l), &acts.layer(&all, l), ICA_COMPONENTS, l as u64)))
-        .collect();
-    let case = Case {
-        view,
-        truth,
-        k,
-        alignments,
-        ica,
-        y: truth.iter().map(|&i| k.labels[i]).collect(),
-        all,
-        public,
-        attacked: (0..n.min(args.attacked)).collect(),
-    };
+    let n = view.acts.n;
+    let case = Case::new(view, truth, k, args.attacked, &ICA_LAYERS);
     eprintln!("audit: label attacks");
     let (labels, label_details) = labels::attack(&case)?;
     eprintln!("audit: re-identification");
@@ -151,72 +230,46 @@ fn attack(view: &ServerView, truth: &[usize], k: &Knowledge, args: &Args) -> Res
     }))
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
     let (backbone, task, mut split) = inputs::load(&args.data)?;
+    if args.quick {
+        (args.train, args.attacked, args.no_docs, args.check) = (Some(QUICK_TRAIN), QUICK_ATTACKED, true, true);
+    }
     if let Some(n) = args.train {
         split.train.truncate(n);
     }
     anyhow::ensure!(!split.train.is_empty() && !split.test.is_empty(), "the audit needs training and held-out data");
     let mut knowledge = knowledge::gather(&backbone, &task, &split)?;
     let n_train = knowledge.n_train;
+    let held_out = if args.quick { 0 } else { 200 };
     let mut report = serde_json::Map::new();
     for (name, secrets_on) in [("secrets_on", true), ("secrets_off", false)] {
         eprintln!("audit: fine-tune with {}", name.replace('_', " "));
-        let work = tempfile::tempdir()?;
-        let adapter_path = work.path().join("device-adapter.safetensors");
-        let mut device_args = vec!["--keep-session".to_string()];
-        if !secrets_on {
-            device_args.push("--no-secrets".into());
-        }
-        if let Some(epsilon) = args.label_epsilon {
-            device_args.extend(["--label-epsilon".to_string(), epsilon.to_string()]);
-        }
-        let device = demo::run_in(
-            demo::Args {
-                mode: "pae".into(),
-                data: args.data.clone(),
-                train: Some(n_train),
-                test: Some(200),
-                epochs: args.epochs,
-                save: Some(adapter_path.clone()),
-                device_args,
-            },
-            work.path(),
-        )?;
-        let view = read_server_view(work.path())?;
-        let adapter = DeviceAdapter::load(&adapter_path)?;
-        anyhow::ensure!(adapter.secret_seed.is_some() == secrets_on, "the device's secrets are not as asked");
-        let secrets = match adapter.secret_seed {
-            Some(seed) => Secrets::from_seed(adapter.side_config(), seed)?,
-            None => Secrets::disabled(adapter.side_config())?,
-        };
-        anyhow::ensure!(adapter.whitening.is_some() == secrets_on, "the device's whitening is not as asked");
-        let truth = ground_truth(&view, &knowledge.everyone, n_train, &secrets, adapter.whitening.as_ref())?;
-        let device_acc = device["finetuned_acc"].clone();
+        let session = fine_tune(&args.data, &knowledge, held_out, args.epochs, secrets_on, args.label_epsilon)?;
+        let (view, truth) = (&session.view, &session.truth);
         let mut attack_as = |key: &str, view: &ServerView, k: &Knowledge| -> Result<()> {
             eprintln!("audit: {key}");
-            let mut result = attack(view, &truth, k, &args)?;
-            result["details"]["device_finetuned_acc"] = device_acc.clone();
+            let mut result = attack(view, truth, k, &args)?;
+            result["details"]["device_finetuned_acc"] = session.device_acc.clone();
             eprintln!("audit: {key}: {}", headline(&result));
             report.insert(key.into(), result);
             Ok(())
         };
         if !secrets_on {
-            attack_as("secrets_off", &view, &knowledge)?;
+            attack_as("secrets_off", view, &knowledge)?;
             continue;
         }
-        attack_as("secrets_on", &view, &knowledge)?;
-        let (simulated, whitened) = simulate_public_whitening(&view, &truth, &knowledge.everyone, n_train)?;
+        attack_as("secrets_on", view, &knowledge)?;
+        let (simulated, whitened) = simulate_public_whitening(view, truth, &knowledge.everyone, n_train)?;
         let plain = std::mem::replace(&mut knowledge.everyone, whitened);
-        let adaptive = attack_as("secrets_on_attacker_whitens", &view, &knowledge)
-            .and_then(|()| attack_as("public_whitening_simulated", &simulated, &knowledge));
+        let mut adaptive = attack_as("secrets_on_attacker_whitens", view, &knowledge);
+        if !args.quick {
+            adaptive = adaptive.and_then(|()| attack_as("public_whitening_simulated", &simulated, &knowledge));
+        }
         knowledge.everyone = plain;
         adaptive?;
     }
-    let labels = &knowledge.labels[..n_train];
-    let chance = (0..knowledge.n_labels as u32).map(|l| labels.iter().filter(|&&x| x == l).count()).max().unwrap_or(0)
-        as f64
-        / n_train as f64;
+    let chance = knowledge.chance();
     // The default's figure for each attack: the best the server does in any of the default's conditions.
     let worst = |key: &str| DEFAULT.iter().filter_map(|c| report[*c][key].as_f64()).fold(f64::NAN, f64::max);
     let mut full = json!({
@@ -235,8 +288,9 @@ pub fn run(args: Args) -> Result<()> {
         },
         "data": {"train": n_train, "public": split.test.len(), "attacked": args.attacked.min(n_train), "pool": args.pool},
         "command": format!(
-            "cargo xtask audit{}{}",
-            args.train.map_or(String::new(), |n| format!(" --train {n}")),
+            "cargo xtask audit{}{}{}",
+            if args.quick { " --quick" } else { "" },
+            args.train.filter(|_| !args.quick).map_or(String::new(), |n| format!(" --train {n}")),
             args.label_epsilon.map_or(String::new(), |e| format!(" --label-epsilon {e}"))
         ),
         "label_epsilon": args.label_epsilon,
@@ -244,7 +298,7 @@ pub fn run(args: Args) -> Result<()> {
         "date": xtask::report::today(),
     });
     for (key, _) in CONDITIONS {
-        full[key] = report[key].clone();
+        full[key] = report.get(key).cloned().unwrap_or(Value::Null);
     }
     if !args.no_docs {
         report::write_docs(&full)?;
@@ -286,8 +340,8 @@ fn check(full: &Value, chance: f64) -> Result<()> {
     expect(stolen >= chance + 0.15, format!("secrets off: stolen adapter {stolen:.3}, expected ≥ chance + 0.15"));
     let default = &full["default"];
     let (reid, text) = (num(&default["reidentification"]), num(&default["text_recovery"]));
-    // At 200 attacked samples one sample is half a point: the default measured 1.0–3.5% here, so the bound is
-    // the goal itself.
+    // The bound is the goal itself, with no margin: at this size the alignment attack, with the attacker whitening
+    // its data, measured 1–4% (1.7% at 2400 training sentences), and one sample is half a point.
     expect(reid <= 0.05, format!("default: re-identification {reid:.3}, expected ≤ 0.05 (the goal)"));
     expect(text <= 0.025, format!("default: token recovery {text:.4}, expected ≤ 0.025 (goal 0.05)"));
     let stolen = num(&default["stolen_adapter_acc"]);
