@@ -26,9 +26,10 @@ use serde_json::{json, Value};
 use xtask::args::DataArgs;
 use xtask::{paths, report};
 
-use crate::audit::attacks::{accuracy, argmax_rows, one_hot, Mat};
+use crate::audit::acts::Acts;
+use crate::audit::attacks::{accuracy, argmax_rows, one_hot, DualRidge, Mat};
 use crate::audit::knowledge::{self, Knowledge};
-use crate::audit::server_view::simulate_public_whitening;
+use crate::audit::server_view::publicly_whitened;
 use crate::audit::{fine_tune, labels, Case, Session};
 use crate::inputs;
 
@@ -74,13 +75,16 @@ pub fn run(args: Args) -> Result<()> {
     let mut k = knowledge::gather(&backbone, &task, &split)?;
     let held_out = split.test.len();
     let chance = k.chance();
+    // The attacker's public data whitened with public statistics: the same for every session.
+    let mut whitened = publicly_whitened(&k.everyone, k.n_train)?;
     let mut points = Vec::new();
-    let mut first_session: Option<(Session, Vec<(String, f64)>)> = None;
+    // The first session's attacks: its stored activations do not depend on the labels.
+    let mut first_attacks: Option<Vec<(String, f64)>> = None;
     for epsilon in std::iter::once(None).chain(args.epsilons.iter().copied().map(Some)) {
         let setting = epsilon.map_or("true labels".to_string(), |e| format!("ε = {e}"));
         eprintln!("frontier: fine-tune with {setting}");
         let session = fine_tune(&args.data, &k, held_out, None, true, epsilon)?;
-        let attacks = label_attacks(&session, &mut k)?;
+        let attacks = label_attacks(&session, &mut k, &mut whitened)?;
         let (best_attack, label_attack) = best(&attacks, |_| true);
         let device_acc = session.device_acc.as_f64().context("the device reported no held-out accuracy")?;
         let point = Point {
@@ -95,11 +99,9 @@ pub fn run(args: Args) -> Result<()> {
         };
         eprintln!("frontier: {point:?}");
         points.push(point);
-        if first_session.is_none() {
-            first_session = Some((session, attacks));
-        }
+        first_attacks.get_or_insert(attacks);
     }
-    let (_, attacks) = first_session.context("no fine-tune ran")?;
+    let attacks = first_attacks.context("no fine-tune ran")?;
     let (best_attack, label_attack) = best(&attacks, |a| labels::FROM_ACTIVATIONS.contains(&a));
     let head = Point {
         defence: "label head on the device",
@@ -138,8 +140,8 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Every label attack on a session, as the default's two conditions allow: with the attacker's public data plain
-/// and whitened by public statistics; each attack's better figure.
-fn label_attacks(session: &Session, k: &mut Knowledge) -> Result<Vec<(String, f64)>> {
+/// and `whitened` by public statistics (swapped into `k` for the second); each attack's better figure.
+fn label_attacks(session: &Session, k: &mut Knowledge, whitened: &mut Acts) -> Result<Vec<(String, f64)>> {
     let mut results: Vec<(String, f64)> = Vec::new();
     let mut merge = |found: Vec<(&'static str, f64)>, naming: f64| {
         for (name, v) in found.into_iter().chain([("target_clusters_named_by_aligned_probe", naming)]) {
@@ -152,10 +154,9 @@ fn label_attacks(session: &Session, k: &mut Knowledge) -> Result<Vec<(String, f6
     let (view, truth) = (&session.view, &session.truth);
     let (found, details) = labels::attack(&Case::new(view, truth, k, 0, &[]))?;
     merge(found, details["target_clusters_named_by_aligned_probe"].as_f64().unwrap_or(0.0));
-    let (_, whitened) = simulate_public_whitening(view, truth, &k.everyone, k.n_train)?;
-    let plain = std::mem::replace(&mut k.everyone, whitened);
+    std::mem::swap(&mut k.everyone, whitened);
     let adaptive = labels::attack(&Case::new(view, truth, k, 0, &[]));
-    k.everyone = plain;
+    std::mem::swap(&mut k.everyone, whitened);
     let (found, details) = adaptive?;
     merge(found, details["target_clusters_named_by_aligned_probe"].as_f64().unwrap_or(0.0));
     Ok(results)
@@ -184,14 +185,8 @@ fn device_head_accuracy(k: &Knowledge) -> Result<f64> {
     let (train, public) = (train.broadcast_sub(&mean)?, public.broadcast_sub(&mean)?);
     let gram = to_mat(&train.matmul(&train.t()?)?)?.cast::<f64>();
     let cross = to_mat(&public.matmul(&train.t()?)?)?.cast::<f64>();
-    let y = one_hot(&k.labels[..n], k.n_labels).cast::<f64>();
-    let lambda = HEAD_PENALTY * gram.trace() / n as f64;
-    let mut g = gram;
-    for i in 0..n {
-        g[(i, i)] += lambda;
-    }
-    let alpha = g.cholesky().context("the device head's Gram matrix is not positive definite")?.solve(&y);
-    Ok(accuracy(&argmax_rows(&(cross * alpha).cast::<f32>()), k.public_labels()))
+    let head = DualRidge::fit(gram, &one_hot(&k.labels[..n], k.n_labels).cast::<f64>());
+    Ok(accuracy(&argmax_rows(&head.predict(&cross, HEAD_PENALTY).cast::<f32>()), k.public_labels()))
 }
 
 fn to_mat(x: &Tensor) -> Result<Mat> {

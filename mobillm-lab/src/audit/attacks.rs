@@ -205,48 +205,64 @@ pub fn probe_cv_accuracy(x: &Mat, labels: &[u32], k: usize) -> f64 {
     accuracy(&predicted, &labels[half..])
 }
 
-/// Out-of-fold predictions of `y` from `x` by linear ridge regression in its dual form (an n×n Gram matrix, so
-/// any number of features fits): fitted on the even rows, predicting the odd, and the other way round. The penalty
-/// (relative to the fold's mean Gram eigenvalue) is the one of `penalties` whose predictions fit `y` best, so no
-/// label is used. This is what a server learns from the model it can fit on what it stores, scored on samples
-/// that model did not see: its generalization, which label noise on the targets does not remove.
+/// Linear ridge regression with an intercept in its dual form, from the Gram matrix of centred training rows
+/// (`[n, n]`, so any number of features fits): the eigen-decomposition once, then each penalty (relative to the
+/// Gram matrix's mean eigenvalue) costs one product.
+pub struct DualRidge {
+    eig: nalgebra::SymmetricEigen<f64, nalgebra::Dyn>,
+    /// `Uᵀ·(y − mean)`.
+    uty: DMatrix<f64>,
+    mean: Vec<f64>,
+}
+
+impl DualRidge {
+    pub fn fit(gram: DMatrix<f64>, y: &DMatrix<f64>) -> Self {
+        let mean: Vec<f64> = (0..y.ncols()).map(|j| y.column(j).mean()).collect();
+        let mut yc = y.clone();
+        for (j, m) in mean.iter().enumerate() {
+            yc.column_mut(j).add_scalar_mut(-m);
+        }
+        let eig = gram.symmetric_eigen();
+        let uty = eig.eigenvectors.transpose() * yc;
+        Self { eig, uty, mean }
+    }
+
+    /// Predictions for rows whose products with the (centred) training rows are `cross` (`[m, n]`).
+    pub fn predict(&self, cross: &DMatrix<f64>, penalty: f64) -> DMatrix<f64> {
+        let lambda = penalty * self.eig.eigenvalues.mean().max(1e-12);
+        let mut a = self.uty.clone();
+        for (i, mut row) in a.row_iter_mut().enumerate() {
+            row /= self.eig.eigenvalues[i].max(0.0) + lambda;
+        }
+        let mut pred = cross * (&self.eig.eigenvectors * a);
+        for (j, m) in self.mean.iter().enumerate() {
+            pred.column_mut(j).add_scalar_mut(*m);
+        }
+        pred
+    }
+}
+
+/// Out-of-fold predictions of `y` from `x` by [`DualRidge`]: fitted on the even rows, predicting the odd, and
+/// the other way round. The penalty is the one of `penalties` whose predictions fit `y` best, so no label is used.
+/// This is what a server learns from the model it can fit on what it stores, scored on samples that model did
+/// not see: its generalization, which label noise on the targets does not remove.
 pub fn cross_fitted_ridge(x: &Mat, y: &Mat, penalties: &[f64]) -> Mat {
     let n = x.nrows();
     let xc = subtract_row(x, &column_means(x));
     let gram = (&xc * xc.transpose()).cast::<f64>();
     let y = y.clone().cast::<f64>();
     let folds: [Vec<usize>; 2] = [(0..n).step_by(2).collect(), (1..n).step_by(2).collect()];
-    // Per fold: the eigen-decomposition of its Gram matrix, so every penalty costs one small solve.
-    let fitted: Vec<_> = folds
+    let fitted: Vec<DualRidge> = folds
         .iter()
-        .map(|fit| {
-            let g = gram.select_rows(fit).select_columns(fit);
-            let y_fit = y.select_rows(fit);
-            let mean: Vec<f64> = (0..y.ncols()).map(|j| y_fit.column(j).mean()).collect();
-            let mut yc = y_fit;
-            for (j, m) in mean.iter().enumerate() {
-                yc.column_mut(j).add_scalar_mut(-m);
-            }
-            let eig = g.symmetric_eigen();
-            let uty = eig.eigenvectors.transpose() * yc;
-            (eig, uty, mean)
-        })
+        .map(|fit| DualRidge::fit(gram.select_rows(fit).select_columns(fit), &y.select_rows(fit)))
         .collect();
     let predict = |penalty: f64| -> DMatrix<f64> {
         let mut out = DMatrix::zeros(n, y.ncols());
-        for (f, (eig, uty, mean)) in fitted.iter().enumerate() {
+        for (f, ridge) in fitted.iter().enumerate() {
             let (fit, held) = (&folds[f], &folds[1 - f]);
-            let lambda = penalty * eig.eigenvalues.mean().max(1e-12);
-            let mut a = uty.clone();
-            for (i, mut row) in a.row_iter_mut().enumerate() {
-                row /= eig.eigenvalues[i].max(0.0) + lambda;
-            }
-            let alpha = &eig.eigenvectors * a;
-            let pred = gram.select_rows(held).select_columns(fit) * alpha;
+            let pred = ridge.predict(&gram.select_rows(held).select_columns(fit), penalty);
             for (r, &i) in held.iter().enumerate() {
-                for j in 0..y.ncols() {
-                    out[(i, j)] = pred[(r, j)] + mean[j];
-                }
+                out.set_row(i, &pred.row(r));
             }
         }
         out

@@ -62,35 +62,34 @@ fn printable_runs(bytes: &[u8], min: usize, out: &mut String) {
     }
 }
 
-/// What the server would hold if the device whitened with public statistics instead of its session's
-/// (`R_l·rms(W_l·(â_l − μ_l))`, μ and W from the public texts, at the device's rank), for the victim's samples
-/// in the order of `truth`, with the targets of the real session. Fresh rotations: any Haar draw is as good as the
-/// device's. Also returns every text whitened the same way: what an attacker computes from public data, and under
-/// this design exactly the device's whitening.
-pub fn simulate_public_whitening(
-    view: &ServerView,
-    truth: &[usize],
-    everyone: &Acts,
-    n_train: usize,
-) -> Result<(ServerView, Acts)> {
-    let (t, d) = (everyone.t, everyone.d);
-    let all = Tensor::from_slice(&everyone.flat, (everyone.n, t, d), &Device::Cpu)?;
+/// Every text (`everyone`, the first `n_train` rows the victim's) whitened with statistics of the public texts
+/// at the device's rank and ε: what an attacker computes from public data as its best guess at a session's secret
+/// whitening, and under the public-whitening design exactly the device's whitening.
+pub fn publicly_whitened(everyone: &Acts, n_train: usize) -> Result<Acts> {
+    let all = Tensor::from_slice(&everyone.flat, (everyone.n, everyone.t, everyone.d), &Device::Cpu)?;
     let whitening =
         Whitening::fit(&all.narrow(0, n_train, everyone.n - n_train)?, whitening::RANK, whitening::RELATIVE_EPS)?;
-    let whitened = Acts::from_tensor(&whitening.apply(&all)?)?;
+    Acts::from_tensor(&whitening.apply(&all)?)
+}
+
+/// What the server would hold if the device whitened with public statistics instead of its session's
+/// (`R_l·rms(W_l·(â_l − μ_l))`, μ and W from the public texts: `whitened` is [`publicly_whitened`]), for the
+/// victim's samples in the order of `truth`, with the targets of the real session. Fresh rotations: any Haar draw
+/// is as good as the device's.
+pub fn simulate_public_whitening(view: &ServerView, truth: &[usize], whitened: &Acts) -> Result<ServerView> {
+    let (t, d) = (whitened.t, whitened.d);
     let secrets = Secrets::from_seed(&SideConfig::new(t, d, 2), [42; 32])?;
     let rows: Vec<f32> =
         truth.iter().flat_map(|&i| whitened.flat[i * t * d..(i + 1) * t * d].iter().copied()).collect();
     let stored =
         as_stored(&secrets.rotate_activations(&Tensor::from_vec(rows, (truth.len(), t, d), &Device::Cpu)?)?)?;
-    let view = ServerView {
+    Ok(ServerView {
         side: view.side.clone(),
         acts: Acts::from_tensor(&stored)?,
         targets: view.targets.clone(),
         weights: None,
         strings: String::new(),
-    };
-    Ok((view, whitened))
+    })
 }
 
 /// Activations `[N, T, d]` as the server would store them: through the real wire codec at the device's default
