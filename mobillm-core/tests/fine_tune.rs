@@ -30,7 +30,9 @@ impl Drop for Assist {
 }
 
 fn start(data_dir: &std::path::Path) -> Assist {
-    let state = mobillm_server::open(ServerConfig::new(data_dir, vec![KEY.into()])).unwrap();
+    // The test writes kilobytes; the production watermark (1 GiB free) would fail it on a nearly full CI disk.
+    let config = ServerConfig { min_free_disk_mb: 16, ..ServerConfig::new(data_dir, vec![KEY.into()]) };
+    let state = mobillm_server::open(config).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -27,6 +27,8 @@ fn config(dir: &std::path::Path) -> ServerConfig {
     cfg.max_samples_per_session = 10;
     cfg.max_sessions_per_key = 3;
     cfg.workers = Some(1);
+    // These tests write kilobytes; the production watermark (1 GiB free) would fail them on a nearly full CI disk.
+    cfg.min_free_disk_mb = 16;
     cfg
 }
 
@@ -103,6 +105,30 @@ async fn sessions_uploads_are_idempotent_and_deletion_erases() {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, body) = call(&state, "GET", &format!("/v1/sessions/{id}"), Some(&token), vec![]).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}
+
+#[tokio::test]
+async fn a_disk_below_the_watermark_refuses_writes_and_keeps_what_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = mobillm_server::open(config(dir.path())).unwrap();
+    let (id, token) = create(&state).await;
+    let uri = format!("/v1/sessions/{id}/samples");
+    let (status, body) = call(&state, "PUT", &uri, Some(&token), frame(4, 1).1).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    drop(state);
+
+    // No disk has this much free: every write must be refused.
+    let full = ServerConfig { min_free_disk_mb: u64::MAX, ..config(dir.path()) };
+    let state = mobillm_server::open(full).unwrap();
+    let (status, body) = call(&state, "PUT", &uri, Some(&token), frame(4, 2).1).await;
+    assert_eq!((status, body["code"].as_str()), (StatusCode::INSUFFICIENT_STORAGE, Some("insufficient_storage")));
+    assert!(body["message"].as_str().unwrap().contains("watermark"), "{body}");
+    let (status, body) = call(&state, "POST", "/v1/sessions", Some(KEY), session_json()).await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    // What was acknowledged is still there, readable, and deleting (which frees space) still works.
+    assert_eq!(count(&state, &id, &token).await, 4);
+    let (status, _) = call(&state, "DELETE", &format!("/v1/sessions/{id}"), Some(&token), vec![]).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
 }
 
 #[tokio::test]

@@ -70,7 +70,13 @@ pub fn start_server_with(
     extra: &[String],
 ) -> Result<Server> {
     let admin_token = format!("admin-{}", std::process::id());
-    let mut child = Command::new(bin_dir.join("mobillm-server"))
+    let mut command = Command::new(bin_dir.join("mobillm-server"));
+    // These servers write under 100 MB to a temporary directory: a production watermark (1 GiB free) would stop
+    // a demo or test on a nearly full disk for no reason. An explicit setting still wins.
+    if std::env::var_os("MOBILLM_MIN_FREE_DISK_MB").is_none() {
+        command.env("MOBILLM_MIN_FREE_DISK_MB", "256");
+    }
+    let mut child = command
         .args(["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(extra)
