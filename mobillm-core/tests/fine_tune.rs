@@ -156,6 +156,23 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     // Every server session were deleted when their fine-tunes ended.
     assert_eq!(sessions_on_server(&server), 0);
 
+    // With decoys the first round's targets span one direction per task (Δ sums to zero over 2 labels), not one
+    // in all, in the same 8 outputs; the device still learns the real task from what comes back.
+    let first_targets = |decoys: usize| {
+        let cfg = FineTuneConfig { decoys, rounds: 1, keep_server_session: true, ..config(&server.url, Mode::Pae) };
+        fine_tune(&backbone, spec(), &train, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+        let rec = server.state.store.sessions(None, 100).unwrap().pop().unwrap();
+        let set = server.state.store.training_set(&rec).unwrap();
+        server.state.store.delete_session(&rec.id).unwrap();
+        let sv = nalgebra::DMatrix::from_row_slice(set.ids.len(), rec.shape.outputs, &set.targets).singular_values();
+        (sv.iter().filter(|&&v| v > 1e-3 * sv.max()).count(), rec.shape.outputs)
+    };
+    assert_eq!((first_targets(0), first_targets(3)), ((1, 8), (4, 8)), "(target rank, outputs)");
+    let decoy_cfg = FineTuneConfig { decoys: 3, ..config(&server.url, Mode::Pae) };
+    let decoyed = fine_tune(&backbone, spec(), &train, &test, &decoy_cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+    let after_decoys = p_true(&decoyed.adapter.predict(&backbone, &texts).unwrap(), &train);
+    assert!(after_decoys > before + 0.05, "pae with decoys still learns: {before} → {after_decoys}");
+
     // The adapter file round-trips and predicts the same.
     let file = dir.path().join("adapter.safetensors");
     pae.adapter.save(&file).unwrap();
@@ -192,6 +209,15 @@ fn cancelling_mid_training_stops_and_deletes_the_server_session() {
     let bad_epsilon = FineTuneConfig { label_epsilon: Some(0.0), ..cfg.clone() };
     let err = fine_tune(&backbone, spec(), &train, &test, &bad_epsilon, &CancelToken::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(&err, Error::InvalidInput(m) if m.contains("ε")), "{err}");
+    for (bad_decoys, why) in [
+        (FineTuneConfig { decoys: 8, ..cfg.clone() }, "at most 7"),
+        (FineTuneConfig { decoys: 1, secrets: false, ..cfg.clone() }, "secrets"),
+        (FineTuneConfig { decoys: 1, ..config(&server.url, Mode::Mobillm) }, "pae"),
+    ] {
+        let err =
+            fine_tune(&backbone, spec(), &train, &test, &bad_decoys, &CancelToken::new(), &mut |_| {}).unwrap_err();
+        assert!(matches!(&err, Error::InvalidInput(m) if m.contains(why)), "{why}: {err}");
+    }
     let wrong_key = FineTuneConfig { api_key: "nope".into(), ..cfg.clone() };
     let err = fine_tune(&backbone, spec(), &train, &test, &wrong_key, &CancelToken::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(&err, Error::Server { status: 401, .. }), "{err}");

@@ -309,7 +309,11 @@ fn bad_inputs_are_typed_errors() {
     assert!(matches!(prediction_differences(&data.z_b, None, &[0; 10], 0.0), Err(Error::InvalidInput(_))));
     let secrets = Secrets::from_seed(&c, [0; 32]).unwrap();
     assert!(matches!(secrets.decode_outputs(&data.z_b), Err(Error::InvalidInput(_))), "K columns, not K'");
-    assert!(matches!(secrets.encode_targets(&targets), Err(Error::InvalidInput(_))), "K' columns, not K");
+    // Targets take K to K' columns (the task's and any decoys'), no fewer and no more.
+    let columns = |k: usize| Tensor::zeros((10, k), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(secrets.encode_targets(&columns(K - 1)), Err(Error::InvalidInput(_))), "fewer than K");
+    assert!(matches!(secrets.encode_targets(&columns(c.outputs + 1)), Err(Error::InvalidInput(_))), "more than K'");
+    assert!(secrets.encode_targets(&columns(c.outputs)).is_ok());
     assert!(matches!(trainer.net().forward(&data.z_b), Err(Error::InvalidInput(_))));
 }
 

@@ -115,6 +115,9 @@ impl From<&FineTuneOptions> for FineTuneConfig {
             c.poll = std::time::Duration::from_millis(v.into());
         }
         c.label_epsilon = o.label_epsilon;
+        if let Some(v) = o.decoys {
+            c.decoys = v as usize;
+        }
         c
     }
 }
@@ -164,6 +167,7 @@ mod tests {
             forward_batch: None,
             poll_millis: None,
             label_epsilon: None,
+            decoys: None,
         }
     }
 
@@ -190,6 +194,7 @@ mod tests {
             );
             assert_eq!((got.server_url.as_str(), got.api_key.as_str()), ("https://assist.example.com", "k"));
             assert!(!got.insecure_http && got.secrets);
+            assert_eq!((got.label_epsilon, got.decoys), (None, 0));
         }
     }
 
@@ -207,6 +212,7 @@ mod tests {
             forward_batch: Some(4),
             poll_millis: Some(50),
             label_epsilon: Some(2.5),
+            decoys: Some(3),
             ..options(Some(FineTuneMode::Mobillm))
         };
         let c = FineTuneConfig::from(&o);
@@ -214,7 +220,7 @@ mod tests {
         assert!(c.insecure_http);
         assert_eq!((c.epochs, c.rounds, c.lr, c.width, c.rank, c.forward_batch), (7, 5, 0.01, 64, 8, 4));
         assert_eq!((c.quant, c.poll, c.mode), (Quant::Int4, Duration::from_millis(50), Mode::Mobillm));
-        assert_eq!(c.label_epsilon, Some(2.5));
+        assert_eq!((c.label_epsilon, c.decoys), (Some(2.5), 3));
         assert!(!format!("{o:?}").contains("\"k\""), "Debug hides the key");
     }
 

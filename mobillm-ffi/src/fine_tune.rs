@@ -67,6 +67,10 @@ pub struct FineTuneOptions {
     /// more private and less accurate). Unset: the true labels.
     #[uniffi(default = None)]
     pub label_epsilon: Option<f64>,
+    /// Decoy tasks sent beside the real one (`pae` with secrets, at most 7; default 0): the server's targets then
+    /// hold several partitions of the samples, and only the device knows which is real.
+    #[uniffi(default = None)]
+    pub decoys: Option<u32>,
 }
 
 impl std::fmt::Debug for FineTuneOptions {
@@ -78,6 +82,7 @@ impl std::fmt::Debug for FineTuneOptions {
             .field("epochs", &self.epochs)
             .field("rounds", &self.rounds)
             .field("label_epsilon", &self.label_epsilon)
+            .field("decoys", &self.decoys)
             .finish_non_exhaustive()
     }
 }

@@ -7,6 +7,9 @@
 //! - randomized response on the device at each `--epsilons` ε (the attack is also bounded by theory: a Bayes
 //!   attacker with no prior better than the class balance who recovers every noisy label exactly is right with
 //!   probability `e^ε / (e^ε + K − 1)`);
+//! - decoy tasks: `--decoys` M synthetic tasks beside the real one, mixed with it through Q (the attacks include
+//!   the adaptive ones: the targets unmixed into candidate partitions, the one most learnable or most like the
+//!   public probe picked);
 //! - a label head on the device: a ridge readout of the session-whitened taps of every layer, fitted on the
 //!   device with its labels. Nothing label-dependent is sent, so its attack is the best attack on activations
 //!   alone (measured on the first session's stored activations, which do not depend on the labels).
@@ -40,9 +43,12 @@ pub struct Args {
     /// Training examples of each fine-tune (UCI has 2400).
     #[arg(long, default_value_t = 1200)]
     pub train: usize,
-    /// The ε of each randomized-response point (comma-separated).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![4.0, 2.0, 1.0, 0.5])]
+    /// The ε of each randomized-response point (comma-separated; the flag alone: none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = vec![4.0, 2.0, 1.0, 0.5])]
     pub epsilons: Vec<f64>,
+    /// The decoy counts of the decoy points (comma-separated; the flag alone: none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_values_t = vec![1, 3])]
+    pub decoys: Vec<usize>,
     /// Do not write docs/privacy-frontier.{json,png} and the frontier table of docs/privacy.md.
     #[arg(long)]
     pub no_docs: bool,
@@ -80,15 +86,26 @@ pub fn run(args: Args) -> Result<()> {
     let mut points = Vec::new();
     // The first session's attacks: its stored activations do not depend on the labels.
     let mut first_attacks: Option<Vec<(String, f64)>> = None;
-    for epsilon in std::iter::once(None).chain(args.epsilons.iter().copied().map(Some)) {
-        let setting = epsilon.map_or("true labels".to_string(), |e| format!("ε = {e}"));
+    let settings = std::iter::once((None, 0))
+        .chain(args.epsilons.iter().map(|&e| (Some(e), 0)))
+        .chain(args.decoys.iter().map(|&m| (None, m)));
+    for (epsilon, decoys) in settings {
+        let setting = match (epsilon, decoys) {
+            (Some(e), _) => format!("ε = {e}"),
+            (None, 0) => "true labels".to_string(),
+            (None, m) => format!("M = {m}"),
+        };
         eprintln!("frontier: fine-tune with {setting}");
-        let session = fine_tune(&args.data, &k, held_out, None, true, epsilon)?;
+        let session = fine_tune(&args.data, &k, held_out, None, true, epsilon, decoys)?;
         let attacks = label_attacks(&session, &mut k, &mut whitened)?;
         let (best_attack, label_attack) = best(&attacks, |_| true);
         let device_acc = session.device_acc.as_f64().context("the device reported no held-out accuracy")?;
         let point = Point {
-            defence: if epsilon.is_some() { "randomized response" } else { "none" },
+            defence: match (epsilon, decoys) {
+                (Some(_), _) => "randomized response",
+                (None, 0) => "none",
+                _ => "decoy tasks",
+            },
             setting,
             epsilon,
             device_acc,
@@ -124,8 +141,9 @@ pub fn run(args: Args) -> Result<()> {
         "goal_accuracy": 0.93,
         "points": points,
         "data": {"train": k.n_train, "held_out": held_out},
-        "command": format!("cargo xtask frontier --train {} --epsilons {}", args.train,
-            args.epsilons.iter().map(f64::to_string).collect::<Vec<_>>().join(",")),
+        "command": format!("cargo xtask frontier --train {} --epsilons {} --decoys {}", args.train,
+            args.epsilons.iter().map(f64::to_string).collect::<Vec<_>>().join(","),
+            args.decoys.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
         "machine": report::machine(),
         "date": report::today(),
     });
@@ -227,8 +245,12 @@ pub fn plot(points: &[Point], chance: f64, path: &Path) -> Result<()> {
         (goal + 0.5, 95.5),
         ("sans-serif", 13),
     )])?;
-    let series: [(&str, RGBColor); 3] =
-        [("none", RED), ("randomized response", BLUE), ("label head on the device", RGBColor(0, 140, 0))];
+    let series: [(&str, RGBColor); 4] = [
+        ("none", RED),
+        ("randomized response", BLUE),
+        ("decoy tasks", RGBColor(230, 140, 0)),
+        ("label head on the device", RGBColor(0, 140, 0)),
+    ];
     for (defence, colour) in series {
         let mut xy: Vec<&Point> = points.iter().filter(|p| p.defence == defence).collect();
         xy.sort_by(|a, b| a.label_attack.total_cmp(&b.label_attack));
@@ -238,9 +260,13 @@ pub fn plot(points: &[Point], chance: f64, path: &Path) -> Result<()> {
             .label(defence)
             .legend(move |(x, y)| Circle::new((x + 10, y), 5, colour.filled()));
         chart.draw_series(xy.iter().map(|p| Circle::new(at(p), 6, colour.filled())))?;
-        chart.draw_series(xy.iter().filter_map(|p| {
-            p.epsilon.map(|e| Text::new(format!("ε={e}"), (at(p).0 + 0.6, at(p).1 + 0.6), ("sans-serif", 13)))
-        }))?;
+        // The dial's setting beside each point of a defence that has one.
+        let dialled = |p: &&&Point| matches!(p.defence, "randomized response" | "decoy tasks");
+        chart.draw_series(
+            xy.iter()
+                .filter(dialled)
+                .map(|p| Text::new(p.setting.replace(' ', ""), (at(p).0 + 0.6, at(p).1 + 0.6), ("sans-serif", 13))),
+        )?;
     }
     chart
         .configure_series_labels()
@@ -311,6 +337,7 @@ mod tests {
             point("none", None, 0.93, 0.999),
             point("randomized response", Some(1.0), 0.85, 0.75),
             point("randomized response", Some(4.0), 0.91, 0.97),
+            point("decoy tasks", None, 0.92, 0.9),
             point("label head on the device", None, 0.925, 0.53),
         ];
         let dir = tempfile::tempdir().unwrap();

@@ -45,6 +45,9 @@ pub struct FineTuneConfig {
     /// Label differential privacy: train on labels passed through randomized response at this ε
     /// (`side::label_noise`); `None` trains on the true labels. Smaller is more private and less accurate.
     pub label_epsilon: Option<f64>,
+    /// `pae` with secrets: synthetic tasks sent beside the real one, mixed with it through `Q`, so the targets
+    /// hold `decoys + 1` partitions of the samples (`side::decoys`). 0 sends none.
+    pub decoys: usize,
     /// Keep the server session after the fine-tune (for inspection); by default it is deleted.
     pub keep_server_session: bool,
     /// How often to ask the server about training progress.
@@ -83,6 +86,7 @@ impl FineTuneConfig {
             upload_chunk: 64,
             secrets: true,
             label_epsilon: None,
+            decoys: 0,
             keep_server_session: false,
             poll: Duration::from_millis(250),
             max_train_wait: Duration::from_secs(3600),
@@ -102,6 +106,18 @@ impl FineTuneConfig {
         .find(|(_, v)| *v == 0);
         if let Some((name, _)) = zero {
             return Err(Error::InvalidInput(format!("{name} must be positive")));
+        }
+        if self.decoys > crate::side::decoys::MAX_DECOYS {
+            return Err(Error::InvalidInput(format!(
+                "at most {} decoys, not {}",
+                crate::side::decoys::MAX_DECOYS,
+                self.decoys
+            )));
+        }
+        if self.decoys > 0 && (self.mode != Mode::Pae || !self.secrets) {
+            return Err(Error::InvalidInput(
+                "decoys need `pae` mode with the secrets on: without Q the server reads which outputs are real".into(),
+            ));
         }
         self.label_epsilon.map_or(Ok(()), crate::side::label_noise::validate_epsilon)
     }
@@ -135,6 +151,7 @@ impl std::fmt::Debug for FineTuneConfig {
             .field("upload_chunk", &self.upload_chunk)
             .field("secrets", &self.secrets)
             .field("label_epsilon", &self.label_epsilon)
+            .field("decoys", &self.decoys)
             .field("keep_server_session", &self.keep_server_session)
             .field("poll", &self.poll)
             .field("max_train_wait", &self.max_train_wait)

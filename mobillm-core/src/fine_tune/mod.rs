@@ -31,6 +31,7 @@ use crate::backbone::Backbone;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
 use crate::protocol::Mode;
+use crate::side::config::default_outputs;
 use crate::side::{label_noise, DeviceAdapter, Secrets, SideConfig, SideNet, Whitening};
 use crate::task::{Task, TaskSpec};
 use held_out::Pivots;
@@ -96,10 +97,13 @@ pub fn fine_tune(
     };
     let test_labels = label_indices(&task, test)?;
     let taps = cfg.taps.clone().unwrap_or_else(|| backbone.all_taps());
+    let k = task.labels().len();
     let side = SideConfig {
         width: cfg.width,
         rank: cfg.rank,
-        ..SideConfig::new(taps.len(), backbone.config().hidden_size, task.labels().len())
+        // Decoys take K outputs each; the padding still hides K when there is room.
+        outputs: default_outputs(k).max(k * (cfg.decoys + 1)),
+        ..SideConfig::new(taps.len(), backbone.config().hidden_size, k)
     };
     side.validate()?;
     let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), train.len())?;

@@ -4,7 +4,9 @@
 //! [`CALIBRATION_SAMPLES`] of the examples, forwarded first and held (f16) until the fit; nothing is sent before
 //! it. The server trains; meanwhile the device forwards the held-out set. Each refinement round downloads the server's outputs, decodes them and uploads new
 //! targets only. The device keeps neither the training activations nor their targets: per example only its label
-//! logits `z_b` and random id, which is all later rounds need.
+//! logits `z_b` and random id, which is all later rounds need. With decoys (`side::decoys`), they are fitted on the
+//! whitened calibration subset, each example's decoy labels are drawn once when it is forwarded and kept with its
+//! `z_b`, and every target carries the decoys' differences beside the real ones.
 
 use std::time::Instant;
 
@@ -17,7 +19,7 @@ use super::{Run, Trained};
 use crate::backbone::batching::BATCH_TOKENS;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
-use crate::side::targets::prediction_differences;
+use crate::side::decoys::{self, DecoyTasks};
 use crate::side::whitening::{self, Whitening, CALIBRATION_SAMPLES};
 use crate::side::SampleId;
 use crate::side::{device_inputs, normalize_taps};
@@ -32,13 +34,14 @@ impl Run<'_> {
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Trained> {
         let (n, k, k_out) = (train.len(), self.side.labels, self.side.outputs);
-        let (t, d) = (self.side.taps, self.side.hidden);
+        let (t, d, m) = (self.side.taps, self.side.hidden, self.cfg.decoys);
         let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_>>()?;
         let batches = self.plan(train, BATCH_TOKENS)?;
         // With secrets on, a random subset is forwarded first and held until it has fitted the whitening.
         let (first, rest) = if self.secrets.is_enabled() { calibration_split(n) } else { (vec![], (0..n).collect()) };
         let plan = |part: &[usize]| batches.groups_of(part, self.cfg.forward_batch, BATCH_TOKENS);
         let mut z_b = vec![0f32; n * k];
+        let mut decoy_labels = vec![0u32; n * m];
         let mut forward_s = 0.0;
         let mut whitening = None;
         let mut upload_bytes = self.remote.stream(
@@ -49,10 +52,23 @@ impl Run<'_> {
                 let (mut acts, mut targets) = (Vec::new(), Vec::new());
                 let mut emitted = 0;
                 // Whitens, rotates and targets one forwarded group, and sends every full frame.
-                let mut emit = |group: &[usize], taps: &Tensor, logits: &Tensor, w: Option<&Whitening>| -> Result<()> {
+                let mut emit = |group: &[usize],
+                                taps: &Tensor,
+                                logits: &Tensor,
+                                w: Option<&Whitening>,
+                                decoy_tasks: Option<&mut DecoyTasks>|
+                 -> Result<()> {
                     let group_labels: Vec<u32> = group.iter().map(|&i| labels[i]).collect();
-                    let x = self.secrets.rotate_activations(&device_inputs(taps, w)?)?;
-                    let delta = prediction_differences(logits, None, &group_labels, self.cfg.tau)?;
+                    let inputs = device_inputs(taps, w)?;
+                    let group_decoys = match decoy_tasks {
+                        Some(tasks) => tasks.label(&inputs)?,
+                        None => Vec::new(),
+                    };
+                    for (j, &i) in group.iter().enumerate().filter(|_| m > 0) {
+                        decoy_labels[i * m..(i + 1) * m].copy_from_slice(&group_decoys[j * m..(j + 1) * m]);
+                    }
+                    let x = self.secrets.rotate_activations(&inputs)?;
+                    let delta = decoys::differences(logits, None, &group_labels, &group_decoys, self.cfg.tau)?;
                     let y = self.secrets.encode_targets(&delta)?;
                     for (j, row) in logits.to_vec2::<f32>()?.into_iter().enumerate() {
                         z_b[group[j] * k..(group[j] + 1) * k].copy_from_slice(&row);
@@ -89,17 +105,25 @@ impl Run<'_> {
                     let out = forward(&group)?;
                     held.push((group, normalize_taps(&out.taps)?.to_dtype(DType::F16)?, out.label_logits));
                 }
+                let mut decoy_tasks = None;
                 if !held.is_empty() {
-                    let taps = held.iter().map(|(_, x, _)| x).collect::<Vec<_>>();
-                    whitening =
-                        Some(Whitening::fit(&Tensor::cat(&taps, 0)?, whitening::RANK, whitening::RELATIVE_EPS)?);
+                    let taps = Tensor::cat(&held.iter().map(|(_, x, _)| x).collect::<Vec<_>>(), 0)?;
+                    let fitted = Whitening::fit(&taps, whitening::RANK, whitening::RELATIVE_EPS)?;
+                    if m > 0 {
+                        let inputs = device_inputs(&taps.to_dtype(DType::F32)?, Some(&fitted))?;
+                        let held_labels: Vec<u32> =
+                            held.iter().flat_map(|(g, _, _)| g.iter().map(|&i| labels[i])).collect();
+                        decoy_tasks =
+                            Some(DecoyTasks::fit(m, &inputs, &held_labels, &class_counts(labels, k), fresh_seed()?)?);
+                    }
+                    whitening = Some(fitted);
                 }
                 for (group, taps, logits) in held {
-                    emit(&group, &taps.to_dtype(DType::F32)?, &logits, whitening.as_ref())?;
+                    emit(&group, &taps.to_dtype(DType::F32)?, &logits, whitening.as_ref(), decoy_tasks.as_mut())?;
                 }
                 for group in plan(&rest) {
                     let out = forward(&group)?;
-                    emit(&group, &out.taps, &out.label_logits, whitening.as_ref())?;
+                    emit(&group, &out.taps, &out.label_logits, whitening.as_ref(), decoy_tasks.as_mut())?;
                 }
                 Ok(())
             },
@@ -116,8 +140,8 @@ impl Run<'_> {
                 // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
                 progress(&Progress::new(Phase::Targets, 0, n, round, loss));
                 let o = self.remote.outputs(&ids)?;
-                let decoded = self.secrets.decode_outputs(&o)?;
-                let delta = prediction_differences(&z_b, Some(&decoded), labels, self.cfg.tau)?;
+                let decoded = self.secrets.decode_columns(&o, k * (m + 1))?;
+                let delta = decoys::differences(&z_b, Some(&decoded), labels, &decoy_labels, self.cfg.tau)?;
                 upload_bytes += self.remote.upload_targets(&ids, &(o + self.secrets.encode_targets(&delta)?)?)?;
             }
             self.cancel.check()?;
@@ -157,4 +181,19 @@ fn calibration_split(n: usize) -> (Vec<usize>, Vec<usize>) {
     let mut chosen = vec![false; n];
     first.iter().for_each(|&i| chosen[i] = true);
     (first, (0..n).filter(|&i| !chosen[i]).collect())
+}
+
+/// How many of `labels` each of the `k` labels has.
+fn class_counts(labels: &[u32], k: usize) -> Vec<usize> {
+    let mut counts = vec![0; k];
+    labels.iter().for_each(|&l| counts[l as usize] += 1);
+    counts
+}
+
+/// A fresh secret from the operating system's CSPRNG.
+fn fresh_seed() -> Result<[u8; 32]> {
+    use rand::TryRngCore;
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.try_fill_bytes(&mut seed).map_err(|e| Error::Internal(format!("OS RNG: {e}")))?;
+    Ok(seed)
 }

@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod decoys;
 pub mod label_noise;
 pub mod network;
 pub mod sample;

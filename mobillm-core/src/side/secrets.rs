@@ -101,24 +101,36 @@ impl Secrets {
         Ok(y.transpose(0, 1)?.contiguous()?)
     }
 
-    /// `Δ: [N, K]` → `Q·[Δ; 0]: [N, K']`.
+    /// `Δ: [N, k]` → `Q·[Δ; 0]: [N, K']`, for the task's K labels and any decoys' columns after them
+    /// (`K ≤ k ≤ K'`).
     pub fn encode_targets(&self, delta: &Tensor) -> Result<Tensor> {
         let (n, k) = delta.dims2()?;
-        if k != self.labels {
-            return Err(Error::InvalidInput(format!("targets have {k} columns, the task has {} labels", self.labels)));
-        }
         let k_out = self.q.dim(0)?;
+        if k < self.labels || k > k_out {
+            return Err(Error::InvalidInput(format!(
+                "targets have {k} columns, expected between the task's {} labels and the {k_out} outputs",
+                self.labels
+            )));
+        }
         let padded = Tensor::cat(&[delta.clone(), Tensor::zeros((n, k_out - k), delta.dtype(), delta.device())?], 1)?;
         Ok(padded.matmul(&self.q.t()?)?)
     }
 
     /// `o: [N, K']` (server coordinates) → `(Qᵀ·o)[:K]: [N, K]`.
     pub fn decode_outputs(&self, o: &Tensor) -> Result<Tensor> {
+        self.decode_columns(o, self.labels)
+    }
+
+    /// `o: [N, K']` → `(Qᵀ·o)[:cols]`: the task's outputs and the decoys' after them.
+    pub fn decode_columns(&self, o: &Tensor, cols: usize) -> Result<Tensor> {
         let (_, k_out) = o.dims2()?;
-        if k_out != self.q.dim(0)? {
-            return Err(Error::InvalidInput(format!("outputs have {k_out} columns, expected {}", self.q.dim(0)?)));
+        if k_out != self.q.dim(0)? || cols > k_out {
+            return Err(Error::InvalidInput(format!(
+                "outputs have {k_out} columns, expected {} (decoding {cols})",
+                self.q.dim(0)?
+            )));
         }
-        Ok(o.matmul(&self.q)?.narrow(1, 0, self.labels)?)
+        Ok(o.matmul(&self.q)?.narrow(1, 0, cols)?)
     }
 
     /// Folds the secrets into a network trained in server coordinates: the result maps plain unit-RMS

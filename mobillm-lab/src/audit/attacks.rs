@@ -242,37 +242,63 @@ impl DualRidge {
     }
 }
 
-/// Out-of-fold predictions of `y` from `x` by [`DualRidge`]: fitted on the even rows, predicting the odd, and
-/// the other way round. The penalty is the one of `penalties` whose predictions fit `y` best, so no label is used.
-/// This is what a server learns from the model it can fit on what it stores, scored on samples that model did
-/// not see: its generalization, which label noise on the targets does not remove.
-pub fn cross_fitted_ridge(x: &Mat, y: &Mat, penalties: &[f64]) -> Mat {
+/// Out-of-fold predictions of each of `ys` from `x` by [`DualRidge`]: fitted on the even rows, predicting the odd,
+/// and the other way round. Each target's penalty is the one of `penalties` whose predictions fit it best, so no
+/// label is used. This is what a server learns from the model it can fit on what it stores, scored on samples that
+/// model did not see: its generalization, which label noise on the targets does not remove. The Gram matrix and
+/// its decompositions are shared by all targets.
+pub fn cross_fitted_ridge(x: &Mat, ys: &[&Mat], penalties: &[f64]) -> Vec<Mat> {
     let n = x.nrows();
     let xc = subtract_row(x, &column_means(x));
     let gram = (&xc * xc.transpose()).cast::<f64>();
-    let y = y.clone().cast::<f64>();
+    let widths: Vec<usize> = ys.iter().map(|y| y.ncols()).collect();
+    let y = DMatrix::from_fn(n, widths.iter().sum(), |i, j| {
+        let (mut group, mut col) = (0, j);
+        while col >= widths[group] {
+            col -= widths[group];
+            group += 1;
+        }
+        f64::from(ys[group][(i, col)])
+    });
     let folds: [Vec<usize>; 2] = [(0..n).step_by(2).collect(), (1..n).step_by(2).collect()];
     let fitted: Vec<DualRidge> = folds
         .iter()
         .map(|fit| DualRidge::fit(gram.select_rows(fit).select_columns(fit), &y.select_rows(fit)))
         .collect();
-    let predict = |penalty: f64| -> DMatrix<f64> {
-        let mut out = DMatrix::zeros(n, y.ncols());
-        for (f, ridge) in fitted.iter().enumerate() {
-            let (fit, held) = (&folds[f], &folds[1 - f]);
-            let pred = ridge.predict(&gram.select_rows(held).select_columns(fit), penalty);
-            for (r, &i) in held.iter().enumerate() {
-                out.set_row(i, &pred.row(r));
-            }
-        }
-        out
-    };
-    penalties
+    let predictions: Vec<DMatrix<f64>> = penalties
         .iter()
-        .map(|&p| predict(p))
-        .min_by(|a, b| (a - &y).norm_squared().total_cmp(&(b - &y).norm_squared()))
-        .unwrap_or_else(|| DMatrix::zeros(n, y.ncols()))
-        .cast::<f32>()
+        .map(|&penalty| {
+            let mut out = DMatrix::zeros(n, y.ncols());
+            for (f, ridge) in fitted.iter().enumerate() {
+                let (fit, held) = (&folds[f], &folds[1 - f]);
+                let pred = ridge.predict(&gram.select_rows(held).select_columns(fit), penalty);
+                for (r, &i) in held.iter().enumerate() {
+                    out.set_row(i, &pred.row(r));
+                }
+            }
+            out
+        })
+        .collect();
+    let mut start = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let part = |p: &DMatrix<f64>| p.columns(start, w).into_owned();
+            let truth = part(&y);
+            let best = predictions
+                .iter()
+                .map(part)
+                .min_by(|a, b| (a - &truth).norm_squared().total_cmp(&(b - &truth).norm_squared()))
+                .unwrap_or_else(|| DMatrix::zeros(n, w));
+            start += w;
+            best.cast::<f32>()
+        })
+        .collect()
+}
+
+/// The scores `[n, k]` of the `k` most non-Gaussian independent components of `x` (see [`IcaAlignment`]).
+pub fn independent_scores(x: &Mat, k: usize, seed: u64) -> Mat {
+    independent_components(x, k, seed).apply(x)
 }
 
 /// The rows of `x` about their column means (in f64), and the eigen-decomposition of their covariance.
@@ -617,11 +643,12 @@ mod tests {
         let y: Vec<u32> = (0..n).map(|i| u32::from(x[(i, 0)] + 0.5 * x[(i, 1)] > 0.0)).collect();
         let noisy: Vec<u32> = y.iter().map(|&l| if rng.random_bool(0.2) { 1 - l } else { l }).collect();
         let targets = one_hot(&noisy, 2);
-        let predicted = argmax_rows(&cross_fitted_ridge(&x, &targets, &[0.01, 0.1, 1.0, 10.0]));
+        let predicted = argmax_rows(&cross_fitted_ridge(&x, &[&targets], &[0.01, 0.1, 1.0, 10.0])[0]);
         let (model, plain) = (accuracy(&predicted, &y), accuracy(&noisy, &y));
         assert!(model > 0.9 && model > plain + 0.05, "cross-fitted {model}, noisy targets {plain}");
         let unrelated = Mat::from_fn(n, d, |_, _| gaussian(&mut rng) as f32);
-        let guessed = accuracy(&argmax_rows(&cross_fitted_ridge(&unrelated, &targets, &[0.01, 0.1, 1.0, 10.0])), &y);
+        let guessed =
+            accuracy(&argmax_rows(&cross_fitted_ridge(&unrelated, &[&targets], &[0.01, 0.1, 1.0, 10.0])[0]), &y);
         assert!(guessed < 0.6, "cross-fitted on unrelated features {guessed}");
     }
 

@@ -47,6 +47,9 @@ pub struct Args {
     /// attacks are scored against the true labels.
     #[arg(long)]
     pub label_epsilon: Option<f64>,
+    /// Send this many decoy tasks beside the real one (the device's `--decoys`).
+    #[arg(long, default_value_t = 0)]
+    pub decoys: usize,
     /// Do not write docs/privacy-audit.json and the generated section of docs/privacy.md.
     #[arg(long)]
     pub no_docs: bool,
@@ -161,8 +164,8 @@ pub struct Session {
 }
 
 /// Fine-tunes on the first `k.n_train` victim texts through the real server and device binaries (secrets on or
-/// off, labels through randomized response at `label_epsilon`), scoring on `held_out` examples, and reads what
-/// the server kept. The device's secrets, from its saved adapter, give the auditor its key.
+/// off, labels through randomized response at `label_epsilon`, `decoys` decoy tasks when the secrets are on),
+/// scoring on `held_out` examples, and reads what the server kept. The device's secrets, from its saved adapter, give the auditor its key.
 pub fn fine_tune(
     data: &DataArgs,
     k: &Knowledge,
@@ -170,6 +173,7 @@ pub fn fine_tune(
     epochs: Option<usize>,
     secrets_on: bool,
     label_epsilon: Option<f64>,
+    decoys: usize,
 ) -> Result<Session> {
     let work = tempfile::tempdir()?;
     let adapter_path = work.path().join("device-adapter.safetensors");
@@ -179,6 +183,9 @@ pub fn fine_tune(
     }
     if let Some(epsilon) = label_epsilon {
         device_args.extend(["--label-epsilon".to_string(), epsilon.to_string()]);
+    }
+    if secrets_on && decoys > 0 {
+        device_args.extend(["--decoys".to_string(), decoys.to_string()]);
     }
     let device = demo::run_in(
         demo::Args {
@@ -246,7 +253,8 @@ pub fn run(mut args: Args) -> Result<()> {
     let mut report = serde_json::Map::new();
     for (name, secrets_on) in [("secrets_on", true), ("secrets_off", false)] {
         eprintln!("audit: fine-tune with {}", name.replace('_', " "));
-        let session = fine_tune(&args.data, &knowledge, held_out, args.epochs, secrets_on, args.label_epsilon)?;
+        let session =
+            fine_tune(&args.data, &knowledge, held_out, args.epochs, secrets_on, args.label_epsilon, args.decoys)?;
         let (view, truth) = (&session.view, &session.truth);
         let mut attack_as = |key: &str, view: &ServerView, k: &Knowledge| -> Result<()> {
             eprintln!("audit: {key}");
@@ -294,8 +302,9 @@ pub fn run(mut args: Args) -> Result<()> {
             if args.quick { " --quick" } else { "" },
             args.train.filter(|_| !args.quick).map_or(String::new(), |n| format!(" --train {n}")),
             args.label_epsilon.map_or(String::new(), |e| format!(" --label-epsilon {e}"))
-        ),
+        ) + &if args.decoys > 0 { format!(" --decoys {}", args.decoys) } else { String::new() },
         "label_epsilon": args.label_epsilon,
+        "decoys": args.decoys,
         "machine": xtask::report::machine(),
         "date": xtask::report::today(),
     });

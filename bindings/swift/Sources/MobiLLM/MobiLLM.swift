@@ -1778,6 +1778,11 @@ public struct FineTuneOptions: Equatable, Hashable {
      * more private and less accurate). Unset: the true labels.
      */
     public var labelEpsilon: Double?
+    /**
+     * Decoy tasks sent beside the real one (`pae` with secrets, at most 7; default 0): the server's targets then
+     * hold several partitions of the samples, and only the device knows which is real.
+     */
+    public var decoys: UInt32?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1813,7 +1818,11 @@ public struct FineTuneOptions: Equatable, Hashable {
         /**
          * Label differential privacy: train on labels passed through randomized response at this ε (smaller is
          * more private and less accurate). Unset: the true labels.
-         */labelEpsilon: Double? = nil) {
+         */labelEpsilon: Double? = nil, 
+        /**
+         * Decoy tasks sent beside the real one (`pae` with secrets, at most 7; default 0): the server's targets then
+         * hold several partitions of the samples, and only the device knows which is real.
+         */decoys: UInt32? = nil) {
         self.serverUrl = serverUrl
         self.apiKey = apiKey
         self.caPem = caPem
@@ -1828,6 +1837,7 @@ public struct FineTuneOptions: Equatable, Hashable {
         self.forwardBatch = forwardBatch
         self.pollMillis = pollMillis
         self.labelEpsilon = labelEpsilon
+        self.decoys = decoys
     }
 
     
@@ -1859,7 +1869,8 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
                 rank: FfiConverterOptionUInt32.read(from: &buf), 
                 forwardBatch: FfiConverterOptionUInt32.read(from: &buf), 
                 pollMillis: FfiConverterOptionUInt32.read(from: &buf), 
-                labelEpsilon: FfiConverterOptionDouble.read(from: &buf)
+                labelEpsilon: FfiConverterOptionDouble.read(from: &buf), 
+                decoys: FfiConverterOptionUInt32.read(from: &buf)
         )
     }
 
@@ -1878,6 +1889,7 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
         FfiConverterOptionUInt32.write(value.forwardBatch, into: &buf)
         FfiConverterOptionUInt32.write(value.pollMillis, into: &buf)
         FfiConverterOptionDouble.write(value.labelEpsilon, into: &buf)
+        FfiConverterOptionUInt32.write(value.decoys, into: &buf)
     }
 }
 

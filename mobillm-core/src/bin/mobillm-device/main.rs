@@ -103,6 +103,10 @@ struct FineTuneArgs {
     /// more private and less accurate; default: the true labels).
     #[arg(long)]
     label_epsilon: Option<f64>,
+    /// Send this many decoy tasks beside the real one (pae with secrets; at most 7), so the server's targets hold
+    /// several partitions of the samples and not only the real one (docs/privacy.md).
+    #[arg(long, default_value_t = 0)]
+    decoys: usize,
     /// Save the device adapter here.
     #[arg(long)]
     save: Option<PathBuf>,
@@ -186,6 +190,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         secrets: !args.no_secrets,
         keep_server_session: args.keep_session,
         label_epsilon: args.label_epsilon,
+        decoys: args.decoys,
         ..FineTuneConfig::for_mode(args.mode)
     };
     args.epochs.inspect(|&v| cfg.epochs = v);
@@ -213,6 +218,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         "zero_shot_acc": outcome.zero_shot_acc,
         "finetuned_acc": outcome.finetuned_acc,
         "label_epsilon": outcome.label_epsilon,
+        "decoys": cfg.decoys,
         "train_samples": outcome.train_samples,
         "test_samples": outcome.test_samples,
         "upload_bytes": outcome.upload_bytes,

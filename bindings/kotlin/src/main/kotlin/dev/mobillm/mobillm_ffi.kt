@@ -3501,6 +3501,12 @@ data class FineTuneOptions (
      * more private and less accurate). Unset: the true labels.
      */
     var `labelEpsilon`: kotlin.Double? = null 
+    , 
+    /**
+     * Decoy tasks sent beside the real one (`pae` with secrets, at most 7; default 0): the server's targets then
+     * hold several partitions of the samples, and only the device knows which is real.
+     */
+    var `decoys`: kotlin.UInt? = null 
     
 ){
     
@@ -3531,6 +3537,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.read(buf),
             FfiConverterOptionalUInt.read(buf),
             FfiConverterOptionalDouble.read(buf),
+            FfiConverterOptionalUInt.read(buf),
         )
     }
 
@@ -3548,7 +3555,8 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.allocationSize(value.`rank`) +
             FfiConverterOptionalUInt.allocationSize(value.`forwardBatch`) +
             FfiConverterOptionalUInt.allocationSize(value.`pollMillis`) +
-            FfiConverterOptionalDouble.allocationSize(value.`labelEpsilon`)
+            FfiConverterOptionalDouble.allocationSize(value.`labelEpsilon`) +
+            FfiConverterOptionalUInt.allocationSize(value.`decoys`)
     )
 
     override fun write(value: FineTuneOptions, buf: ByteBuffer) {
@@ -3566,6 +3574,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.write(value.`forwardBatch`, buf)
             FfiConverterOptionalUInt.write(value.`pollMillis`, buf)
             FfiConverterOptionalDouble.write(value.`labelEpsilon`, buf)
+            FfiConverterOptionalUInt.write(value.`decoys`, buf)
     }
 }
 
