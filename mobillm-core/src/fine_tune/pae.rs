@@ -4,9 +4,10 @@
 //! [`CALIBRATION_SAMPLES`] of the examples, forwarded first and held (f16) until the fit; nothing is sent before
 //! it. The server trains; meanwhile the device forwards the held-out set. Each refinement round downloads the server's outputs, decodes them and uploads new
 //! targets only. The device keeps neither the training activations nor their targets: per example only its label
-//! logits `z_b` and random id, which is all later rounds need. With decoys (`side::decoys`), they are fitted on the
-//! whitened calibration subset, each example's decoy labels are drawn once when it is forwarded and kept with its
-//! `z_b`, and every target carries the decoys' differences beside the real ones.
+//! logits `z_b` and random id, which is all later rounds need. With decoys (`side::decoys`), the forward also
+//! returns the logits of their candidate words, the decoys are chosen and fitted on the whitened calibration
+//! subset, each example's decoy labels are drawn once when it is forwarded and kept with its `z_b`, and every
+//! target carries the decoys' differences beside the real ones.
 
 use std::time::Instant;
 
@@ -41,6 +42,25 @@ impl Run<'_> {
         let (first, rest) = if self.secrets.is_enabled() { calibration_split(n) } else { (vec![], (0..n).collect()) };
         let plan = |part: &[usize]| batches.groups_of(part, self.cfg.forward_batch, BATCH_TOKENS);
         let mut z_b = vec![0f32; n * k];
+        // Decoys read their words' logits from the same forward as the label words'.
+        let mut decoy_tasks = match m {
+            0 => None,
+            _ => Some(DecoyTasks::new(
+                m,
+                k,
+                self.backbone.config().vocab_size,
+                self.task.label_token_ids(),
+                fresh_seed()?,
+            )?),
+        };
+        let word_ids: Vec<u32> = self
+            .task
+            .label_token_ids()
+            .iter()
+            .copied()
+            .chain(decoy_tasks.as_ref().map(DecoyTasks::word_ids).unwrap_or_default())
+            .collect();
+        let decoy_words = word_ids.len() - k;
         let mut decoy_labels = vec![0u32; n * m];
         let mut forward_s = 0.0;
         let mut whitening = None;
@@ -51,17 +71,21 @@ impl Run<'_> {
                 let mut pending: Vec<usize> = Vec::new();
                 let (mut acts, mut targets) = (Vec::new(), Vec::new());
                 let mut emitted = 0;
-                // Whitens, rotates and targets one forwarded group, and sends every full frame.
+                // Whitens, rotates and targets one forwarded group, and sends every full frame. `word_logits` holds
+                // the label words' logits, then the decoys' words'.
                 let mut emit = |group: &[usize],
                                 taps: &Tensor,
-                                logits: &Tensor,
+                                word_logits: &Tensor,
                                 w: Option<&Whitening>,
                                 decoy_tasks: Option<&mut DecoyTasks>|
                  -> Result<()> {
                     let group_labels: Vec<u32> = group.iter().map(|&i| labels[i]).collect();
                     let inputs = device_inputs(taps, w)?;
+                    let logits = &word_logits.narrow(1, 0, k)?.contiguous()?;
                     let group_decoys = match decoy_tasks {
-                        Some(tasks) => tasks.label(&inputs)?,
+                        Some(tasks) => {
+                            tasks.label(&tasks.scores(&word_logits.narrow(1, k, decoy_words)?.contiguous()?)?)?
+                        }
                         None => Vec::new(),
                     };
                     for (j, &i) in group.iter().enumerate().filter(|_| m > 0) {
@@ -90,11 +114,7 @@ impl Run<'_> {
                 let mut forward = |group: &[usize]| -> Result<crate::backbone::PivotOutput> {
                     self.cancel.check()?;
                     let start = Instant::now();
-                    let out = self.backbone.llama().forward_pivots(
-                        &batches.batch(group),
-                        self.taps,
-                        self.task.label_token_ids(),
-                    )?;
+                    let out = self.backbone.llama().forward_pivots(&batches.batch(group), self.taps, &word_ids)?;
                     forward_s += start.elapsed().as_secs_f64();
                     forwarded += group.len();
                     progress(&Progress::new(Phase::Forward, forwarded, n, 1, None));
@@ -105,16 +125,16 @@ impl Run<'_> {
                     let out = forward(&group)?;
                     held.push((group, normalize_taps(&out.taps)?.to_dtype(DType::F16)?, out.label_logits));
                 }
-                let mut decoy_tasks = None;
                 if !held.is_empty() {
                     let taps = Tensor::cat(&held.iter().map(|(_, x, _)| x).collect::<Vec<_>>(), 0)?;
                     let fitted = Whitening::fit(&taps, whitening::RANK, whitening::RELATIVE_EPS)?;
-                    if m > 0 {
+                    if let Some(tasks) = decoy_tasks.as_mut() {
                         let inputs = device_inputs(&taps.to_dtype(DType::F32)?, Some(&fitted))?;
+                        let word_logits = Tensor::cat(&held.iter().map(|(_, _, z)| z).collect::<Vec<_>>(), 0)?;
+                        let scores = tasks.scores(&word_logits.narrow(1, k, decoy_words)?.contiguous()?)?;
                         let held_labels: Vec<u32> =
                             held.iter().flat_map(|(g, _, _)| g.iter().map(|&i| labels[i])).collect();
-                        decoy_tasks =
-                            Some(DecoyTasks::fit(m, &inputs, &held_labels, &class_counts(labels, k), fresh_seed()?)?);
+                        tasks.fit(&scores, &inputs, &held_labels, &class_counts(labels, k))?;
                     }
                     whitening = Some(fitted);
                 }

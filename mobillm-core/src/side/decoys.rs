@@ -3,26 +3,29 @@
 //! protocol says which one is real. The server trains one network on all of them; the device keeps only the real
 //! task's columns (`dec(o) = (Qᵀ·o)[:K]`, unchanged), so the adapter does not change.
 //!
-//! A decoy copies what the server can measure of the real task:
-//! - **class balance**: its labels cut a secret random linear score of the whitened taps (every layer) at the real
-//!   labels' class proportions, each class a random bucket. The score is a random mix of the calibration set's
-//!   leading principal components, where a real task's signal lives too (a random direction among the ~17 000
-//!   features would be all but unlearnable, and so unlike any real task);
-//! - **learnability**: a fraction ρ of its labels is replaced by another label, ρ chosen so that a ridge readout
-//!   on the calibration set fits the decoy as well as it fits the real labels;
+//! A decoy is a question the backbone has an opinion about, like the real task: "which of these two words comes
+//! next?", for two secret words of the vocabulary, read from the backbone's own logits at the pivot (the real
+//! task's label logits are read there too, so one forward gives both). Its score is the logit difference. It copies
+//! what the server can measure of the real task:
+//! - **meaning that generalizes**: the backbone's preference is a function of the text that holds on every
+//!   sample, so a model fitted on some samples predicts it on others (a direction fitted to the calibration
+//!   sample's own principal components does not: measured, the server's most-learnable pick found the real task);
+//! - **class balance**: the score is cut at the real labels' class proportions (on the calibration set), each class
+//!   a random bucket;
+//! - **learnability**: a fraction ρ of its labels is replaced by another label, ρ chosen so that a ridge readout of
+//!   the whitened taps (every layer) on the calibration set fits the decoy as well as it fits the real labels;
 //! - **target magnitudes**: its "backbone logits" are the real ones with the true label's and the decoy label's
 //!   entries swapped, sample by sample, so each sample's Δ holds the same values in another order, and the
 //!   backbone is confidently wrong on a decoy exactly where it is on the real task.
 //!
-//! What it cannot copy is meaning: a public probe for the real task agrees with the real partition and not with
-//! a decoy. The audit measures how far that gets a server.
+//! What it cannot copy is the real task's meaning: a public probe for the real task agrees with the real partition
+//! and not with a decoy. The audit measures how far that gets a server.
 
 use candle_core::{DType, Device, Tensor};
 use nalgebra::DMatrix;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use rand_distr::{Distribution, StandardNormal};
 
 use super::targets::prediction_differences;
 use crate::error::{Error, Result};
@@ -30,146 +33,188 @@ use crate::error::{Error, Result};
 /// The most decoys a fine-tune may ask for: each costs the server's network K outputs.
 pub const MAX_DECOYS: usize = 7;
 
-/// Leading principal components of the calibration set a decoy's score mixes (at most a quarter of its examples).
-const COMPONENTS: usize = 16;
+/// Word pairs drawn per decoy; the most learnable are kept. Their logits cost one row of the output matrix each.
+const CANDIDATES_PER_DECOY: usize = 8;
+/// A candidate whose partition is this associated with the real one (Cramér's V) is not a decoy but a copy.
+const MAX_ASSOCIATION: f64 = 0.3;
 
-/// The generator of M decoy tasks for one session: secret directions, cuts and label noise.
+/// The generator of M decoy tasks for one session: secret word pairs, cuts and label noise.
 pub struct DecoyTasks {
     labels: usize,
-    /// `[1, T·d]`: the calibration set's mean, which scores are taken about.
-    mean: Tensor,
-    /// `[T·d, M]`: one secret direction per decoy over the flattened whitened taps.
-    directions: Tensor,
-    /// Per decoy, the K − 1 ascending cuts of its score and the label of each of the K buckets.
-    cuts: Vec<Vec<f32>>,
-    bucket_labels: Vec<Vec<u32>>,
-    /// ρ: the probability that a decoy label is replaced by another, uniformly.
-    flip: f64,
+    count: usize,
+    /// The candidate word pairs; a decoy's score is its pair's logit difference.
+    words: Vec<[u32; 2]>,
+    /// Set by `fit`, one per decoy: its candidate, the K − 1 ascending cuts of its score, the label of each of
+    /// the K buckets, and ρ, the probability that its label is replaced by another, uniformly.
+    chosen: Vec<Decoy>,
     rng: ChaCha20Rng,
+}
+
+struct Decoy {
+    candidate: usize,
+    cuts: Vec<f32>,
+    bucket_labels: Vec<u32>,
+    flip: f64,
 }
 
 impl std::fmt::Debug for DecoyTasks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The directions and cuts are secrets.
-        f.debug_struct("DecoyTasks").field("count", &self.count()).field("flip", &self.flip).finish()
+        // The words and cuts are secrets.
+        f.debug_struct("DecoyTasks").field("count", &self.count).field("flip_rates", &self.flip_rates()).finish()
     }
 }
 
 impl DecoyTasks {
-    /// Draws `count` decoys from `seed` and fits them to the calibration set: `inputs` `[m, T, d]` are the device's
-    /// whitened taps of `m` examples with true labels `labels`; `class_counts` are the real labels' counts over the
-    /// whole training set (the balance to copy).
-    pub fn fit(count: usize, inputs: &Tensor, labels: &[u32], class_counts: &[usize], seed: [u8; 32]) -> Result<Self> {
-        let k = class_counts.len();
-        let (m, t, d) = inputs.dims3()?;
+    /// Draws candidates for `count` decoys of `labels` classes from `seed`: pairs of distinct words from the upper
+    /// seven eighths of a vocabulary of `vocab` ids (the lowest ids are bytes and fragments), none of them in
+    /// `exclude` (the task's label words).
+    pub fn new(count: usize, labels: usize, vocab: usize, exclude: &[u32], seed: [u8; 32]) -> Result<Self> {
         if count == 0 || count > MAX_DECOYS {
             return Err(Error::InvalidInput(format!("decoys must be between 1 and {MAX_DECOYS}, not {count}")));
         }
-        if labels.len() != m || m < 2 * k {
-            return Err(Error::InvalidInput(format!("decoys need labels for at least {} calibration examples", 2 * k)));
+        let (low, pairs) = (vocab / 8, count * CANDIDATES_PER_DECOY);
+        if vocab - low < 2 * pairs + exclude.len() {
+            return Err(Error::InvalidInput(format!("a vocabulary of {vocab} has too few words for {count} decoys")));
         }
-        let total: usize = class_counts.iter().sum();
         let mut rng = ChaCha20Rng::from_seed(seed);
-        let x = inputs.to_dtype(DType::F32)?.reshape((m, t * d))?;
-        let mean = x.mean_keepdim(0)?;
-        let xc = x.broadcast_sub(&mean)?;
-        // Two random halves: an order that follows the labels (alternating, say) must not decide the folds.
-        let mut shuffled: Vec<usize> = (0..m).collect();
-        shuffled.shuffle(&mut rng);
-        let halves = [shuffled[..m / 2].to_vec(), shuffled[m / 2..].to_vec()];
-        let readout = Readout::new(&xc, halves)?;
-        // Direction = Xcᵀ·U·Λ⁻¹·g over the top components (U, Λ of the Gram matrix): on the calibration set its
-        // scores are U·g, every component weighted alike.
-        let eig = readout.gram.clone().symmetric_eigen();
-        let mut order: Vec<usize> = (0..m).collect();
-        order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
-        let top: Vec<usize> =
-            order.into_iter().take(COMPONENTS.min(m / 4).max(1)).filter(|&j| eig.eigenvalues[j] > 1e-9).collect();
-        let mut coefficients = vec![0f32; m * count];
-        for j in 0..count {
-            for &c in &top {
-                let g: f64 = StandardNormal.sample(&mut rng);
-                let weight = g / eig.eigenvalues[c];
-                for i in 0..m {
-                    coefficients[i * count + j] += (eig.eigenvectors[(i, c)] * weight) as f32;
-                }
+        let mut taken: Vec<u32> = exclude.to_vec();
+        let mut draw = |rng: &mut ChaCha20Rng| loop {
+            let id = rng.random_range(low as u32..vocab as u32);
+            if !taken.contains(&id) {
+                taken.push(id);
+                return id;
             }
-        }
-        let coefficients = Tensor::from_vec(coefficients, (m, count), &Device::Cpu)?;
-        let directions = xc.t()?.matmul(&coefficients)?; // [T·d, M]
-        let scores = xc.matmul(&directions)?.to_vec2::<f32>()?; // [m, M]
-        let (mut cuts, mut bucket_labels) = (Vec::with_capacity(count), Vec::with_capacity(count));
-        for j in 0..count {
-            let mut order: Vec<u32> = (0..k as u32).collect();
-            order.shuffle(&mut rng);
-            let mut sorted: Vec<f32> = scores.iter().map(|row| row[j]).collect();
-            sorted.sort_by(f32::total_cmp);
-            let mut cumulative = 0;
-            let cut: Vec<f32> = order[..k - 1]
-                .iter()
-                .map(|&c| {
-                    cumulative += class_counts[c as usize];
-                    let at = (cumulative * m).div_ceil(total.max(1)).min(m - 1);
-                    sorted[at]
-                })
-                .collect();
-            cuts.push(cut);
-            bucket_labels.push(order);
-        }
-        let mut decoys = Self { labels: k, mean, directions, cuts, bucket_labels, flip: 0.0, rng };
-        // ρ from how well a readout fits each: the clean decoys fit (almost) perfectly, the real labels less.
-        let real = readout.two_fold_accuracy(labels, k)?;
-        let clean = decoys.clean_labels(&scores);
-        let fitted: Vec<f64> = (0..count)
-            .map(|j| readout.two_fold_accuracy(&clean.iter().map(|row| row[j]).collect::<Vec<_>>(), k))
-            .collect::<Result<_>>()?;
-        let clean_acc = fitted.iter().sum::<f64>() / count as f64;
-        decoys.flip = flip_rate(clean_acc, real, k);
-        Ok(decoys)
+        };
+        let words = (0..pairs).map(|_| [draw(&mut rng), draw(&mut rng)]).collect();
+        Ok(Self { labels, count, words, chosen: Vec::new(), rng })
     }
 
     pub fn count(&self) -> usize {
-        self.cuts.len()
+        self.count
     }
 
-    /// The probability that a decoy label is replaced by another.
-    pub fn flip_rate(&self) -> f64 {
-        self.flip
+    /// The word ids whose logits the forward pass must return after the task's label words: every candidate's
+    /// pair.
+    pub fn word_ids(&self) -> Vec<u32> {
+        self.words.iter().flatten().copied().collect()
     }
 
-    /// The decoy labels of a group of examples, `[g × M]` row-major, from their whitened taps `[g, T, d]`. Drawn
-    /// once per example: the caller keeps them for every round.
-    pub fn label(&mut self, inputs: &Tensor) -> Result<Vec<u32>> {
-        let (g, t, d) = inputs.dims3()?;
-        if t * d != self.directions.dim(0)? {
+    /// Each example's candidate scores `[g][C]` from the logits of [`DecoyTasks::word_ids`], `[g, 2C]`.
+    pub fn scores(&self, word_logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let (_, w) = word_logits.dims2()?;
+        if w != 2 * self.words.len() {
+            return Err(Error::InvalidInput(format!("{w} word logits for {} word pairs", self.words.len())));
+        }
+        let rows = word_logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(rows.into_iter().map(|r| r.chunks_exact(2).map(|p| p[0] - p[1]).collect()).collect())
+    }
+
+    /// Fits the decoys to the calibration set: `scores` of its `m` examples, their whitened taps `inputs`
+    /// `[m, T, d]` and true `labels`; `class_counts` are the real labels' counts over the whole training set (the
+    /// balance to copy). Each candidate is cut at that balance; of those not associated with the real labels, the
+    /// `count` that a ridge readout of the taps fits best are kept, and each gets the flip rate that brings its fit
+    /// down to the real labels'.
+    pub fn fit(&mut self, scores: &[Vec<f32>], inputs: &Tensor, labels: &[u32], class_counts: &[usize]) -> Result<()> {
+        let k = self.labels;
+        let (m, t, d) = inputs.dims3()?;
+        if class_counts.len() != k || labels.len() != m || scores.len() != m || m < 2 * k {
             return Err(Error::InvalidInput(format!(
-                "decoys were fitted to {} features, not {}",
-                self.directions.dim(0)?,
-                t * d
+                "decoys need scores and labels for at least {} calibration examples, and {k} class counts",
+                2 * k
             )));
         }
-        let x = inputs.to_dtype(DType::F32)?.reshape((g, t * d))?.broadcast_sub(&self.mean)?;
-        let scores = x.matmul(&self.directions)?.to_vec2::<f32>()?;
-        let (k, flip) = (self.labels as u32, self.flip);
-        let mut out = Vec::with_capacity(g * self.count());
-        for row in self.clean_labels(&scores) {
-            for label in row {
-                out.push(if self.rng.random_bool(flip) { (label + self.rng.random_range(1..k)) % k } else { label });
+        if let Some(row) = scores.iter().find(|r| r.len() != self.words.len()) {
+            return Err(Error::InvalidInput(format!("{} scores for {} word pairs", row.len(), self.words.len())));
+        }
+        let x = inputs.to_dtype(DType::F32)?.reshape((m, t * d))?;
+        let xc = x.broadcast_sub(&x.mean_keepdim(0)?)?;
+        // Two random halves: an order that follows the labels (alternating, say) must not decide the folds.
+        let mut shuffled: Vec<usize> = (0..m).collect();
+        shuffled.shuffle(&mut self.rng);
+        let readout = Readout::new(&xc, [shuffled[..m / 2].to_vec(), shuffled[m / 2..].to_vec()])?;
+        let real = readout.two_fold_accuracy(labels, k)?;
+        let total: usize = class_counts.iter().sum();
+        let mut candidates = Vec::with_capacity(self.words.len());
+        for c in 0..self.words.len() {
+            let mut bucket_labels: Vec<u32> = (0..k as u32).collect();
+            bucket_labels.shuffle(&mut self.rng);
+            let mut sorted: Vec<f32> = scores.iter().map(|row| row[c]).collect();
+            sorted.sort_by(f32::total_cmp);
+            let mut cumulative = 0;
+            let cuts: Vec<f32> = bucket_labels[..k - 1]
+                .iter()
+                .map(|&l| {
+                    cumulative += class_counts[l as usize];
+                    sorted[(cumulative * m).div_ceil(total.max(1)).min(m - 1)]
+                })
+                .collect();
+            let decoy = Decoy { candidate: c, cuts, bucket_labels, flip: 0.0 };
+            let clean: Vec<u32> = scores.iter().map(|row| decoy.clean_label(row)).collect();
+            let distinct = cramers_v(&clean, labels, k) <= MAX_ASSOCIATION;
+            candidates.push((distinct, readout.two_fold_accuracy(&clean, k)?, decoy));
+        }
+        candidates.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)));
+        self.chosen = candidates
+            .into_iter()
+            .take(self.count)
+            .map(|(_, fit, decoy)| Decoy { flip: flip_rate(fit, real, k), ..decoy })
+            .collect();
+        Ok(())
+    }
+
+    /// Each decoy's probability that its label is replaced by another (0 for a decoy the readout fits no better
+    /// than the real labels: that decoy is harder than the real task, which an attacker may notice).
+    pub fn flip_rates(&self) -> Vec<f64> {
+        self.chosen.iter().map(|d| d.flip).collect()
+    }
+
+    /// The decoy labels of a group of examples, `[g × M]` row-major, from their candidate scores. Drawn once per
+    /// example: the caller keeps them for every round.
+    pub fn label(&mut self, scores: &[Vec<f32>]) -> Result<Vec<u32>> {
+        if self.chosen.len() != self.count {
+            return Err(Error::Internal("decoys used before they were fitted".into()));
+        }
+        let k = self.labels as u32;
+        let mut out = Vec::with_capacity(scores.len() * self.count);
+        for row in scores {
+            if row.len() != self.words.len() {
+                return Err(Error::InvalidInput(format!("{} scores for {} word pairs", row.len(), self.words.len())));
+            }
+            for decoy in &self.chosen {
+                let label = decoy.clean_label(row);
+                let flipped = self.rng.random_bool(decoy.flip);
+                out.push(if flipped { (label + self.rng.random_range(1..k)) % k } else { label });
             }
         }
         Ok(out)
     }
+}
 
-    fn clean_labels(&self, scores: &[Vec<f32>]) -> Vec<Vec<u32>> {
-        scores
-            .iter()
-            .map(|row| {
-                (0..self.count())
-                    .map(|j| self.bucket_labels[j][self.cuts[j].iter().filter(|&&c| row[j] >= c).count()])
-                    .collect()
-            })
-            .collect()
+impl Decoy {
+    fn clean_label(&self, scores: &[f32]) -> u32 {
+        let score = scores[self.candidate];
+        self.bucket_labels[self.cuts.iter().filter(|&&c| score >= c).count()]
     }
+}
+
+/// Cramér's V between two labellings of the same examples over `k` classes: 0 independent, 1 one determines the
+/// other.
+fn cramers_v(a: &[u32], b: &[u32], k: usize) -> f64 {
+    let n = a.len() as f64;
+    let mut table = vec![0f64; k * k];
+    a.iter().zip(b).for_each(|(&x, &y)| table[x as usize * k + y as usize] += 1.0);
+    let rows: Vec<f64> = (0..k).map(|i| table[i * k..(i + 1) * k].iter().sum()).collect();
+    let cols: Vec<f64> = (0..k).map(|j| (0..k).map(|i| table[i * k + j]).sum()).collect();
+    let mut chi2 = 0.0;
+    for i in 0..k {
+        for j in 0..k {
+            let expected = rows[i] * cols[j] / n;
+            if expected > 0.0 {
+                chi2 += (table[i * k + j] - expected).powi(2) / expected;
+            }
+        }
+    }
+    (chi2 / (n * (k - 1) as f64)).sqrt()
 }
 
 /// ρ such that labels fitted with accuracy `clean` are fitted with accuracy `real` once a fraction ρ is replaced
@@ -272,6 +317,8 @@ pub fn differences(
 
 #[cfg(test)]
 mod tests {
+    use rand_distr::{Distribution, StandardNormal};
+
     use super::*;
 
     /// Whitened-looking taps: `m` examples, `t` layers of width `d`, the first coordinate of every layer carrying
@@ -291,27 +338,51 @@ mod tests {
         (Tensor::from_vec(x, (m, t, d), &Device::Cpu).unwrap(), labels)
     }
 
+    /// Word logits `[m, 48]` of the 24 candidates of three decoys: candidate c's score is coordinate c + 1 of layer
+    /// 0 scaled by (c + 1) / 24 plus unit noise, so the later candidates are the more learnable.
+    fn word_logits(x: &Tensor, seed: u64) -> Tensor {
+        let m = x.dim(0).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let features = x.narrow(1, 0, 1).unwrap().reshape((m, 16)).unwrap().to_vec2::<f32>().unwrap();
+        let mut logits = Vec::with_capacity(m * 48);
+        for row in features {
+            for c in 0..24 {
+                let noise: f32 = StandardNormal.sample(&mut rng);
+                logits.extend([row[1 + c % 15] * (c + 1) as f32 / 6.0 + noise, 0.0]);
+            }
+        }
+        Tensor::from_vec(logits, (m, 48), &Device::Cpu).unwrap()
+    }
+
     #[test]
     fn decoys_copy_the_class_balance_and_the_learnability_of_the_real_labels() {
+        let mut decoys = DecoyTasks::new(3, 2, 1000, &[200, 300], [7; 32]).unwrap();
+        let words = decoys.word_ids();
+        assert_eq!(words.len(), 48);
+        assert!(words.iter().all(|&w| (125..1000).contains(&w) && w != 200 && w != 300), "{words:?}");
+        assert!(words.iter().enumerate().all(|(i, w)| !words[..i].contains(w)), "distinct: {words:?}");
+
         let (x, y) = calibration(256, 3, 16, 0.5, 1);
         // A 3 : 1 balance over the whole training set.
-        let decoys = DecoyTasks::fit(3, &x, &y, &[750, 250], [7; 32]).unwrap();
-        assert_eq!(decoys.count(), 3);
-        // The real labels fit at about 75% (half of them random), the clean decoys better, so some decoy labels
-        // must be flipped.
-        assert!((0.05..0.4).contains(&decoys.flip_rate()), "flip rate {}", decoys.flip_rate());
-        let mut decoys = decoys;
+        decoys.fit(&decoys.scores(&word_logits(&x, 3)).unwrap(), &x, &y, &[750, 250]).unwrap();
+        // The most learnable candidates are kept (the late ones), and the real labels fit at about 75% (half of
+        // them random), so their labels must be flipped.
+        assert!(
+            decoys.chosen.iter().all(|d| d.candidate >= 12),
+            "{:?}",
+            decoys.chosen.iter().map(|d| d.candidate).collect::<Vec<_>>()
+        );
+        assert!(decoys.flip_rates().iter().all(|f| (0.03..0.4).contains(f)), "flip rates {:?}", decoys.flip_rates());
         let (fresh, _) = calibration(2000, 3, 16, 0.5, 2);
-        let labels = decoys.label(&fresh).unwrap();
+        let labels = decoys.label(&decoys.scores(&word_logits(&fresh, 4)).unwrap()).unwrap();
         assert_eq!(labels.len(), 2000 * 3);
-        for j in 0..3 {
+        for (j, flip) in decoys.flip_rates().into_iter().enumerate() {
             let zeros = (0..2000).filter(|&i| labels[i * 3 + j] == 0).count() as f64 / 2000.0;
             // 75% or 25% depending on which bucket label 0 got, moved towards 50% by the flips.
-            let target = [0.75, 0.25].iter().map(|p| p * (1.0 - decoys.flip_rate()) + (1.0 - p) * decoys.flip_rate());
+            let target = [0.75, 0.25].map(|p| p * (1.0 - flip) + (1.0 - p) * flip);
             assert!(
-                target.clone().any(|t| (zeros - t).abs() < 0.05),
-                "decoy {j}: {zeros} of label 0, expected one of {target:?}",
-                target = target.collect::<Vec<_>>()
+                target.iter().any(|t| (zeros - t).abs() < 0.05),
+                "decoy {j}: {zeros} of label 0, expected one of {target:?}"
             );
         }
         // Decoys are not the real partition.
@@ -319,6 +390,26 @@ mod tests {
             let same = (0..2000).filter(|&i| labels[i * 3 + j] == (i % 2) as u32).count() as f64 / 2000.0;
             assert!((0.3..0.7).contains(&same), "decoy {j} agrees with the real labels on {same}");
         }
+    }
+
+    #[test]
+    fn bad_counts_vocabularies_and_shapes_are_refused() {
+        assert!(DecoyTasks::new(0, 2, 1000, &[], [0; 32]).is_err());
+        assert!(DecoyTasks::new(MAX_DECOYS + 1, 2, 1000, &[], [0; 32]).is_err());
+        assert!(DecoyTasks::new(3, 2, 50, &[], [0; 32]).is_err(), "44 words for 48");
+        let mut decoys = DecoyTasks::new(1, 2, 1000, &[], [0; 32]).unwrap();
+        assert!(decoys.label(&[vec![0.5; 8]]).is_err(), "not fitted yet");
+        assert!(decoys.scores(&Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap()).is_err());
+    }
+
+    #[test]
+    fn cramers_v_tells_copies_from_independent_partitions() {
+        let a: Vec<u32> = (0..400).map(|i| (i % 2) as u32).collect();
+        let complement: Vec<u32> = a.iter().map(|l| 1 - l).collect();
+        let other: Vec<u32> = (0..400).map(|i| ((i / 2) % 2) as u32).collect();
+        assert!((cramers_v(&a, &a, 2) - 1.0).abs() < 1e-9);
+        assert!((cramers_v(&a, &complement, 2) - 1.0).abs() < 1e-9);
+        assert!(cramers_v(&a, &other, 2) < 1e-9);
     }
 
     #[test]
