@@ -403,6 +403,6 @@ mod tests {
         assert!(wilson_lower_bound(18.0 / 200.0, 200.0, 2.326) > 0.05);
         // More samples, tighter bound.
         assert!(wilson_lower_bound(0.07, 2000.0, 2.326) > 0.05);
-        assert_eq!(wilson_lower_bound(0.0, 200.0, 2.326), 0.0);
+        assert!(wilson_lower_bound(0.0, 200.0, 2.326).abs() < 1e-12);
     }
 }
