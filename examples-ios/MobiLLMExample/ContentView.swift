@@ -63,7 +63,7 @@ final class Model: ObservableObject {
             }
             let result = try await session.fineTune(
                 options: FineTuneOptions(
-                    serverUrl: server, apiKey: apiKey, caPem: nil, mode: nil, epochs: nil, rounds: nil,
+                    serverUrl: server, apiKey: apiKey, caPem: nil, mode: nil, epochs: nil, maxRounds: nil,
                     learningRate: nil, quantization: nil, width: nil, rank: nil, forwardBatch: nil, pollMillis: nil),
                 listener: relay)
             try FileManager.default.createDirectory(

@@ -68,7 +68,7 @@ fn config(url: &str, mode: Mode) -> FineTuneConfig {
         lr: 1e-2,
         batch_size: 8,
         epochs: if mode == Mode::Pae { 15 } else { 12 },
-        rounds: 2,
+        max_rounds: 2,
         forward_batch: 8,
         upload_chunk: 10,
         poll: std::time::Duration::from_millis(20),
@@ -159,7 +159,7 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     // With decoys the first round's targets span one direction per task (Δ sums to zero over 2 labels), not one
     // in all, in the same 8 outputs; the device still learns the real task from what comes back.
     let first_targets = |decoys: usize| {
-        let cfg = FineTuneConfig { decoys, rounds: 1, keep_server_session: true, ..config(&server.url, Mode::Pae) };
+        let cfg = FineTuneConfig { decoys, max_rounds: 1, keep_server_session: true, ..config(&server.url, Mode::Pae) };
         fine_tune(&backbone, spec(), &train, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
         let rec = server.state.store.sessions(None, 100).unwrap().pop().unwrap();
         let set = server.state.store.training_set(&rec).unwrap();
@@ -178,6 +178,42 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     pae.adapter.save(&file).unwrap();
     let loaded = mobillm_core::side::DeviceAdapter::load(&file).unwrap();
     assert_eq!(loaded.predict(&backbone, &texts).unwrap(), pae.adapter.predict(&backbone, &texts).unwrap());
+}
+
+#[test]
+fn pae_holds_back_a_validation_split_and_keeps_the_last_round_that_improved_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"));
+    let model = dir.path().join("tiny.gguf");
+    mobillm_core::testkit::write_tiny_gguf(13, &model);
+    let backbone = Backbone::load(&model).unwrap();
+    let (train, test) = (examples(220, 0), examples(12, 1000));
+    let cfg = FineTuneConfig { max_rounds: 4, keep_server_session: true, ..config(&server.url, Mode::Pae) };
+    let o = fine_tune(&backbone, spec(), &train, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+    assert_eq!((o.train_samples, o.validation_samples), (220, 22), "a tenth stays on the device");
+    let rec = server.state.store.sessions(None, 100).unwrap().pop().unwrap();
+    assert_eq!(server.state.store.training_set(&rec).unwrap().ids.len(), 198, "the server never saw the split");
+    server.state.store.delete_session(&rec.id).unwrap();
+
+    assert!((1..=4).contains(&o.rounds_used), "{o:?}");
+    assert_eq!(o.rounds.len(), o.rounds_used, "one report per round run");
+    assert!(o.rounds.iter().all(|r| r.validation_acc.is_some()), "every round was scored on the split");
+    if o.rounds_used < 4 {
+        assert_eq!(o.kept_round, o.rounds_used - 1, "it stops at the first round that did not improve");
+    }
+    // The adapter is the kept round's network.
+    assert_eq!(o.finetuned_acc, Some(o.rounds[o.kept_round - 1].finetuned_acc));
+
+    // Steps too small to move the validation loss by 1%: the second round is no improvement, so the fine-tune
+    // stops there and keeps the first.
+    let stalled = FineTuneConfig { lr: 1e-9, keep_server_session: false, ..cfg.clone() };
+    let s = fine_tune(&backbone, spec(), &train, &test, &stalled, &CancelToken::new(), &mut |_| {}).unwrap();
+    assert_eq!((s.rounds_used, s.kept_round), (2, 1), "{:?}", s.rounds);
+
+    // Too few examples for a split: all are sent and every round runs.
+    let small = fine_tune(&backbone, spec(), &train[..40], &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+    assert_eq!((small.validation_samples, small.rounds_used, small.kept_round), (0, 4, 4));
+    assert!(small.rounds.iter().all(|r| r.validation_acc.is_none()));
 }
 
 #[test]

@@ -93,8 +93,8 @@ impl From<&FineTuneOptions> for FineTuneConfig {
         if let Some(v) = o.epochs {
             c.epochs = v as usize;
         }
-        if let Some(v) = o.rounds {
-            c.rounds = v as usize;
+        if let Some(v) = o.max_rounds {
+            c.max_rounds = v as usize;
         }
         if let Some(v) = o.learning_rate {
             c.lr = v;
@@ -130,7 +130,10 @@ impl From<Outcome> for FineTuneResult {
             finetuned_accuracy: o.finetuned_acc,
             label_epsilon: o.label_epsilon,
             train_samples: o.train_samples as u64,
+            validation_samples: o.validation_samples as u64,
             test_samples: o.test_samples as u64,
+            rounds_used: o.rounds_used as u32,
+            kept_round: o.kept_round as u32,
             upload_bytes: o.upload_bytes,
             device_forward_seconds: o.device_forward_s,
             server_train_seconds: o.server_train_s,
@@ -159,7 +162,7 @@ mod tests {
             allow_insecure_http: None,
             mode,
             epochs: None,
-            rounds: None,
+            max_rounds: None,
             learning_rate: None,
             quantization: None,
             width: None,
@@ -179,11 +182,21 @@ mod tests {
             let got = FineTuneConfig::from(&options(mode));
             let want = FineTuneConfig::for_mode(core);
             assert_eq!(
-                (got.mode, got.epochs, got.rounds, got.lr, got.width, got.rank, got.forward_batch, got.poll, got.quant),
+                (
+                    got.mode,
+                    got.epochs,
+                    got.max_rounds,
+                    got.lr,
+                    got.width,
+                    got.rank,
+                    got.forward_batch,
+                    got.poll,
+                    got.quant
+                ),
                 (
                     want.mode,
                     want.epochs,
-                    want.rounds,
+                    want.max_rounds,
                     want.lr,
                     want.width,
                     want.rank,
@@ -204,7 +217,7 @@ mod tests {
             ca_pem: Some("PEM".into()),
             allow_insecure_http: Some(true),
             epochs: Some(7),
-            rounds: Some(5),
+            max_rounds: Some(5),
             learning_rate: Some(0.01),
             quantization: Some(Quantization::Int4),
             width: Some(64),
@@ -218,7 +231,7 @@ mod tests {
         let c = FineTuneConfig::from(&o);
         assert_eq!(c.ca_pem.as_deref(), Some(b"PEM".as_slice()));
         assert!(c.insecure_http);
-        assert_eq!((c.epochs, c.rounds, c.lr, c.width, c.rank, c.forward_batch), (7, 5, 0.01, 64, 8, 4));
+        assert_eq!((c.epochs, c.max_rounds, c.lr, c.width, c.rank, c.forward_batch), (7, 5, 0.01, 64, 8, 4));
         assert_eq!((c.quant, c.poll, c.mode), (Quant::Int4, Duration::from_millis(50), Mode::Mobillm));
         assert_eq!((c.label_epsilon, c.decoys), (Some(2.5), 3));
         assert!(!format!("{o:?}").contains("\"k\""), "Debug hides the key");

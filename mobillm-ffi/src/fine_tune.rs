@@ -45,9 +45,10 @@ pub struct FineTuneOptions {
     /// `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
     #[uniffi(default = None)]
     pub epochs: Option<u32>,
-    /// `pae` refinement rounds (default 3).
+    /// `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
+    /// the device stops improving.
     #[uniffi(default = None)]
-    pub rounds: Option<u32>,
+    pub max_rounds: Option<u32>,
     #[uniffi(default = None)]
     pub learning_rate: Option<f64>,
     #[uniffi(default = None)]
@@ -80,7 +81,7 @@ impl std::fmt::Debug for FineTuneOptions {
             .field("api_key", &"<redacted>")
             .field("mode", &self.mode)
             .field("epochs", &self.epochs)
-            .field("rounds", &self.rounds)
+            .field("max_rounds", &self.max_rounds)
             .field("label_epsilon", &self.label_epsilon)
             .field("decoys", &self.decoys)
             .finish_non_exhaustive()
@@ -138,8 +139,13 @@ pub struct FineTuneResult {
     pub finetuned_accuracy: Option<f64>,
     /// The ε of the label noise the fine-tune trained with (absent: the true labels).
     pub label_epsilon: Option<f64>,
+    /// Training examples given; `validation_samples` of them stayed on the device to decide when to stop.
     pub train_samples: u64,
+    pub validation_samples: u64,
     pub test_samples: u64,
+    /// Refinement rounds run (`pae`) or passes over the data (`mobillm`), and the one the adapter holds.
+    pub rounds_used: u32,
+    pub kept_round: u32,
     pub upload_bytes: u64,
     pub device_forward_seconds: f64,
     pub server_train_seconds: f64,

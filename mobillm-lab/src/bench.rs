@@ -19,8 +19,8 @@ pub struct Args {
     /// Held-out examples.
     #[arg(long, default_value_t = 200)]
     pub test: usize,
-    /// Epochs of LoRA and passes of `mobillm` mode (`pae` runs its defaults: 3 rounds of 10 server epochs over one
-    /// device forward).
+    /// Epochs of LoRA and passes of `mobillm` mode (`pae` runs its defaults: up to 8 rounds of 10 server epochs over
+    /// one device forward, stopped by its validation split).
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
 }

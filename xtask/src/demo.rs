@@ -25,7 +25,7 @@ pub struct Args {
     /// At most N held-out examples (default: all; UCI has 600).
     #[arg(long)]
     pub test: Option<usize>,
-    /// pae: server epochs per round (default 10, 3 rounds); mobillm: passes over the data (default 3).
+    /// pae: server epochs per round (default 10, at most 8 rounds); mobillm: passes over the data (default 3).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Save the device adapter here.

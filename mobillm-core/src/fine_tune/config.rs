@@ -31,8 +31,9 @@ pub struct FineTuneConfig {
     pub seed: u64,
     /// `pae`: server epochs per round. `mobillm`: passes over the data, each a new device forward.
     pub epochs: usize,
-    /// `pae` refinement rounds.
-    pub rounds: usize,
+    /// `pae`: at most this many refinement rounds; fewer when the validation split stops improving
+    /// (`fine_tune::stopping`).
+    pub max_rounds: usize,
     /// τ, the scale of the prediction differences (docs/design.md §4).
     pub tau: f64,
     pub quant: Quant,
@@ -79,7 +80,7 @@ impl FineTuneConfig {
             batch_size: train.batch_size,
             seed: train.seed,
             epochs,
-            rounds: 3,
+            max_rounds: 8,
             tau: crate::side::targets::DEFAULT_TAU,
             quant: Quant::Int8,
             forward_batch: 16,
@@ -99,7 +100,7 @@ impl FineTuneConfig {
             ("forward_batch", self.forward_batch),
             ("upload_chunk", self.upload_chunk),
             ("epochs", self.epochs),
-            ("rounds", if self.mode == Mode::Pae { self.rounds } else { 1 }),
+            ("max_rounds", if self.mode == Mode::Pae { self.max_rounds } else { 1 }),
             ("batch_size", self.batch_size),
         ]
         .into_iter()
@@ -144,7 +145,7 @@ impl std::fmt::Debug for FineTuneConfig {
             .field("batch_size", &self.batch_size)
             .field("seed", &self.seed)
             .field("epochs", &self.epochs)
-            .field("rounds", &self.rounds)
+            .field("max_rounds", &self.max_rounds)
             .field("tau", &self.tau)
             .field("quant", &self.quant)
             .field("forward_batch", &self.forward_batch)
@@ -167,7 +168,7 @@ mod tests {
     fn each_mode_has_its_defaults_from_one_place() {
         let pae = FineTuneConfig::for_mode(Mode::Pae);
         let mobillm = FineTuneConfig::for_mode(Mode::Mobillm);
-        assert_eq!((pae.epochs, pae.lr, pae.rounds), (10, 3e-3, 3));
+        assert_eq!((pae.epochs, pae.lr, pae.max_rounds), (10, 3e-3, 8));
         assert_eq!((mobillm.epochs, mobillm.lr), (3, 1e-3));
         assert_eq!((pae.width, pae.rank), (128, 16), "the side network's own defaults");
         assert_eq!(pae.batch_size, TrainConfig::default().batch_size);

@@ -1,4 +1,4 @@
-//! The held-out examples: forwarded once, kept as f16 pivots (half the memory; corrections are computed from
+//! The held-out and validation examples: forwarded once, kept as f16 pivots (half the memory; corrections are computed from
 //! them in f32 slices), and scored with and without the adapter after every round, through the session's
 //! whitening as the adapter will be.
 
@@ -22,24 +22,42 @@ pub struct Pivots {
 /// Rows scored at a time.
 const SCORE_ROWS: usize = 64;
 
+/// How the fused model does on a set of pivots: accuracy and mean cross-entropy of the label logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub accuracy: f64,
+    pub loss: f64,
+}
+
 impl Pivots {
     /// Accuracy of the backbone's label logits plus, with `net`, the folded network's corrections.
     pub fn accuracy(&self, net: Option<&SideNet>, labels: &[u32]) -> Result<f64> {
-        let corrections = match net {
-            Some(net) => {
-                let n = self.taps.dim(0)?;
-                let parts = (0..n)
-                    .step_by(SCORE_ROWS)
-                    .map(|s| -> Result<Tensor> {
-                        let rows = self.taps.narrow(0, s, SCORE_ROWS.min(n - s))?.to_dtype(DType::F32)?;
-                        Ok(net.forward(&device_inputs(&rows, self.whitening.as_ref())?)?.to_dtype(DType::F32)?)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Some(Tensor::cat(&parts, 0)?)
-            }
-            None => None,
-        };
+        let corrections = net.map(|net| self.corrections(net)).transpose()?;
         Ok(accuracy(&predict(&self.logits, corrections.as_ref())?, labels))
+    }
+
+    /// Accuracy and cross-entropy of the backbone's label logits plus the folded network's corrections.
+    pub fn score(&self, net: &SideNet, labels: &[u32]) -> Result<Score> {
+        let corrections = self.corrections(net)?;
+        let fused = (&self.logits + &corrections)?;
+        let targets = Tensor::new(labels, &Device::Cpu)?;
+        Ok(Score {
+            accuracy: accuracy(&predict(&self.logits, Some(&corrections))?, labels),
+            loss: f64::from(candle_nn::loss::cross_entropy(&fused, &targets)?.to_scalar::<f32>()?),
+        })
+    }
+
+    /// The folded network's corrections `[N, K]` (f32), computed [`SCORE_ROWS`] at a time.
+    fn corrections(&self, net: &SideNet) -> Result<Tensor> {
+        let n = self.taps.dim(0)?;
+        let parts = (0..n)
+            .step_by(SCORE_ROWS)
+            .map(|s| -> Result<Tensor> {
+                let rows = self.taps.narrow(0, s, SCORE_ROWS.min(n - s))?.to_dtype(DType::F32)?;
+                Ok(net.forward(&device_inputs(&rows, self.whitening.as_ref())?)?.to_dtype(DType::F32)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
     }
 }
 

@@ -72,7 +72,7 @@ impl Run<'_> {
                 },
             )?;
             let net = self.secrets.fold(&self.remote.side_network()?)?;
-            self.report_round(epoch, &net, held_out.as_ref(), &mut rounds)?;
+            self.report_round(epoch, &net, held_out.as_ref(), None, &mut rounds)?;
             folded = Some(net);
         }
         let loss = *last_loss.lock().expect("loss");
@@ -85,6 +85,8 @@ impl Run<'_> {
             device_forward_s: forward_s,
             server_train_s,
             loss,
+            rounds_used: self.cfg.epochs,
+            kept_round: self.cfg.epochs,
             rounds,
         })
     }

@@ -5,7 +5,8 @@
 //! - [`config`]: [`FineTuneConfig`], with one source of defaults per mode;
 //! - [`progress`]: what a listener hears, and [`CancelToken`];
 //! - [`remote`]: the session on the server — the only way a fine-tune talks to it;
-//! - `pae` and `mobillm`: the two modes' loops; `held_out`: held-out pivots and their scoring.
+//! - `pae` and `mobillm`: the two modes' loops; `held_out`: held-out pivots and their scoring;
+//! - `stopping`: the validation split and the rule that ends `pae`'s refinement rounds.
 //!
 //! The contract: `fine_tune` blocks (call it from a background thread); it returns the folded adapter and the
 //! figures of the run, or an [`Error`] naming what failed. The server session is deleted when the fine-tune ends,
@@ -18,6 +19,7 @@ mod mobillm;
 mod pae;
 pub mod progress;
 pub mod remote;
+pub mod stopping;
 
 use std::time::Instant;
 
@@ -42,7 +44,10 @@ use remote::RemoteSession;
 pub struct Outcome {
     pub mode: Mode,
     pub adapter: DeviceAdapter,
+    /// Training examples given; `validation_samples` of them were held back on the device to decide when to stop
+    /// (`pae`, see [`stopping`]) and the rest were sent.
     pub train_samples: usize,
+    pub validation_samples: usize,
     pub test_samples: usize,
     /// Held-out accuracy of the backbone alone and with the adapter (`None` without held-out examples).
     pub zero_shot_acc: Option<f64>,
@@ -57,6 +62,10 @@ pub struct Outcome {
     /// server's step time as seen by the device (`mobillm`).
     pub server_train_s: f64,
     pub wall_s: f64,
+    /// Refinement rounds run (`pae`; at most `max_rounds`) or passes over the data (`mobillm`), and the one whose
+    /// network the adapter holds (the last that improved on the validation split; the last without one).
+    pub rounds_used: usize,
+    pub kept_round: usize,
     /// Held-out accuracy after each refinement round (`pae`) or pass over the data (`mobillm`), with the time
     /// since the fine-tune started (for time-to-accuracy); empty without held-out examples.
     pub rounds: Vec<RoundReport>,
@@ -66,6 +75,8 @@ pub struct Outcome {
 pub struct RoundReport {
     pub round: usize,
     pub finetuned_acc: f64,
+    /// Accuracy on the device's validation split (`pae` with one).
+    pub validation_acc: Option<f64>,
     pub elapsed_s: f64,
 }
 
@@ -85,7 +96,19 @@ pub fn fine_tune(
         return Err(Error::InvalidInput("no training examples".into()));
     }
     cfg.validate()?;
-    let labels = label_indices(&task, train)?;
+    let all_labels = label_indices(&task, train)?;
+    // The validation split stays on the device, so it keeps its true labels even under label noise.
+    let held_back = match cfg.mode {
+        Mode::Pae => stopping::validation_indices(train.len(), cfg.max_rounds),
+        Mode::Mobillm => Vec::new(),
+    };
+    let mut is_held_back = vec![false; train.len()];
+    held_back.iter().for_each(|&i| is_held_back[i] = true);
+    let validation: Vec<Example> = held_back.iter().map(|&i| train[i].clone()).collect();
+    let validation_labels: Vec<u32> = held_back.iter().map(|&i| all_labels[i]).collect();
+    let sent: Vec<usize> = (0..train.len()).filter(|&i| !is_held_back[i]).collect();
+    let fit: Vec<Example> = sent.iter().map(|&i| train[i].clone()).collect();
+    let labels: Vec<u32> = sent.iter().map(|&i| all_labels[i]).collect();
     // Drawn once: every round trains on the same noisy labels, so each label is released once.
     let labels = match cfg.label_epsilon {
         Some(epsilon) => {
@@ -106,7 +129,7 @@ pub fn fine_tune(
         ..SideConfig::new(taps.len(), backbone.config().hidden_size, k)
     };
     side.validate()?;
-    let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), train.len())?;
+    let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), fit.len())?;
     let secrets = if cfg.mode == Mode::Pae && cfg.secrets {
         progress(&Progress::new(Phase::Secrets, 0, 1, 0, None));
         Secrets::generate(&side)?
@@ -127,8 +150,8 @@ pub fn fine_tune(
         started,
     };
     let trained = match cfg.mode {
-        Mode::Pae => run.pae(train, &labels, test, progress)?,
-        Mode::Mobillm => run.mobillm(train, &labels, test, progress)?,
+        Mode::Pae => run.pae(&fit, &labels, (&validation, &validation_labels), test, progress)?,
+        Mode::Mobillm => run.mobillm(&fit, &labels, test, progress)?,
     };
     drop(remote);
 
@@ -149,6 +172,7 @@ pub fn fine_tune(
         mode: cfg.mode,
         adapter,
         train_samples: train.len(),
+        validation_samples: validation.len(),
         test_samples: test.len(),
         zero_shot_acc,
         finetuned_acc,
@@ -157,6 +181,8 @@ pub fn fine_tune(
         device_forward_s: trained.device_forward_s,
         server_train_s: trained.server_train_s,
         wall_s: started.elapsed().as_secs_f64(),
+        rounds_used: trained.rounds_used,
+        kept_round: trained.kept_round,
         rounds: trained.rounds,
     })
 }
@@ -196,6 +222,8 @@ struct Trained {
     device_forward_s: f64,
     server_train_s: f64,
     loss: Option<f64>,
+    rounds_used: usize,
+    kept_round: usize,
     rounds: Vec<RoundReport>,
 }
 
@@ -206,17 +234,20 @@ impl Run<'_> {
         Batches::plan(self.task, self.backbone.tokenizer(), &texts, self.cfg.forward_batch, max_tokens)
     }
 
-    /// Scores the folded network on the held-out pivots (if any) and records the round.
+    /// Scores the folded network on the held-out pivots (if any) and records the round with its validation
+    /// accuracy.
     fn report_round(
         &self,
         round: usize,
         net: &SideNet,
         held_out: Option<&Pivots>,
+        validation_acc: Option<f64>,
         rounds: &mut Vec<RoundReport>,
     ) -> Result<()> {
         if let Some(p) = held_out {
             let finetuned_acc = p.accuracy(Some(net), self.test_labels)?;
-            rounds.push(RoundReport { round, finetuned_acc, elapsed_s: self.started.elapsed().as_secs_f64() });
+            let elapsed_s = self.started.elapsed().as_secs_f64();
+            rounds.push(RoundReport { round, finetuned_acc, validation_acc, elapsed_s });
         }
         Ok(())
     }

@@ -7,7 +7,8 @@
 //! logits `z_b` and random id, which is all later rounds need. With decoys (`side::decoys`), the forward also
 //! returns the logits of their candidate words, the decoys are chosen and fitted on the whitened calibration
 //! subset, each example's decoy labels are drawn once when it is forwarded and kept with its `z_b`, and every
-//! target carries the decoys' differences beside the real ones.
+//! target carries the decoys' differences beside the real ones. Rounds continue until the validation split the
+//! device holds back stops improving, or `max_rounds` (`stopping`).
 
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ use rand::seq::index::sample;
 
 use super::progress::{Phase, Progress};
 use super::remote::Upload;
+use super::stopping::Stopping;
 use super::{Run, Trained};
 use crate::backbone::batching::BATCH_TOKENS;
 use crate::dataset::Example;
@@ -31,6 +33,7 @@ impl Run<'_> {
         &self,
         train: &[Example],
         labels: &[u32],
+        (validation, validation_labels): (&[Example], &[u32]),
         test: &[Example],
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Trained> {
@@ -152,10 +155,11 @@ impl Run<'_> {
         let z_b = Tensor::from_vec(z_b, (n, k), &Device::Cpu)?;
 
         let mut server_s = 0.0;
-        let mut held_out = None;
+        let (mut held_out, mut validation_pivots) = (None, None);
         let (mut rounds, mut folded) = (Vec::new(), None);
+        let (mut stopping, mut rounds_used) = (Stopping::default(), 0);
         let mut loss = None;
-        for round in 1..=self.cfg.rounds {
+        for round in 1..=self.cfg.max_rounds {
             if round > 1 {
                 // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
                 progress(&Progress::new(Phase::Targets, 0, n, round, loss));
@@ -168,7 +172,8 @@ impl Run<'_> {
             let start = Instant::now();
             self.remote.start_training(self.cfg.epochs)?;
             if round == 1 {
-                // The server trains the first round while the device forwards the held-out set.
+                // The server trains the first round while the device forwards the validation and held-out sets.
+                validation_pivots = self.forward_held_out(validation, whitening.as_ref(), progress)?;
                 held_out = self.forward_held_out(test, whitening.as_ref(), progress)?;
             }
             loss = self.remote.wait_trained(self.cfg, |job| {
@@ -178,7 +183,17 @@ impl Run<'_> {
             })?;
             server_s += start.elapsed().as_secs_f64();
             let net = self.secrets.fold(&self.remote.side_network()?)?;
-            self.report_round(round, &net, held_out.as_ref(), &mut rounds)?;
+            rounds_used = round;
+            let Some(v) = &validation_pivots else {
+                self.report_round(round, &net, held_out.as_ref(), None, &mut rounds)?;
+                folded = Some(net);
+                continue;
+            };
+            let score = v.score(&net, validation_labels)?;
+            self.report_round(round, &net, held_out.as_ref(), Some(score.accuracy), &mut rounds)?;
+            if !stopping.improved(round, score) {
+                break;
+            }
             folded = Some(net);
         }
         Ok(Trained {
@@ -189,6 +204,8 @@ impl Run<'_> {
             device_forward_s: forward_s,
             server_train_s: server_s,
             loss,
+            rounds_used,
+            kept_round: stopping.best_round().unwrap_or(rounds_used),
             rounds,
         })
     }

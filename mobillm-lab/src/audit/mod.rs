@@ -34,7 +34,7 @@ pub struct Args {
     /// attacker's public look-alike data.
     #[arg(long)]
     pub train: Option<usize>,
-    /// Server epochs per round (default 10, 3 rounds).
+    /// Server epochs per round (default 10, at most 8 rounds).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Stored samples attacked by re-identification and token recovery.

@@ -1755,9 +1755,10 @@ public struct FineTuneOptions: Equatable, Hashable {
      */
     public var epochs: UInt32?
     /**
-     * `pae` refinement rounds (default 3).
+     * `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
+     * the device stops improving.
      */
-    public var rounds: UInt32?
+    public var maxRounds: UInt32?
     public var learningRate: Double?
     public var quantization: Quantization?
     /**
@@ -1804,8 +1805,9 @@ public struct FineTuneOptions: Equatable, Hashable {
          * `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
          */epochs: UInt32? = nil, 
         /**
-         * `pae` refinement rounds (default 3).
-         */rounds: UInt32? = nil, learningRate: Double? = nil, quantization: Quantization? = nil, 
+         * `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
+         * the device stops improving.
+         */maxRounds: UInt32? = nil, learningRate: Double? = nil, quantization: Quantization? = nil, 
         /**
          * Side-network width (default 128) and bottleneck rank (default 16).
          */width: UInt32? = nil, rank: UInt32? = nil, 
@@ -1829,7 +1831,7 @@ public struct FineTuneOptions: Equatable, Hashable {
         self.allowInsecureHttp = allowInsecureHttp
         self.mode = mode
         self.epochs = epochs
-        self.rounds = rounds
+        self.maxRounds = maxRounds
         self.learningRate = learningRate
         self.quantization = quantization
         self.width = width
@@ -1862,7 +1864,7 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
                 allowInsecureHttp: FfiConverterOptionBool.read(from: &buf), 
                 mode: FfiConverterOptionTypeFineTuneMode.read(from: &buf), 
                 epochs: FfiConverterOptionUInt32.read(from: &buf), 
-                rounds: FfiConverterOptionUInt32.read(from: &buf), 
+                maxRounds: FfiConverterOptionUInt32.read(from: &buf), 
                 learningRate: FfiConverterOptionDouble.read(from: &buf), 
                 quantization: FfiConverterOptionTypeQuantization.read(from: &buf), 
                 width: FfiConverterOptionUInt32.read(from: &buf), 
@@ -1881,7 +1883,7 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
         FfiConverterOptionBool.write(value.allowInsecureHttp, into: &buf)
         FfiConverterOptionTypeFineTuneMode.write(value.mode, into: &buf)
         FfiConverterOptionUInt32.write(value.epochs, into: &buf)
-        FfiConverterOptionUInt32.write(value.rounds, into: &buf)
+        FfiConverterOptionUInt32.write(value.maxRounds, into: &buf)
         FfiConverterOptionDouble.write(value.learningRate, into: &buf)
         FfiConverterOptionTypeQuantization.write(value.quantization, into: &buf)
         FfiConverterOptionUInt32.write(value.width, into: &buf)
@@ -1992,8 +1994,17 @@ public struct FineTuneResult {
      * The ε of the label noise the fine-tune trained with (absent: the true labels).
      */
     public var labelEpsilon: Double?
+    /**
+     * Training examples given; `validation_samples` of them stayed on the device to decide when to stop.
+     */
     public var trainSamples: UInt64
+    public var validationSamples: UInt64
     public var testSamples: UInt64
+    /**
+     * Refinement rounds run (`pae`) or passes over the data (`mobillm`), and the one the adapter holds.
+     */
+    public var roundsUsed: UInt32
+    public var keptRound: UInt32
     public var uploadBytes: UInt64
     public var deviceForwardSeconds: Double
     public var serverTrainSeconds: Double
@@ -2007,13 +2018,22 @@ public struct FineTuneResult {
          */zeroShotAccuracy: Double?, finetunedAccuracy: Double?, 
         /**
          * The ε of the label noise the fine-tune trained with (absent: the true labels).
-         */labelEpsilon: Double?, trainSamples: UInt64, testSamples: UInt64, uploadBytes: UInt64, deviceForwardSeconds: Double, serverTrainSeconds: Double, wallSeconds: Double) {
+         */labelEpsilon: Double?, 
+        /**
+         * Training examples given; `validation_samples` of them stayed on the device to decide when to stop.
+         */trainSamples: UInt64, validationSamples: UInt64, testSamples: UInt64, 
+        /**
+         * Refinement rounds run (`pae`) or passes over the data (`mobillm`), and the one the adapter holds.
+         */roundsUsed: UInt32, keptRound: UInt32, uploadBytes: UInt64, deviceForwardSeconds: Double, serverTrainSeconds: Double, wallSeconds: Double) {
         self.adapter = adapter
         self.zeroShotAccuracy = zeroShotAccuracy
         self.finetunedAccuracy = finetunedAccuracy
         self.labelEpsilon = labelEpsilon
         self.trainSamples = trainSamples
+        self.validationSamples = validationSamples
         self.testSamples = testSamples
+        self.roundsUsed = roundsUsed
+        self.keptRound = keptRound
         self.uploadBytes = uploadBytes
         self.deviceForwardSeconds = deviceForwardSeconds
         self.serverTrainSeconds = serverTrainSeconds
@@ -2041,7 +2061,10 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
                 finetunedAccuracy: FfiConverterOptionDouble.read(from: &buf), 
                 labelEpsilon: FfiConverterOptionDouble.read(from: &buf), 
                 trainSamples: FfiConverterUInt64.read(from: &buf), 
+                validationSamples: FfiConverterUInt64.read(from: &buf), 
                 testSamples: FfiConverterUInt64.read(from: &buf), 
+                roundsUsed: FfiConverterUInt32.read(from: &buf), 
+                keptRound: FfiConverterUInt32.read(from: &buf), 
                 uploadBytes: FfiConverterUInt64.read(from: &buf), 
                 deviceForwardSeconds: FfiConverterDouble.read(from: &buf), 
                 serverTrainSeconds: FfiConverterDouble.read(from: &buf), 
@@ -2055,7 +2078,10 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
         FfiConverterOptionDouble.write(value.finetunedAccuracy, into: &buf)
         FfiConverterOptionDouble.write(value.labelEpsilon, into: &buf)
         FfiConverterUInt64.write(value.trainSamples, into: &buf)
+        FfiConverterUInt64.write(value.validationSamples, into: &buf)
         FfiConverterUInt64.write(value.testSamples, into: &buf)
+        FfiConverterUInt32.write(value.roundsUsed, into: &buf)
+        FfiConverterUInt32.write(value.keptRound, into: &buf)
         FfiConverterUInt64.write(value.uploadBytes, into: &buf)
         FfiConverterDouble.write(value.deviceForwardSeconds, into: &buf)
         FfiConverterDouble.write(value.serverTrainSeconds, into: &buf)

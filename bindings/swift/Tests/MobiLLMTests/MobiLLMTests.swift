@@ -37,7 +37,7 @@ private final class Recorder: ProgressListener, @unchecked Sendable {
 final class MobiLLMTests: XCTestCase {
     func options(server: String, key: String, epochs: UInt32 = 15) -> FineTuneOptions {
         FineTuneOptions(
-            serverUrl: server, apiKey: key, caPem: nil, mode: nil, epochs: epochs, rounds: 2, learningRate: 0.01,
+            serverUrl: server, apiKey: key, caPem: nil, mode: nil, epochs: epochs, maxRounds: 2, learningRate: 0.01,
             quantization: nil, width: 16, rank: 4, forwardBatch: 8, pollMillis: 20)
     }
 
@@ -72,6 +72,8 @@ final class MobiLLMTests: XCTestCase {
             options: options(server: try env("MOBILLM_TEST_SERVER"), key: try env("MOBILLM_TEST_KEY")),
             listener: recorder)
         XCTAssertEqual(result.trainSamples, 40)
+        XCTAssertEqual(result.validationSamples, 0)
+        XCTAssertEqual(result.roundsUsed, 2)
         XCTAssertEqual(recorder.phases.last, .done)
         let prediction = try result.adapter.predict(backbone: backbone, text: "the pos 3 at it")
         XCTAssertTrue(labels.contains(prediction.label))

@@ -84,9 +84,10 @@ struct FineTuneArgs {
     /// pae: server epochs per round (default 10). mobillm: passes over the data, each a device forward (default 3).
     #[arg(long)]
     epochs: Option<usize>,
-    /// pae refinement rounds (default 3).
+    /// pae: at most N refinement rounds (default 8); fewer when the 10% of training examples held back on the
+    /// device stop improving.
     #[arg(long)]
-    rounds: Option<usize>,
+    max_rounds: Option<usize>,
     /// How activations are quantised for upload (default int8).
     #[arg(long, value_enum)]
     quant: Option<QuantArg>,
@@ -194,7 +195,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         ..FineTuneConfig::for_mode(args.mode)
     };
     args.epochs.inspect(|&v| cfg.epochs = v);
-    args.rounds.inspect(|&v| cfg.rounds = v);
+    args.max_rounds.inspect(|&v| cfg.max_rounds = v);
     args.lr.inspect(|&v| cfg.lr = v);
     args.forward_batch.inspect(|&v| cfg.forward_batch = v);
     args.batch_size.inspect(|&v| cfg.batch_size = v);
@@ -220,13 +221,17 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         "label_epsilon": outcome.label_epsilon,
         "decoys": cfg.decoys,
         "train_samples": outcome.train_samples,
+        "validation_samples": outcome.validation_samples,
         "test_samples": outcome.test_samples,
         "upload_bytes": outcome.upload_bytes,
-        "upload_bytes_per_sample": outcome.upload_bytes as f64 / outcome.train_samples.max(1) as f64,
+        "upload_bytes_per_sample":
+            outcome.upload_bytes as f64 / (outcome.train_samples - outcome.validation_samples).max(1) as f64,
         "device_forward_s": outcome.device_forward_s,
         "device_peak_rss_mb": memory::peak_rss_mb(),
         "server_train_s": outcome.server_train_s,
         "wall_s": started.elapsed().as_secs_f64(),
+        "rounds_used": outcome.rounds_used,
+        "kept_round": outcome.kept_round,
         "rounds": outcome.rounds,
     });
     println!("{result}");

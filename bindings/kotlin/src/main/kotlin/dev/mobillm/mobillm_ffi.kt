@@ -3471,9 +3471,10 @@ data class FineTuneOptions (
     var `epochs`: kotlin.UInt? = null 
     , 
     /**
-     * `pae` refinement rounds (default 3).
+     * `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
+     * the device stops improving.
      */
-    var `rounds`: kotlin.UInt? = null 
+    var `maxRounds`: kotlin.UInt? = null 
     , 
     var `learningRate`: kotlin.Double? = null 
     , 
@@ -3548,7 +3549,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalBoolean.allocationSize(value.`allowInsecureHttp`) +
             FfiConverterOptionalTypeFineTuneMode.allocationSize(value.`mode`) +
             FfiConverterOptionalUInt.allocationSize(value.`epochs`) +
-            FfiConverterOptionalUInt.allocationSize(value.`rounds`) +
+            FfiConverterOptionalUInt.allocationSize(value.`maxRounds`) +
             FfiConverterOptionalDouble.allocationSize(value.`learningRate`) +
             FfiConverterOptionalTypeQuantization.allocationSize(value.`quantization`) +
             FfiConverterOptionalUInt.allocationSize(value.`width`) +
@@ -3566,7 +3567,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalBoolean.write(value.`allowInsecureHttp`, buf)
             FfiConverterOptionalTypeFineTuneMode.write(value.`mode`, buf)
             FfiConverterOptionalUInt.write(value.`epochs`, buf)
-            FfiConverterOptionalUInt.write(value.`rounds`, buf)
+            FfiConverterOptionalUInt.write(value.`maxRounds`, buf)
             FfiConverterOptionalDouble.write(value.`learningRate`, buf)
             FfiConverterOptionalTypeQuantization.write(value.`quantization`, buf)
             FfiConverterOptionalUInt.write(value.`width`, buf)
@@ -3651,9 +3652,21 @@ data class FineTuneResult (
      */
     var `labelEpsilon`: kotlin.Double?
     , 
+    /**
+     * Training examples given; `validation_samples` of them stayed on the device to decide when to stop.
+     */
     var `trainSamples`: kotlin.ULong
     , 
+    var `validationSamples`: kotlin.ULong
+    , 
     var `testSamples`: kotlin.ULong
+    , 
+    /**
+     * Refinement rounds run (`pae`) or passes over the data (`mobillm`), and the one the adapter holds.
+     */
+    var `roundsUsed`: kotlin.UInt
+    , 
+    var `keptRound`: kotlin.UInt
     , 
     var `uploadBytes`: kotlin.ULong
     , 
@@ -3678,7 +3691,10 @@ data class FineTuneResult (
         this.`finetunedAccuracy`,
         this.`labelEpsilon`,
         this.`trainSamples`,
+        this.`validationSamples`,
         this.`testSamples`,
+        this.`roundsUsed`,
+        this.`keptRound`,
         this.`uploadBytes`,
         this.`deviceForwardSeconds`,
         this.`serverTrainSeconds`,
@@ -3702,6 +3718,9 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterULong.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
+            FfiConverterULong.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
@@ -3714,7 +3733,10 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterOptionalDouble.allocationSize(value.`finetunedAccuracy`) +
             FfiConverterOptionalDouble.allocationSize(value.`labelEpsilon`) +
             FfiConverterULong.allocationSize(value.`trainSamples`) +
+            FfiConverterULong.allocationSize(value.`validationSamples`) +
             FfiConverterULong.allocationSize(value.`testSamples`) +
+            FfiConverterUInt.allocationSize(value.`roundsUsed`) +
+            FfiConverterUInt.allocationSize(value.`keptRound`) +
             FfiConverterULong.allocationSize(value.`uploadBytes`) +
             FfiConverterDouble.allocationSize(value.`deviceForwardSeconds`) +
             FfiConverterDouble.allocationSize(value.`serverTrainSeconds`) +
@@ -3727,7 +3749,10 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterOptionalDouble.write(value.`finetunedAccuracy`, buf)
             FfiConverterOptionalDouble.write(value.`labelEpsilon`, buf)
             FfiConverterULong.write(value.`trainSamples`, buf)
+            FfiConverterULong.write(value.`validationSamples`, buf)
             FfiConverterULong.write(value.`testSamples`, buf)
+            FfiConverterUInt.write(value.`roundsUsed`, buf)
+            FfiConverterUInt.write(value.`keptRound`, buf)
             FfiConverterULong.write(value.`uploadBytes`, buf)
             FfiConverterDouble.write(value.`deviceForwardSeconds`, buf)
             FfiConverterDouble.write(value.`serverTrainSeconds`, buf)

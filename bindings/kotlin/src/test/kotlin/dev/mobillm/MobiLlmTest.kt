@@ -39,7 +39,7 @@ private fun options(epochs: UInt = 15u, key: String = apiKey, url: String = serv
     serverUrl = url,
     apiKey = key,
     epochs = epochs,
-    rounds = 2u,
+    maxRounds = 2u,
     learningRate = 0.01,
     width = 16u,
     rank = 4u,
@@ -104,6 +104,9 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
         val result = runBlocking { session.fineTune(options(), recorder) }
         assertEquals(40uL, result.trainSamples)
         assertEquals(12uL, result.testSamples)
+        // Too few examples for a validation split: all were sent and both rounds ran.
+        assertEquals(0uL, result.validationSamples)
+        assertEquals(2u, result.roundsUsed)
         assertNotNull(result.finetunedAccuracy)
         assertTrue(result.uploadBytes > 0uL)
         val phases = recorder.events.map { it.phase }
