@@ -50,6 +50,7 @@ pub struct DecoyTasks {
     rng: ChaCha20Rng,
 }
 
+#[derive(Clone)]
 struct Decoy {
     candidate: usize,
     cuts: Vec<f32>,
@@ -151,13 +152,17 @@ impl DecoyTasks {
             let decoy = Decoy { candidate: c, cuts, bucket_labels, flip: 0.0 };
             let clean: Vec<u32> = scores.iter().map(|row| decoy.clean_label(row)).collect();
             let distinct = cramers_v(&clean, labels, k) <= MAX_ASSOCIATION;
-            candidates.push((distinct, readout.two_fold_accuracy(&clean, k)?, decoy));
+            candidates.push((distinct, readout.two_fold_accuracy(&clean, k)?, decoy, clean));
         }
         candidates.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)));
-        self.chosen = candidates
+        let ranked: Vec<(bool, &[u32])> = candidates.iter().map(|(d, _, _, clean)| (*d, clean.as_slice())).collect();
+        let kept = keep_distinct(&ranked, self.count, k);
+        self.chosen = kept
             .into_iter()
-            .take(self.count)
-            .map(|(_, fit, decoy)| Decoy { flip: flip_rate(fit, real, k), ..decoy })
+            .map(|i| {
+                let (_, fit, decoy, _) = &candidates[i];
+                Decoy { flip: flip_rate(*fit, real, k), ..decoy.clone() }
+            })
             .collect();
         Ok(())
     }
@@ -199,6 +204,25 @@ impl Decoy {
 
 /// Cramér's V between two labellings of the same examples over `k` classes: 0 independent, 1 one determines the
 /// other.
+/// The `count` candidates to keep, from `ranked` (best first; each with whether it is distinct from the real
+/// partition, and its labels): first those that copy neither the real partition nor a decoy already kept (a
+/// second copy of a partition adds no ambiguity, only outputs), then, if too few are left, the others in order.
+fn keep_distinct(ranked: &[(bool, &[u32])], count: usize, k: usize) -> Vec<usize> {
+    let mut kept: Vec<usize> = Vec::with_capacity(count);
+    for (i, &(distinct, labels)) in ranked.iter().enumerate() {
+        if kept.len() < count && distinct && kept.iter().all(|&j| cramers_v(labels, ranked[j].1, k) <= MAX_ASSOCIATION)
+        {
+            kept.push(i);
+        }
+    }
+    for i in 0..ranked.len() {
+        if kept.len() < count && !kept.contains(&i) {
+            kept.push(i);
+        }
+    }
+    kept
+}
+
 fn cramers_v(a: &[u32], b: &[u32], k: usize) -> f64 {
     let n = a.len() as f64;
     let mut table = vec![0f64; k * k];
@@ -410,6 +434,19 @@ mod tests {
         assert!((cramers_v(&a, &a, 2) - 1.0).abs() < 1e-9);
         assert!((cramers_v(&a, &complement, 2) - 1.0).abs() < 1e-9);
         assert!(cramers_v(&a, &other, 2) < 1e-9);
+    }
+
+    #[test]
+    fn a_decoy_that_copies_a_kept_one_gives_way_to_the_next_distinct_one() {
+        let a: Vec<u32> = (0..400).map(|i| (i % 2) as u32).collect();
+        let complement: Vec<u32> = a.iter().map(|l| 1 - l).collect();
+        let b: Vec<u32> = (0..400).map(|i| ((i / 2) % 2) as u32).collect();
+        let c: Vec<u32> = (0..400).map(|i| ((i / 4) % 2) as u32).collect();
+        // Best first: a, its complement (the same partition), a copy of the real labels, b, c.
+        let ranked = [(true, &a[..]), (true, &complement[..]), (false, &b[..]), (true, &b[..]), (true, &c[..])];
+        assert_eq!(keep_distinct(&ranked, 3, 2), vec![0, 3, 4]);
+        // Too few distinct ones: the rest fill up in order.
+        assert_eq!(keep_distinct(&ranked[..3], 3, 2), vec![0, 1, 2]);
     }
 
     #[test]
