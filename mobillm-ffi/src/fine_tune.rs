@@ -46,7 +46,7 @@ pub struct FineTuneOptions {
     #[uniffi(default = None)]
     pub epochs: Option<u32>,
     /// `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
-    /// the device stops improving.
+    /// the device stops improving (below 200 examples there is no split and 3 rounds run).
     #[uniffi(default = None)]
     pub max_rounds: Option<u32>,
     #[uniffi(default = None)]

@@ -17,7 +17,7 @@ use rand::seq::index::sample;
 
 use super::progress::{Phase, Progress};
 use super::remote::Upload;
-use super::stopping::Stopping;
+use super::stopping::{Stopping, ROUNDS_WITHOUT_VALIDATION};
 use super::{Run, Trained};
 use crate::backbone::batching::BATCH_TOKENS;
 use crate::dataset::Example;
@@ -159,7 +159,11 @@ impl Run<'_> {
         let (mut rounds, mut folded) = (Vec::new(), None);
         let (mut stopping, mut rounds_used) = (Stopping::default(), 0);
         let mut loss = None;
-        for round in 1..=self.cfg.max_rounds {
+        let max_rounds = match validation.is_empty() {
+            true => self.cfg.max_rounds.min(ROUNDS_WITHOUT_VALIDATION),
+            false => self.cfg.max_rounds,
+        };
+        for round in 1..=max_rounds {
             if round > 1 {
                 // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
                 progress(&Progress::new(Phase::Targets, 0, n, round, loss));

@@ -16,9 +16,12 @@ use super::held_out::Score;
 pub const VALIDATION_SHARE: f64 = 0.1;
 /// At most this many: past it the validation accuracy is already within about 2 points.
 pub const MAX_VALIDATION: usize = 256;
-/// Below this many a validation split says too little: smaller data sets train on every example and run all
-/// `max_rounds`.
+/// Below this many a validation split says too little: smaller data sets train on every example and run
+/// [`ROUNDS_WITHOUT_VALIDATION`] rounds (or `max_rounds`, if fewer).
 pub const MIN_VALIDATION: usize = 20;
+/// The fixed round count measured before the rule (docs/side-network.md): what a run with nothing to validate
+/// on does, rather than every round it may.
+pub const ROUNDS_WITHOUT_VALIDATION: usize = 3;
 /// The relative drop in validation loss that counts as an improvement without a gain in accuracy.
 pub const MIN_LOSS_GAIN: f64 = 0.01;
 

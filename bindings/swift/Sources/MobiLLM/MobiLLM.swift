@@ -1756,7 +1756,7 @@ public struct FineTuneOptions: Equatable, Hashable {
     public var epochs: UInt32?
     /**
      * `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
-     * the device stops improving.
+     * the device stops improving (below 200 examples there is no split and 3 rounds run).
      */
     public var maxRounds: UInt32?
     public var learningRate: Double?
@@ -1806,7 +1806,7 @@ public struct FineTuneOptions: Equatable, Hashable {
          */epochs: UInt32? = nil, 
         /**
          * `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
-         * the device stops improving.
+         * the device stops improving (below 200 examples there is no split and 3 rounds run).
          */maxRounds: UInt32? = nil, learningRate: Double? = nil, quantization: Quantization? = nil, 
         /**
          * Side-network width (default 128) and bottleneck rank (default 16).

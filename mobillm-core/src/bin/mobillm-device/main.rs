@@ -85,7 +85,7 @@ struct FineTuneArgs {
     #[arg(long)]
     epochs: Option<usize>,
     /// pae: at most N refinement rounds (default 8); fewer when the 10% of training examples held back on the
-    /// device stop improving.
+    /// device stop improving (below 200 examples there is no split and 3 rounds run).
     #[arg(long)]
     max_rounds: Option<usize>,
     /// How activations are quantised for upload (default int8).

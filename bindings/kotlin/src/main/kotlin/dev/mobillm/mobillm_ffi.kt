@@ -3472,7 +3472,7 @@ data class FineTuneOptions (
     , 
     /**
      * `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
-     * the device stops improving.
+     * the device stops improving (below 200 examples there is no split and 3 rounds run).
      */
     var `maxRounds`: kotlin.UInt? = null 
     , 
