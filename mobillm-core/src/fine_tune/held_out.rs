@@ -42,7 +42,7 @@ impl Pivots {
         let fused = (&self.logits + &corrections)?;
         let targets = Tensor::new(labels, &Device::Cpu)?;
         Ok(Score {
-            accuracy: accuracy(&predict(&self.logits, Some(&corrections))?, labels),
+            accuracy: accuracy(&predict(&fused, None)?, labels),
             loss: f64::from(candle_nn::loss::cross_entropy(&fused, &targets)?.to_scalar::<f32>()?),
         })
     }

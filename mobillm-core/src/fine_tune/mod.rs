@@ -98,15 +98,12 @@ pub fn fine_tune(
     cfg.validate()?;
     let all_labels = label_indices(&task, train)?;
     // The validation split stays on the device, so it keeps its true labels even under label noise.
-    let held_back = match cfg.mode {
-        Mode::Pae => stopping::validation_indices(train.len(), cfg.max_rounds),
-        Mode::Mobillm => Vec::new(),
+    let (held_back, sent) = match cfg.mode {
+        Mode::Pae => stopping::validation_split(train.len(), cfg.max_rounds),
+        Mode::Mobillm => (Vec::new(), (0..train.len()).collect()),
     };
-    let mut is_held_back = vec![false; train.len()];
-    held_back.iter().for_each(|&i| is_held_back[i] = true);
     let validation: Vec<Example> = held_back.iter().map(|&i| train[i].clone()).collect();
     let validation_labels: Vec<u32> = held_back.iter().map(|&i| all_labels[i]).collect();
-    let sent: Vec<usize> = (0..train.len()).filter(|&i| !is_held_back[i]).collect();
     let fit: Vec<Example> = sent.iter().map(|&i| train[i].clone()).collect();
     let labels: Vec<u32> = sent.iter().map(|&i| all_labels[i]).collect();
     // Drawn once: every round trains on the same noisy labels, so each label is released once.
@@ -185,6 +182,15 @@ pub fn fine_tune(
         kept_round: trained.kept_round,
         rounds: trained.rounds,
     })
+}
+
+/// A random `m` of the indices `0..n` and the others, each sorted.
+fn random_split(n: usize, m: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut chosen = rand::seq::index::sample(&mut rand::rng(), n, m.min(n)).into_vec();
+    chosen.sort_unstable();
+    let mut is_chosen = vec![false; n];
+    chosen.iter().for_each(|&i| is_chosen[i] = true);
+    (chosen, (0..n).filter(|&i| !is_chosen[i]).collect())
 }
 
 fn label_indices(task: &Task, examples: &[Example]) -> Result<Vec<u32>> {

@@ -13,12 +13,11 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use rand::seq::index::sample;
 
 use super::progress::{Phase, Progress};
 use super::remote::Upload;
 use super::stopping::{Stopping, ROUNDS_WITHOUT_VALIDATION};
-use super::{Run, Trained};
+use super::{random_split, Run, Trained};
 use crate::backbone::batching::BATCH_TOKENS;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
@@ -42,7 +41,8 @@ impl Run<'_> {
         let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_>>()?;
         let batches = self.plan(train, BATCH_TOKENS)?;
         // With secrets on, a random subset is forwarded first and held until it has fitted the whitening.
-        let (first, rest) = if self.secrets.is_enabled() { calibration_split(n) } else { (vec![], (0..n).collect()) };
+        let calibration = if self.secrets.is_enabled() { n.min(CALIBRATION_SAMPLES) } else { 0 };
+        let (first, rest) = random_split(n, calibration);
         let plan = |part: &[usize]| batches.groups_of(part, self.cfg.forward_batch, BATCH_TOKENS);
         let mut z_b = vec![0f32; n * k];
         // Decoys read their words' logits from the same forward as the label words'.
@@ -213,15 +213,6 @@ impl Run<'_> {
             rounds,
         })
     }
-}
-
-/// A random subset of `n` training examples to fit the whitening on, and the others.
-fn calibration_split(n: usize) -> (Vec<usize>, Vec<usize>) {
-    let mut first = sample(&mut rand::rng(), n, n.min(CALIBRATION_SAMPLES)).into_vec();
-    first.sort_unstable();
-    let mut chosen = vec![false; n];
-    first.iter().for_each(|&i| chosen[i] = true);
-    (first, (0..n).filter(|&i| !chosen[i]).collect())
 }
 
 /// How many of `labels` each of the `k` labels has.

@@ -8,9 +8,8 @@
 //! network memorises them, long after held-out accuracy has stopped moving; only examples the network never saw
 //! say when another round stops helping.
 
-use rand::seq::index::sample;
-
 use super::held_out::Score;
+use super::random_split;
 
 /// The share of the training examples held back for validation.
 pub const VALIDATION_SHARE: f64 = 0.1;
@@ -25,16 +24,11 @@ pub const ROUNDS_WITHOUT_VALIDATION: usize = 3;
 /// The relative drop in validation loss that counts as an improvement without a gain in accuracy.
 pub const MIN_LOSS_GAIN: f64 = 0.01;
 
-/// The indices of `n` training examples to hold back (sorted); empty when a split would be smaller than
-/// [`MIN_VALIDATION`] or there is only one round to choose.
-pub fn validation_indices(n: usize, max_rounds: usize) -> Vec<usize> {
+/// The indices of `n` training examples to hold back and of those to send, each sorted; none held back when a
+/// split would be smaller than [`MIN_VALIDATION`] or there is only one round to choose.
+pub fn validation_split(n: usize, max_rounds: usize) -> (Vec<usize>, Vec<usize>) {
     let m = ((n as f64 * VALIDATION_SHARE) as usize).min(MAX_VALIDATION);
-    if max_rounds < 2 || m < MIN_VALIDATION {
-        return Vec::new();
-    }
-    let mut chosen = sample(&mut rand::rng(), n, m).into_vec();
-    chosen.sort_unstable();
-    chosen
+    random_split(n, if max_rounds < 2 || m < MIN_VALIDATION { 0 } else { m })
 }
 
 /// The rounds seen so far and the best of them.
@@ -84,12 +78,14 @@ mod tests {
 
     #[test]
     fn the_split_is_a_tenth_capped_and_skipped_when_too_small_or_pointless() {
-        assert!(validation_indices(199, 8).is_empty(), "19 examples would say too little");
-        let v = validation_indices(200, 8);
+        assert!(validation_split(199, 8).0.is_empty(), "19 examples would say too little");
+        let (v, sent) = validation_split(200, 8);
         assert_eq!(v.len(), 20);
         assert!(v.windows(2).all(|w| w[0] < w[1]) && v.iter().all(|&i| i < 200), "sorted, distinct, in range");
-        assert_eq!(validation_indices(2400, 8).len(), 240);
-        assert_eq!(validation_indices(100_000, 8).len(), MAX_VALIDATION);
-        assert!(validation_indices(2400, 1).is_empty(), "one round leaves nothing to choose");
+        assert_eq!(sent.len(), 180);
+        assert!(sent.windows(2).all(|w| w[0] < w[1]) && sent.iter().all(|i| !v.contains(i)), "the others, in order");
+        assert_eq!(validation_split(2400, 8).0.len(), 240);
+        assert_eq!(validation_split(100_000, 8).0.len(), MAX_VALIDATION);
+        assert!(validation_split(2400, 1).0.is_empty(), "one round leaves nothing to choose");
     }
 }
