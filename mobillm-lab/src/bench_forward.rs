@@ -83,7 +83,7 @@ pub fn run(args: Args) -> Result<()> {
 
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let model = fetch::model()?;
-    let data = DataArgs { model: Some(model.clone()), data: None, template: None };
+    let data = DataArgs { model: Some(model.clone()), ..Default::default() };
     let (backbone, task, split) = inputs::load(&data)?;
     let texts: Vec<&str> = split.test.iter().take(args.prompts).map(|e| e.text.as_str()).collect();
     let prompts: Vec<Vec<u32>> =

@@ -13,27 +13,28 @@ use sha2::{Digest, Sha256};
 use xtask::args::DataArgs;
 use xtask::fetch;
 
-/// The backbone, the task and the split that `--model/--data/--template` select (fetching defaults as needed).
+/// The backbone, the task and the split that `--model/--data/--task/--template` select (fetching defaults as needed).
 pub fn load(args: &DataArgs) -> Result<(Backbone, Task, Split)> {
     let model = match &args.model {
         Some(p) => p.clone(),
         None => fetch::model()?,
     };
-    let (split, default_labels) = match &args.data {
-        Some(p) => {
-            let split = dataset::split_jsonl(p)?;
-            let all: Vec<_> = split.train.iter().chain(&split.test).cloned().collect();
-            (split, dataset::labels_of(&all))
+    let (split, labels, template) = match args.jsonl()? {
+        Some(data) => {
+            let split = dataset::split_jsonl(&data.path)?;
+            let labels = data.labels.unwrap_or_else(|| {
+                dataset::labels_of(&split.train.iter().chain(&split.test).cloned().collect::<Vec<_>>())
+            });
+            (split, labels, data.template)
         }
-        None => (dataset::uci_split(&fetch::uci_data()?)?, dataset::UCI_LABELS.map(String::from).to_vec()),
-    };
-    let template = match (&args.template, &args.data) {
-        (Some(t), _) => t.clone(),
-        (None, None) => dataset::UCI_TEMPLATE.to_string(),
-        (None, Some(_)) => anyhow::bail!("--data needs --template (a prompt with {{text}} ending in an answer cue)"),
+        None => (
+            dataset::uci_split(&fetch::uci_data()?)?,
+            dataset::UCI_LABELS.map(String::from).to_vec(),
+            args.template.clone().unwrap_or_else(|| dataset::UCI_TEMPLATE.to_string()),
+        ),
     };
     let backbone = Backbone::load(&model).with_context(|| format!("loading {}", model.display()))?;
-    let task = Task::new(TaskSpec { template, labels: default_labels }, backbone.tokenizer())?;
+    let task = Task::new(TaskSpec { template, labels }, backbone.tokenizer())?;
     Ok((backbone, task, split))
 }
 

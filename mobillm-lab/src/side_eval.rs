@@ -1,34 +1,54 @@
-//! `cargo xtask side-eval`: the side network on real pivot activations, in process (no server yet). Forwards the
-//! train and held-out splits once (cached under `$MOBILLM_CACHE/pivots`), then reports zero-shot accuracy, `pae`
-//! accuracy after each refinement round with the secrets on, and a labels-on-server cross-entropy baseline trained
-//! on the same (rotated) activations for the same number of epochs.
+//! `cargo xtask side-eval`: the side network on real pivot activations, in process, on one task or several
+//! (`--tasks`), over `--runs` runs with fresh secrets. Forwards each task's train and held-out splits once (cached
+//! under `$MOBILLM_CACHE/pivots`), then per run reports `pae` as the device runs it by default and a labels-on-server
+//! cross-entropy baseline on the same (whitened, rotated) activations, and finally each task's zero-shot accuracy
+//! and the mean, min and max of both over the runs.
+//!
+//! `pae` here is the device's loop without the network in between: the same validation split and stopping rule
+//! (`fine_tune::stopping`), whitening fitted on a random calibration subset, activations through the wire's int8
+//! quantisation, the server's mini-batch rule, and each round trained as the server does (from the saved weights,
+//! with a fresh optimiser). The baseline trains `--epochs` per round with the same validation split and stopping
+//! rule, so both get the same budget and the same chance to stop.
 
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use mobillm_core::fine_tune::stopping::{validation_split, Score, Stopping, ROUNDS_WITHOUT_VALIDATION};
+use mobillm_core::fine_tune::FineTuneConfig;
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences, DEFAULT_TAU};
-use mobillm_core::side::{normalize_taps, Activation, Objective, Secrets, SideConfig, SideTrainer, TrainConfig};
+use mobillm_core::side::whitening::{self, Whitening, CALIBRATION_SAMPLES};
+use mobillm_core::side::{
+    device_inputs, Activation, Objective, SampleId, Secrets, SideConfig, SideNet, SideTrainer, TrainConfig,
+};
+use mobillm_core::wire::{Frame, Limits, Quant};
+use mobillm_core::Mode;
 
-use crate::inputs;
-use mobillm_core::side::whitening::{self, Whitening};
+use crate::inputs::{self, Pivots};
 use xtask::args::DataArgs;
+use xtask::tasks::PublicTask;
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     pub data: DataArgs,
+    /// Several tasks in one run, comma-separated (`uci` and the public tasks), or `all`; prints a table.
+    #[arg(long, value_enum, value_delimiter = ',', conflicts_with_all = ["data", "task"])]
+    pub tasks: Vec<TaskName>,
+    /// Runs per task, each with fresh secrets, validation split and calibration subset.
+    #[arg(long, default_value_t = 1)]
+    pub runs: usize,
     /// Use at most this many training examples.
     #[arg(long)]
     pub train: Option<usize>,
     /// Use at most this many held-out examples.
     #[arg(long)]
     pub test: Option<usize>,
-    /// Refinement rounds (the device recomputes Δ from the server's outputs between rounds).
-    #[arg(long, default_value_t = 3)]
-    pub rounds: usize,
+    /// At most this many refinement rounds (the device's default).
+    #[arg(long, default_value_t = FineTuneConfig::for_mode(Mode::Pae).max_rounds)]
+    pub max_rounds: usize,
     /// Server epochs per round.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
@@ -40,18 +60,15 @@ pub struct Args {
     pub rank: usize,
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
+    /// Largest server mini-batch (small sets get n/8, at least 16, as on the server).
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
     #[arg(long, value_enum, default_value_t = ActivationArg::Gelu)]
     pub activation: ActivationArg,
-    /// Train without secrets (R = Q = I), for comparison.
+    /// Train without secrets (R = Q = I, no whitening), for comparison.
     #[arg(long)]
     pub no_secrets: bool,
-    /// Centre and whiten each layer before rotating, as the device does with its secrets on (μ and W from a
-    /// subset of the training split of the device's size, its rank and ε), to measure what it costs in accuracy.
-    #[arg(long)]
-    pub whiten: bool,
-    /// With --whiten: ε relative to the mean eigenvalue, and the directions whitened exactly (default: the
+    /// The whitening's ε relative to the mean eigenvalue, and the directions whitened exactly (default: the
     /// device's).
     #[arg(long, default_value_t = whitening::RELATIVE_EPS)]
     pub whiten_eps: f64,
@@ -59,12 +76,21 @@ pub struct Args {
     pub whiten_rank: usize,
     /// Also fit a ridge readout of these tapped layers (comma-separated positions, or `all`) on the device's
     /// inputs with the true labels, as a label head that never leaves the device would be, and report its
-    /// held-out accuracy for a range of ridge penalties.
+    /// held-out accuracy for a range of ridge penalties (first run only).
     #[arg(long, value_name = "LAYERS")]
     pub ridge: Option<String>,
     /// Skip the cross-entropy baseline.
     #[arg(long)]
     pub no_baseline: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum TaskName {
+    Uci,
+    Bbc,
+    Hedge,
+    Tweets,
+    All,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -75,7 +101,49 @@ pub enum ActivationArg {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (backbone, task, mut split) = inputs::load(&args.data)?;
+    anyhow::ensure!(args.runs >= 1 && args.max_rounds >= 1, "--runs and --max-rounds must be positive");
+    let tasks: Vec<(String, DataArgs)> = if args.tasks.is_empty() {
+        let name = match (&args.data.task, &args.data.data) {
+            (Some(t), _) => t.name().to_string(),
+            (None, Some(p)) => p.display().to_string(),
+            (None, None) => "uci".to_string(),
+        };
+        vec![(name, args.data.clone())]
+    } else {
+        let all = args.tasks.contains(&TaskName::All);
+        let mut chosen = vec![];
+        if all || args.tasks.contains(&TaskName::Uci) {
+            chosen.push(("uci".to_string(), DataArgs { model: args.data.model.clone(), ..Default::default() }));
+        }
+        for t in PublicTask::ALL {
+            let named = args.tasks.iter().any(|n| {
+                matches!(
+                    (n, t),
+                    (TaskName::Bbc, PublicTask::Bbc)
+                        | (TaskName::Hedge, PublicTask::Hedge)
+                        | (TaskName::Tweets, PublicTask::Tweets)
+                )
+            });
+            if all || named {
+                let data = DataArgs { model: args.data.model.clone(), task: Some(t), ..Default::default() };
+                chosen.push((t.name().to_string(), data));
+            }
+        }
+        chosen
+    };
+    let mut results = Vec::new();
+    for (name, data) in &tasks {
+        eprintln!("== {name}");
+        results.push(evaluate_task(&args, name, data)?);
+    }
+    eprintln!("\n{}", table(&results, args.runs));
+    println!("{}", serde_json::json!({ "runs": args.runs, "max_rounds": args.max_rounds, "tasks": results }));
+    Ok(())
+}
+
+/// Zero-shot accuracy and `--runs` runs of `pae` and the baseline on one task.
+fn evaluate_task(args: &Args, name: &str, data: &DataArgs) -> Result<serde_json::Value> {
+    let (backbone, task, mut split) = inputs::load(data)?;
     if let Some(n) = args.train {
         split.train.truncate(n);
     }
@@ -84,6 +152,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let train = inputs::pivots(&backbone, &task, &split.train, "train")?;
     let test = inputs::pivots(&backbone, &task, &split.test, "test")?;
+    drop(backbone);
     let (n_train, taps, hidden) = train.taps.dims3()?;
     let k = task.labels().len();
     let cfg = SideConfig {
@@ -96,96 +165,254 @@ pub fn run(args: Args) -> Result<()> {
         },
         ..SideConfig::new(taps, hidden, k)
     };
-    let tc = TrainConfig { lr: args.lr, batch_size: args.batch, epochs: args.epochs, ..Default::default() };
-    let secrets = if args.no_secrets { Secrets::disabled(&cfg)? } else { Secrets::generate(&cfg)? };
-
     let zero_shot = accuracy(&predict(&test.logits, None)?, &test.labels);
-    eprintln!("zero-shot: {:.1}% on {} held-out", zero_shot * 100.0, test.labels.len());
+    eprintln!("zero-shot: {:.1}% on {} held-out ({n_train} training examples)", zero_shot * 100.0, test.labels.len());
 
-    // What the device sends: unit-RMS, rotated activations (once) and rotated targets (per round).
-    let (x_train_plain, x_test_plain) = (normalize_taps(&train.taps)?, normalize_taps(&test.taps)?);
-    let (x_train_plain, x_test_plain) = if args.whiten {
-        let n = x_train_plain.dim(0)?;
-        let subset: Vec<u32> = (0..n.min(whitening::CALIBRATION_SAMPLES) as u32).collect();
-        let calibration = x_train_plain.index_select(&Tensor::new(subset.as_slice(), &Device::Cpu)?, 0)?;
-        let whitening = Whitening::fit(&calibration, args.whiten_rank, args.whiten_eps)?;
-        (whitening.apply(&x_train_plain)?, whitening.apply(&x_test_plain)?)
-    } else {
-        (x_train_plain, x_test_plain)
-    };
-    let ridge = match &args.ridge {
-        Some(layers) => ridge_head(layers, &x_train_plain, &x_test_plain, &train, &test, args.tau)?,
-        None => serde_json::Value::Null,
-    };
-    let x_train = secrets.rotate_activations(&x_train_plain)?;
-
-    let mut trainer = SideTrainer::new(&cfg, &tc)?;
-    let mut dec: Option<Tensor> = None;
-    let mut rounds = Vec::new();
-    let mut train_seconds = 0.0;
-    let mut epochs_run = 0;
-    for round in 1..=args.rounds {
-        let delta = prediction_differences(&train.logits, dec.as_ref(), &train.labels, args.tau)?;
-        let prev = trainer.outputs(&x_train)?;
-        let targets = (prev + secrets.encode_targets(&delta)?)?;
-        let start = Instant::now();
-        let reports = trainer.fit(&x_train, &Objective::Regression { targets }, args.epochs, |r, _| {
-            eprint!("\rpae round {round}/{}: epoch {}/{} loss {:.4}", args.rounds, r.epoch, r.epochs, r.loss);
-            let _ = std::io::stderr().flush();
-            ControlFlow::Continue(())
-        })?;
-        train_seconds += start.elapsed().as_secs_f64();
-        epochs_run += reports.len();
-        dec = Some(secrets.decode_outputs(&trainer.outputs(&x_train)?)?);
-        let train_acc = accuracy(&predict(&train.logits, dec.as_ref())?, &train.labels);
-        // The device's view: fold the secrets in and run on plain activations.
-        let folded = secrets.fold(trainer.net())?;
-        let test_acc = accuracy(&predict(&test.logits, Some(&folded.forward(&x_test_plain)?))?, &test.labels);
-        eprintln!(" → train {:.1}%, held-out {:.1}%", train_acc * 100.0, test_acc * 100.0);
-        rounds.push(serde_json::json!({
-            "round": round, "loss": reports.last().map(|r| r.loss), "train_acc": train_acc, "test_acc": test_acc,
-        }));
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        let ridge = args.ridge.as_deref().filter(|_| run == 1);
+        runs.push(one_run(args, &cfg, &train, &test, ridge, &format!("{name} run {run}/{}", args.runs))?);
     }
-    let pae_acc = rounds.last().and_then(|r| r["test_acc"].as_f64());
-
-    let baseline = if args.no_baseline {
-        serde_json::Value::Null
-    } else {
-        // Labels on the server: cross-entropy on z_b + o[:K], same rotated activations, same epochs in all.
-        let mut ce = SideTrainer::new(&cfg, &tc)?;
-        let labels = Tensor::new(train.labels.as_slice(), &Device::Cpu)?;
-        let objective = Objective::CrossEntropy { labels, prior: train.logits.clone() };
-        let total = args.rounds * args.epochs;
-        ce.fit(&x_train, &objective, total, |r, _| {
-            eprint!("\rce baseline: epoch {}/{} loss {:.4}", r.epoch, r.epochs, r.loss);
-            let _ = std::io::stderr().flush();
-            ControlFlow::Continue(())
-        })?;
-        let x_test = secrets.rotate_activations(&x_test_plain)?;
-        let corr = ce.outputs(&x_test)?.narrow(1, 0, k)?;
-        let acc = accuracy(&predict(&test.logits, Some(&corr))?, &test.labels);
-        eprintln!(" → held-out {:.1}%", acc * 100.0);
-        serde_json::json!({"test_acc": acc, "epochs": total})
+    let spread = |key: &str| -> serde_json::Value {
+        let v: Vec<f64> = runs.iter().filter_map(|r| r[key]["test_acc"].as_f64()).collect();
+        if v.is_empty() {
+            return serde_json::Value::Null;
+        }
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let (min, max) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        serde_json::json!({"mean": mean, "min": min, "max": max})
     };
-
-    let epoch_s = train_seconds / epochs_run.max(1) as f64;
-    let result = serde_json::json!({
+    Ok(serde_json::json!({
+        "task": name,
+        "labels": k,
         "train_samples": n_train,
         "test_samples": test.labels.len(),
         "zero_shot_acc": zero_shot,
-        "pae_acc": pae_acc,
-        "pae_rounds": rounds,
-        "ce_baseline": baseline,
+        "pae": spread("pae"),
+        "ce_baseline": spread("ce_baseline"),
+        "pae_rounds_used": runs.iter().map(|r| r["pae"]["rounds_used"].clone()).collect::<Vec<_>>(),
+        "runs": runs,
+    }))
+}
+
+/// One run: fresh secrets, validation split and whitening; `pae` and the baseline on the same uploads.
+fn one_run(
+    args: &Args,
+    cfg: &SideConfig,
+    train: &Pivots,
+    test: &Pivots,
+    ridge: Option<&str>,
+    what: &str,
+) -> Result<serde_json::Value> {
+    let k = cfg.labels;
+    let secrets = if args.no_secrets { Secrets::disabled(cfg)? } else { Secrets::generate(cfg)? };
+    let (held_back, sent) = validation_split(train.labels.len(), args.max_rounds);
+    let rows = |p: &Pivots, idx: &[usize]| -> Result<Pivots> {
+        let i = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+        Ok(Pivots {
+            taps: p.taps.index_select(&i, 0)?,
+            logits: p.logits.index_select(&i, 0)?,
+            labels: idx.iter().map(|&i| p.labels[i]).collect(),
+        })
+    };
+    let (validation, train) = (rows(train, &held_back)?, rows(train, &sent)?);
+    let n = train.labels.len();
+    // The device whitens (secrets on) with a fit on a random subset of what it sends.
+    let whitening = if secrets.is_enabled() {
+        let subset = rows(&train, &random_subset(n, CALIBRATION_SAMPLES))?;
+        Some(Whitening::fit(&device_inputs(&subset.taps, None)?, args.whiten_rank, args.whiten_eps)?)
+    } else {
+        None
+    };
+    let plain = |p: &Pivots| device_inputs(&p.taps, whitening.as_ref());
+    let (x_plain, x_validation, x_test) = (plain(&train)?, plain(&validation)?, plain(test)?);
+    let ridge = match ridge {
+        Some(layers) => ridge_head(layers, &x_plain, &x_test, &train, test, args.tau)?,
+        None => serde_json::Value::Null,
+    };
+    let x = through_the_wire(&secrets.rotate_activations(&x_plain)?, cfg.outputs)?;
+    let tc = TrainConfig {
+        lr: args.lr,
+        batch_size: args.batch.min((n / 8).max(16)),
+        epochs: args.epochs,
+        ..Default::default()
+    };
+    let has_validation = !held_back.is_empty();
+    let score = |net: &SideNet, x: &Tensor, p: &Pivots| Score::of(&(&p.logits + net.forward(x)?)?, &p.labels);
+
+    // pae: targets from the device, trained in server coordinates, folded and scored on the device.
+    let mut trainer = SideTrainer::new(cfg, &tc)?;
+    let mut decoded: Option<Tensor> = None;
+    let start = Instant::now();
+    let pae = rounds(args.max_rounds, has_validation, |round| {
+        let delta = prediction_differences(&train.logits, decoded.as_ref(), &train.labels, args.tau)?;
+        let targets = (trainer.outputs(&x)? + secrets.encode_targets(&delta)?)?;
+        // The server loads the saved weights for each round: a fresh optimiser and shuffle stream.
+        trainer = SideTrainer::from_tensors(cfg, &tc, trainer.tensors())?;
+        let reports = trainer.fit(&x, &Objective::Regression { targets }, args.epochs, |r, _| {
+            eprint!("\r{what}: pae round {round}: epoch {}/{} loss {:.4}  ", r.epoch, r.epochs, r.loss);
+            let _ = std::io::stderr().flush();
+            ControlFlow::Continue(())
+        })?;
+        decoded = Some(secrets.decode_outputs(&trainer.outputs(&x)?)?);
+        let folded = secrets.fold(trainer.net())?;
+        let v = if has_validation { Some(score(&folded, &x_validation, &validation)?) } else { None };
+        Ok((v, score(&folded, &x_test, test)?.accuracy, reports.last().map(|r| r.loss)))
+    })?;
+    let pae_s = start.elapsed().as_secs_f64();
+    eprintln!(
+        "\r{what}: pae {:.1}% (kept round {} of {})          ",
+        pae.test_acc * 100.0,
+        pae.kept_round,
+        pae.rounds_used
+    );
+
+    let baseline = if args.no_baseline {
+        None
+    } else {
+        // Labels on the server: cross-entropy on z_b + o[:K], same uploads, `--epochs` per round.
+        let x_val_rot = secrets.rotate_activations(&x_validation)?;
+        let x_test_rot = secrets.rotate_activations(&x_test)?;
+        let labels = Tensor::new(train.labels.as_slice(), &Device::Cpu)?;
+        let objective = Objective::CrossEntropy { labels, prior: train.logits.clone() };
+        let mut ce = SideTrainer::new(cfg, &tc)?;
+        let trace = rounds(args.max_rounds, has_validation, |round| {
+            let reports = ce.fit(&x, &objective, args.epochs, |r, _| {
+                eprint!("\r{what}: baseline round {round}: epoch {}/{} loss {:.4}  ", r.epoch, r.epochs, r.loss);
+                let _ = std::io::stderr().flush();
+                ControlFlow::Continue(())
+            })?;
+            let corrections = |x: &Tensor| -> Result<Tensor> { Ok(ce.outputs(x)?.narrow(1, 0, k)?) };
+            let v = if has_validation {
+                Some(Score::of(&(&validation.logits + corrections(&x_val_rot)?)?, &validation.labels)?)
+            } else {
+                None
+            };
+            let t = Score::of(&(&test.logits + corrections(&x_test_rot)?)?, &test.labels)?;
+            Ok((v, t.accuracy, reports.last().map(|r| r.loss)))
+        })?;
+        eprintln!(
+            "\r{what}: baseline {:.1}% (kept round {} of {})          ",
+            trace.test_acc * 100.0,
+            trace.kept_round,
+            trace.rounds_used
+        );
+        Some(trace)
+    };
+    Ok(serde_json::json!({
+        "train_samples": n,
+        "validation_samples": held_back.len(),
+        "pae": pae.json(),
+        "ce_baseline": baseline.map(|b| b.json()),
         "ridge_head": ridge,
         "secrets": secrets.is_enabled(),
-        "whitened": args.whiten.then_some(serde_json::json!({"eps": args.whiten_eps, "rank": args.whiten_rank})),
+        "whitening": whitening.is_some().then_some(serde_json::json!({"eps": args.whiten_eps, "rank": args.whiten_rank})),
         "side": cfg,
-        "train": {"lr": args.lr, "batch": args.batch, "epochs_per_round": args.epochs, "rounds": args.rounds, "tau": args.tau},
-        "epoch_s": epoch_s,
-        "train_samples_per_s": n_train as f64 / epoch_s,
-    });
-    println!("{result}");
-    Ok(())
+        "train": {"lr": args.lr, "batch": tc.batch_size, "epochs_per_round": args.epochs, "max_rounds": args.max_rounds, "tau": args.tau},
+        "pae_seconds": pae_s,
+    }))
+}
+
+/// A random `m` of `0..n`, sorted (the calibration subset, drawn as the device draws it).
+fn random_subset(n: usize, m: usize) -> Vec<usize> {
+    let mut chosen = rand::seq::index::sample(&mut rand::rng(), n, m.min(n)).into_vec();
+    chosen.sort_unstable();
+    chosen
+}
+
+/// The activations as the server stores them: through an int8 frame (the device's default quantisation) and
+/// kept as f16.
+fn through_the_wire(x: &Tensor, k_out: usize) -> Result<Tensor> {
+    let (n, t, d) = x.dims3()?;
+    let limits = Limits { max_decoded_bytes: usize::MAX, ..Limits::default() };
+    let mut parts = Vec::new();
+    for start in (0..n).step_by(64) {
+        let m = 64.min(n - start);
+        let acts = x.narrow(0, start, m)?.flatten_all()?.to_vec1::<f32>()?;
+        let ids = (0..m).map(|_| SampleId::random()).collect::<mobillm_core::Result<Vec<_>>>()?;
+        let frame = Frame::samples(ids, t, d, acts, k_out, vec![0.0; m * k_out]);
+        let (decoded, _) = Frame::decode(&frame.encode(Quant::Int8)?, &limits)?;
+        parts.push(Tensor::from_vec(decoded.activations, (m, t, d), &Device::Cpu)?.to_dtype(DType::F16)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// Rounds of training as the device runs them: until the validation score stops improving (`Stopping`) or
+/// `max_rounds`; without a validation split, the fixed [`ROUNDS_WITHOUT_VALIDATION`]. `round` trains one round
+/// and returns its validation score, held-out accuracy and last loss.
+fn rounds(
+    max_rounds: usize,
+    has_validation: bool,
+    mut round: impl FnMut(usize) -> Result<(Option<Score>, f64, Option<f64>)>,
+) -> Result<Trace> {
+    let max = if has_validation { max_rounds } else { max_rounds.min(ROUNDS_WITHOUT_VALIDATION) };
+    let mut stopping = Stopping::default();
+    let mut trace = Trace::default();
+    for r in 1..=max {
+        let (validation, test_acc, loss) = round(r)?;
+        trace.rounds.push(serde_json::json!({
+            "round": r, "loss": loss, "test_acc": test_acc,
+            "validation_acc": validation.map(|v| v.accuracy), "validation_loss": validation.map(|v| v.loss),
+        }));
+        trace.rounds_used = r;
+        let improved = match validation {
+            Some(v) => stopping.improved(r, v),
+            None => true,
+        };
+        if improved {
+            (trace.kept_round, trace.test_acc) = (r, test_acc);
+        } else {
+            break;
+        }
+    }
+    Ok(trace)
+}
+
+/// The rounds one training ran and the held-out accuracy of the network it kept.
+#[derive(Default)]
+struct Trace {
+    rounds: Vec<serde_json::Value>,
+    rounds_used: usize,
+    kept_round: usize,
+    test_acc: f64,
+}
+
+impl Trace {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "test_acc": self.test_acc, "rounds_used": self.rounds_used, "kept_round": self.kept_round,
+            "rounds": self.rounds,
+        })
+    }
+}
+
+/// The summary table (Markdown): per task, zero-shot and mean [min–max] of `pae` and the baseline.
+fn table(results: &[serde_json::Value], runs: usize) -> String {
+    let pct = |v: &serde_json::Value| v.as_f64().map_or("—".to_string(), |x| format!("{:.1}", x * 100.0));
+    let spread = |v: &serde_json::Value| match runs {
+        1 => format!("{}%", pct(&v["mean"])),
+        _ => format!("{}% [{}–{}]", pct(&v["mean"]), pct(&v["min"]), pct(&v["max"])),
+    };
+    let mut out = format!(
+        "| task | labels | train / held out | zero-shot | `pae` ({runs} run{}) | rounds used | cross-entropy baseline |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        if runs == 1 { "" } else { "s" }
+    );
+    for r in results {
+        let rounds: Vec<String> =
+            r["pae_rounds_used"].as_array().into_iter().flatten().map(|v| v.to_string()).collect();
+        out.push_str(&format!(
+            "| {} | {} | {} / {} | {}% | {} | {} | {} |\n",
+            r["task"].as_str().unwrap_or("?"),
+            r["labels"],
+            r["train_samples"],
+            r["test_samples"],
+            pct(&r["zero_shot_acc"]),
+            spread(&r["pae"]),
+            rounds.join(", "),
+            if r["ce_baseline"].is_null() { "—".to_string() } else { spread(&r["ce_baseline"]) },
+        ));
+    }
+    out
 }
 
 /// A ridge readout of some layers' device inputs `[N, T, d]`, fitted on the round-1 targets Δ (in its dual form,
@@ -194,8 +421,8 @@ fn ridge_head(
     layers: &str,
     x_train: &Tensor,
     x_test: &Tensor,
-    train: &inputs::Pivots,
-    test: &inputs::Pivots,
+    train: &Pivots,
+    test: &Pivots,
     tau: f64,
 ) -> Result<serde_json::Value> {
     let (n, t, d) = x_train.dims3()?;

@@ -49,9 +49,19 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
         Some(p) => p.clone(),
         None => fetch::model()?,
     };
-    let data = match &args.data.data {
-        Some(p) => vec!["--data".into(), p.display().to_string()],
-        None => vec!["--uci".into(), fetch::uci_data()?.display().to_string()],
+    let data = match args.data.jsonl()? {
+        Some(d) => {
+            let mut flags = vec!["--data".into(), d.path.display().to_string(), "--template".into(), d.template];
+            if let Some(labels) = d.labels {
+                flags.extend(["--labels".into(), labels.join(",")]);
+            }
+            flags
+        }
+        None => {
+            let mut flags = vec!["--uci".into(), fetch::uci_data()?.display().to_string()];
+            flags.extend(args.data.template.iter().flat_map(|t| ["--template".to_string(), t.clone()]));
+            flags
+        }
     };
     let bin_dir = build_binaries()?;
     let api_key = format!("demo-{}", std::process::id());
@@ -63,9 +73,6 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
     let mut device = Command::new(bin_dir.join("mobillm-device"));
     device.arg("fine-tune").arg("--model").arg(&model).args(["--server", url]).env("MOBILLM_API_KEY", &api_key);
     device.args(&data).args(["--mode", &args.mode]);
-    if let Some(t) = &args.data.template {
-        device.args(["--template", t]);
-    }
     for (flag, value) in [("--train", args.train), ("--test", args.test), ("--epochs", args.epochs)] {
         if let Some(v) = value {
             device.args([flag, &v.to_string()]);

@@ -42,7 +42,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-fn check_sha(path: &Path, expected: &str) -> Result<()> {
+pub(crate) fn check_sha(path: &Path, expected: &str) -> Result<()> {
     let got = sha256_file(path)?;
     if got != expected {
         bail!("{} has sha256 {got}, expected {expected}: refusing to use it", path.display());
@@ -50,7 +50,7 @@ fn check_sha(path: &Path, expected: &str) -> Result<()> {
     Ok(())
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<()> {
     let out = cmd.output().with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
     if !out.status.success() {
         bail!(

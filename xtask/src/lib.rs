@@ -7,3 +7,4 @@ pub mod fetch;
 pub mod paths;
 pub mod processes;
 pub mod report;
+pub mod tasks;

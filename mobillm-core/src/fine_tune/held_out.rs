@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::progress::{Phase, Progress};
+use super::stopping::Score;
 use super::Run;
 use crate::backbone::batching::BATCH_TOKENS;
 use crate::dataset::Example;
@@ -22,13 +23,6 @@ pub struct Pivots {
 /// Rows scored at a time.
 const SCORE_ROWS: usize = 64;
 
-/// How the fused model does on a set of pivots: accuracy and mean cross-entropy of the label logits.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Score {
-    pub accuracy: f64,
-    pub loss: f64,
-}
-
 impl Pivots {
     /// Accuracy of the backbone's label logits plus, with `net`, the folded network's corrections.
     pub fn accuracy(&self, net: Option<&SideNet>, labels: &[u32]) -> Result<f64> {
@@ -38,13 +32,7 @@ impl Pivots {
 
     /// Accuracy and cross-entropy of the backbone's label logits plus the folded network's corrections.
     pub fn score(&self, net: &SideNet, labels: &[u32]) -> Result<Score> {
-        let corrections = self.corrections(net)?;
-        let fused = (&self.logits + &corrections)?;
-        let targets = Tensor::new(labels, &Device::Cpu)?;
-        Ok(Score {
-            accuracy: accuracy(&predict(&fused, None)?, labels),
-            loss: f64::from(candle_nn::loss::cross_entropy(&fused, &targets)?.to_scalar::<f32>()?),
-        })
+        Score::of(&(&self.logits + &self.corrections(net)?)?, labels)
     }
 
     /// The folded network's corrections `[N, K]` (f32), computed [`SCORE_ROWS`] at a time.

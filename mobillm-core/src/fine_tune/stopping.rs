@@ -8,8 +8,11 @@
 //! network memorises them, long after held-out accuracy has stopped moving; only examples the network never saw
 //! say when another round stops helping.
 
-use super::held_out::Score;
+use candle_core::{Device, Tensor};
+
 use super::random_split;
+use crate::error::Result;
+use crate::side::targets::{accuracy, predict};
 
 /// The share of the training examples held back for validation.
 pub const VALIDATION_SHARE: f64 = 0.1;
@@ -29,6 +32,24 @@ pub const MIN_LOSS_GAIN: f64 = 0.01;
 pub fn validation_split(n: usize, max_rounds: usize) -> (Vec<usize>, Vec<usize>) {
     let m = ((n as f64 * VALIDATION_SHARE) as usize).min(MAX_VALIDATION);
     random_split(n, if max_rounds < 2 || m < MIN_VALIDATION { 0 } else { m })
+}
+
+/// How the fused model does on a set of examples: accuracy and mean cross-entropy of its label logits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    pub accuracy: f64,
+    pub loss: f64,
+}
+
+impl Score {
+    /// The score of fused label logits `[N, K]` against `labels`.
+    pub fn of(fused: &Tensor, labels: &[u32]) -> Result<Self> {
+        let targets = Tensor::new(labels, &Device::Cpu)?;
+        Ok(Score {
+            accuracy: accuracy(&predict(fused, None)?, labels),
+            loss: f64::from(candle_nn::loss::cross_entropy(fused, &targets)?.to_scalar::<f32>()?),
+        })
+    }
 }
 
 /// The rounds seen so far and the best of them.
