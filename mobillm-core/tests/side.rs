@@ -240,6 +240,24 @@ fn rotations_are_orthogonal_independent_and_seeded() {
     assert!(!format!("{a:?}").contains("1, 1"), "Debug never prints the seed");
 }
 
+#[test]
+fn released_rotations_fold_and_rotate_as_the_kept_ones() {
+    let c = cfg();
+    let secrets = Secrets::from_seed(&c, [4; 32]).unwrap();
+    let tc = TrainConfig { epochs: 2, lr: 1e-2, batch_size: 32, seed: 6, ..Default::default() };
+    let data = synthetic(33, 200);
+    let x = secrets.rotate_activations(&data.x).unwrap();
+    let targets = secrets.encode_targets(&prediction_differences(&data.z_b, None, &data.labels, 2.0).unwrap()).unwrap();
+    let mut trainer = SideTrainer::new(&c, &tc).unwrap();
+    trainer.fit(&x, &Objective::Regression { targets }, tc.epochs, |_, _| ControlFlow::Continue(())).unwrap();
+    let kept = secrets.fold(trainer.net()).unwrap().forward(&data.x).unwrap();
+    secrets.release_rotations();
+    let redrawn = secrets.fold(trainer.net()).unwrap().forward(&data.x).unwrap();
+    assert_close(&flat(&redrawn), &flat(&kept), 1e-5, "folding with rotations drawn layer by layer");
+    assert_ne!(flat(&kept).iter().filter(|v| v.abs() > 1e-4).count(), 0, "the network learned something to compare");
+    assert_close(&flat(&secrets.rotate_activations(&data.x).unwrap()), &flat(&x), 1e-6, "rotating draws them again");
+}
+
 /// AdamW is not rotation-equivariant step by step, but it reaches the same accuracy on rotated data.
 #[test]
 fn adamw_on_rotated_data_reaches_the_same_accuracy() {

@@ -153,6 +153,8 @@ impl Run<'_> {
             |_, _| {},
         )?;
         let z_b = Tensor::from_vec(z_b, (n, k), &Device::Cpu)?;
+        // Every activation is sent: the rounds need the rotations only to fold, which draws them layer by layer.
+        self.secrets.release_rotations();
 
         let mut server_s = 0.0;
         let (mut held_out, mut validation_pivots) = (None, None);

@@ -6,6 +6,12 @@
 //!
 //! Orthogonal matrices are Haar-distributed: the Q factor of the QR decomposition of a Gaussian matrix with the
 //! signs of R's diagonal moved into Q.
+//!
+//! The rotations are 40 MB at SmolLM2's size. They are drawn once and kept while activations are being sent; after
+//! that [`Secrets::release_rotations`] drops them, and folding draws each layer's again from the seed, one at a
+//! time (≈1 s per fold on 2 cores, once a round), so the rounds run without them.
+
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use nalgebra::DMatrix;
@@ -24,8 +30,9 @@ pub struct Secrets {
     taps: usize,
     hidden: usize,
     labels: usize,
-    /// `[T, d, d]`; `None` when disabled (identity, not stored).
-    rotations: Option<Tensor>,
+    /// `[T, d, d]` while kept; empty when disabled (identity) or released (drawn again from the seed when
+    /// needed). Shared by clones, which hold the same secrets.
+    rotations: Arc<Mutex<Option<Tensor>>>,
     /// `[K', K']`.
     q: Tensor,
 }
@@ -48,40 +55,40 @@ impl Secrets {
     /// The secrets a seed determines (the same on every call).
     pub fn from_seed(cfg: &SideConfig, seed: [u8; 32]) -> Result<Self> {
         cfg.validate()?;
-        // One sub-seed per matrix from the master stream, so the T + 1 decompositions (≈60 ms each at d = 576)
-        // run in parallel and the result does not depend on the number of threads.
-        let mut master = ChaCha20Rng::from_seed(seed);
-        let sub_seeds: Vec<[u8; 32]> = (0..=cfg.taps)
-            .map(|_| {
-                let mut s = [0u8; 32];
-                master.fill_bytes(&mut s);
-                s
-            })
-            .collect();
+        let sub_seeds = sub_seeds(seed, cfg.taps);
         let (d, k_out) = (cfg.hidden, cfg.outputs);
-        // Each matrix is written straight into its slot of one buffer: no per-matrix copies to concatenate
-        // (the T matrices are 40 MB at SmolLM2's size, and the device's memory budget is tight).
-        let mut rotations = vec![0f32; cfg.taps * d * d];
-        rotations
-            .par_chunks_mut(d * d)
-            .zip(&sub_seeds[..cfg.taps])
-            .for_each(|(slot, s)| random_orthogonal_into(&mut ChaCha20Rng::from_seed(*s), d, slot));
-        let rotations = Some(Tensor::from_vec(rotations, (cfg.taps, d, d), &Device::Cpu)?);
+        let rotations = draw_rotations(&sub_seeds[..cfg.taps], d)?;
         let mut q = vec![0f32; k_out * k_out];
         random_orthogonal_into(&mut ChaCha20Rng::from_seed(sub_seeds[cfg.taps]), k_out, &mut q);
         let q = Tensor::from_vec(q, (k_out, k_out), &Device::Cpu)?;
-        Ok(Self { seed: Some(seed), taps: cfg.taps, hidden: d, labels: cfg.labels, rotations, q })
+        Ok(Self {
+            seed: Some(seed),
+            taps: cfg.taps,
+            hidden: d,
+            labels: cfg.labels,
+            rotations: Arc::new(Mutex::new(Some(rotations))),
+            q,
+        })
     }
 
     /// No secrets (R = Q = I): for comparisons and the privacy audit's "secrets off" runs only.
     pub fn disabled(cfg: &SideConfig) -> Result<Self> {
         cfg.validate()?;
         let q = Tensor::eye(cfg.outputs, DType::F32, &Device::Cpu)?;
-        Ok(Self { seed: None, taps: cfg.taps, hidden: cfg.hidden, labels: cfg.labels, rotations: None, q })
+        let rotations = Arc::new(Mutex::new(None));
+        Ok(Self { seed: None, taps: cfg.taps, hidden: cfg.hidden, labels: cfg.labels, rotations, q })
     }
 
     pub fn seed(&self) -> Option<[u8; 32]> {
         self.seed
+    }
+
+    /// Drops the rotations until they are needed again (no more activations to send): folding then draws them
+    /// one layer at a time.
+    pub fn release_rotations(&self) {
+        if let Ok(mut kept) = self.rotations.lock() {
+            kept.take();
+        }
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -95,7 +102,14 @@ impl Secrets {
         if dims.len() != 3 || dims[1] != t || dims[2] != d {
             return Err(Error::InvalidInput(format!("activations have shape {dims:?}, expected [N, {t}, {d}]")));
         }
-        let Some(rotations) = &self.rotations else { return Ok(x.clone()) };
+        let Some(seed) = self.seed else { return Ok(x.clone()) };
+        let rotations = {
+            let mut kept = self.rotations.lock().map_err(|_| Error::Internal("secrets lock poisoned".into()))?;
+            match &*kept {
+                Some(r) => r.clone(),
+                None => kept.insert(draw_rotations(&sub_seeds(seed, t)[..t], d)?).clone(),
+            }
+        };
         // [T, N, d] × [T, d, d]ᵀ → [T, N, d]
         let y = x.transpose(0, 1)?.contiguous()?.matmul(&rotations.transpose(1, 2)?)?;
         Ok(y.transpose(0, 1)?.contiguous()?)
@@ -150,10 +164,7 @@ impl Secrets {
             .map(|(name, t)| -> Result<(&str, Tensor)> {
                 let t = t.to_dtype(DType::F32)?;
                 Ok(match name {
-                    PROJ => match &self.rotations {
-                        Some(r) => (name, t.matmul(r)?), // [T, w, d] × [T, d, d]
-                        None => (name, t),
-                    },
+                    PROJ => (name, self.rotate_projections(&t)?),
                     OUT => (name, self.q.t()?.matmul(&t)?.narrow(0, 0, self.labels)?), // (Qᵀ W)[:K]
                     _ => (name, t),
                 })
@@ -161,6 +172,52 @@ impl Secrets {
             .collect::<Result<_>>()?;
         SideNet::from_tensors(cfg, &tensors)
     }
+}
+
+impl Secrets {
+    /// `P_i·R_i` for the projections `[T, w, d]`: with the kept rotations, or drawing each layer's from the seed.
+    fn rotate_projections(&self, p: &Tensor) -> Result<Tensor> {
+        let Some(seed) = self.seed else { return Ok(p.clone()) };
+        let kept = self.rotations.lock().map_err(|_| Error::Internal("secrets lock poisoned".into()))?.clone();
+        if let Some(r) = kept {
+            return Ok(p.matmul(&r)?); // [T, w, d] × [T, d, d]
+        }
+        let d = self.hidden;
+        let seeds = sub_seeds(seed, self.taps);
+        let layers = (0..self.taps)
+            .into_par_iter()
+            .map(|l| -> Result<Tensor> {
+                let mut r = vec![0f32; d * d];
+                random_orthogonal_into(&mut ChaCha20Rng::from_seed(seeds[l]), d, &mut r);
+                Ok(p.get(l)?.matmul(&Tensor::from_vec(r, (d, d), &Device::Cpu)?)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&layers, 0)?)
+    }
+}
+
+/// One sub-seed per matrix (the `taps` rotations, then Q) from the master stream, so the decompositions run in
+/// parallel and the result does not depend on the number of threads.
+fn sub_seeds(seed: [u8; 32], taps: usize) -> Vec<[u8; 32]> {
+    let mut master = ChaCha20Rng::from_seed(seed);
+    (0..=taps)
+        .map(|_| {
+            let mut s = [0u8; 32];
+            master.fill_bytes(&mut s);
+            s
+        })
+        .collect()
+}
+
+/// The rotations `[T, d, d]` of `seeds` (≈60 ms per matrix at d = 576), each written straight into its slot of
+/// one buffer: no per-matrix copies to concatenate.
+fn draw_rotations(seeds: &[[u8; 32]], d: usize) -> Result<Tensor> {
+    let mut rotations = vec![0f32; seeds.len() * d * d];
+    rotations
+        .par_chunks_mut(d * d)
+        .zip(seeds)
+        .for_each(|(slot, s)| random_orthogonal_into(&mut ChaCha20Rng::from_seed(*s), d, slot));
+    Ok(Tensor::from_vec(rotations, (seeds.len(), d, d), &Device::Cpu)?)
 }
 
 /// A Haar-random n×n orthogonal matrix, written row-major into `out` (n² values).
