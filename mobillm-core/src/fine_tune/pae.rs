@@ -128,21 +128,30 @@ impl Run<'_> {
                     let out = forward(&group)?;
                     held.push((group, normalize_taps(&out.taps)?.to_dtype(DType::F16)?, out.label_logits));
                 }
+                let mut calibration = None;
                 if !held.is_empty() {
                     let taps = Tensor::cat(&held.iter().map(|(_, x, _)| x).collect::<Vec<_>>(), 0)?;
+                    // The groups' own copies go before the fit: one f16 copy of the subset is held, not two.
+                    let groups: Vec<(Vec<usize>, Tensor)> = held.drain(..).map(|(g, _, z)| (g, z)).collect();
                     let fitted = Whitening::fit(&taps, whitening::RANK, whitening::RELATIVE_EPS)?;
                     if let Some(tasks) = decoy_tasks.as_mut() {
                         let inputs = device_inputs(&taps.to_dtype(DType::F32)?, Some(&fitted))?;
-                        let word_logits = Tensor::cat(&held.iter().map(|(_, _, z)| z).collect::<Vec<_>>(), 0)?;
+                        let word_logits = Tensor::cat(&groups.iter().map(|(_, z)| z).collect::<Vec<_>>(), 0)?;
                         let scores = tasks.scores(&word_logits.narrow(1, k, decoy_words)?.contiguous()?)?;
                         let held_labels: Vec<u32> =
-                            held.iter().flat_map(|(g, _, _)| g.iter().map(|&i| labels[i])).collect();
+                            groups.iter().flat_map(|(g, _)| g.iter().map(|&i| labels[i])).collect();
                         tasks.fit(&scores, &inputs, &held_labels, &class_counts(labels, k))?;
                     }
                     whitening = Some(fitted);
+                    calibration = Some((taps, groups));
                 }
-                for (group, taps, logits) in held {
-                    emit(&group, &taps.to_dtype(DType::F32)?, &logits, whitening.as_ref(), decoy_tasks.as_mut())?;
+                if let Some((taps, groups)) = calibration {
+                    let mut start = 0;
+                    for (group, logits) in groups {
+                        let rows = taps.narrow(0, start, group.len())?.to_dtype(DType::F32)?;
+                        start += group.len();
+                        emit(&group, &rows, &logits, whitening.as_ref(), decoy_tasks.as_mut())?;
+                    }
                 }
                 for group in plan(&rest) {
                     let out = forward(&group)?;

@@ -9,7 +9,7 @@
 //!
 //! The rotations are 40 MB at SmolLM2's size. They are drawn once and kept while activations are being sent; after
 //! that [`Secrets::release_rotations`] drops them, and folding draws each layer's again from the seed, one at a
-//! time (≈1 s per fold on 2 cores, once a round), so the rounds run without them.
+//! time (≈2 s per fold, once a round), so the rounds run without them.
 
 use std::sync::{Arc, Mutex};
 
@@ -184,8 +184,9 @@ impl Secrets {
         }
         let d = self.hidden;
         let seeds = sub_seeds(seed, self.taps);
+        // One layer after another: each draw holds ≈10 MB of f64 QR workspace, and running them in parallel put
+        // that many times over on the device's peak at every round's end.
         let layers = (0..self.taps)
-            .into_par_iter()
             .map(|l| -> Result<Tensor> {
                 let mut r = vec![0f32; d * d];
                 random_orthogonal_into(&mut ChaCha20Rng::from_seed(seeds[l]), d, &mut r);
