@@ -41,6 +41,23 @@ fn start(data_dir: &std::path::Path) -> Assist {
     Assist { url, state, runtime: Some(runtime) }
 }
 
+/// A tiny generated backbone and an assist server, with the model and the server's data in a temporary directory.
+/// Fields drop in order: the server stops before the directory goes.
+struct Fixture {
+    server: Assist,
+    backbone: Backbone,
+    dir: tempfile::TempDir,
+}
+
+fn fixture(seed: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"));
+    let model = dir.path().join("tiny.gguf");
+    mobillm_core::testkit::write_tiny_gguf(seed, &model);
+    let backbone = Backbone::load(&model).unwrap();
+    Fixture { server, backbone, dir }
+}
+
 fn spec() -> TaskSpec {
     TaskSpec { template: "Text: {text}\nIs it pos or neg:".into(), labels: vec!["pos".into(), "neg".into()] }
 }
@@ -101,16 +118,12 @@ fn run(backbone: &Backbone, url: &str, mode: Mode, train: &[Example], test: &[Ex
 
 #[test]
 fn fine_tunes_a_tiny_backbone_in_both_modes() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(&dir.path().join("data"));
-    let model = dir.path().join("tiny.gguf");
-    mobillm_core::testkit::write_tiny_gguf(11, &model);
-    let backbone = Backbone::load(&model).unwrap();
+    let Fixture { server, backbone, dir } = &fixture(11);
     let (train, test) = (examples(40, 0), examples(12, 100));
 
     // With no adapter: the backbone's own probabilities (a fresh adapter changes nothing).
     let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
-    let (pae, progress) = run(&backbone, &server.url, Mode::Pae, &train, &test);
+    let (pae, progress) = run(backbone, &server.url, Mode::Pae, &train, &test);
     let zero = mobillm_core::side::DeviceAdapter {
         net: mobillm_core::side::SideNet::from_tensors(
             pae.adapter.side_config(),
@@ -119,8 +132,8 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
         .unwrap(),
         ..pae.adapter.clone()
     };
-    let before = p_true(&zero.predict(&backbone, &texts).unwrap(), &train);
-    let after = p_true(&pae.adapter.predict(&backbone, &texts).unwrap(), &train);
+    let before = p_true(&zero.predict(backbone, &texts).unwrap(), &train);
+    let after = p_true(&pae.adapter.predict(backbone, &texts).unwrap(), &train);
     assert!(after > before + 0.05, "pae moves predictions towards the labels: {before} → {after}");
     assert!(pae.adapter.secret_seed.is_some());
     assert!(pae.adapter.whitening.is_some(), "a session with secrets whitens");
@@ -134,8 +147,8 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     assert!(progress.iter().any(|p| p.phase == Phase::Train && p.round == 2 && p.done == 15 && p.total == 15));
     assert!(progress.iter().any(|p| p.phase == Phase::Forward && p.done == 40 && p.total == 40));
 
-    let (mobillm, _) = run(&backbone, &server.url, Mode::Mobillm, &train, &test);
-    let after_mobillm = p_true(&mobillm.adapter.predict(&backbone, &texts).unwrap(), &train);
+    let (mobillm, _) = run(backbone, &server.url, Mode::Mobillm, &train, &test);
+    let after_mobillm = p_true(&mobillm.adapter.predict(backbone, &texts).unwrap(), &train);
     assert!(after_mobillm > before + 0.05, "mobillm moves predictions too: {before} → {after_mobillm}");
     assert!(mobillm.adapter.secret_seed.is_none() && mobillm.adapter.whitening.is_none());
     // Every token of every tapped layer, every epoch, against pivots once plus a round of targets.
@@ -148,19 +161,19 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
 
     // With label noise the fine-tune reports its ε (a large ε flips almost nothing, so it still learns).
     let noisy_cfg = FineTuneConfig { label_epsilon: Some(8.0), ..config(&server.url, Mode::Pae) };
-    let noisy = fine_tune(&backbone, spec(), &train, &test, &noisy_cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+    let noisy = fine_tune(backbone, spec(), &train, &test, &noisy_cfg, &CancelToken::new(), &mut |_| {}).unwrap();
     assert_eq!((pae.label_epsilon, noisy.label_epsilon), (None, Some(8.0)));
-    let after_noisy = p_true(&noisy.adapter.predict(&backbone, &texts).unwrap(), &train);
+    let after_noisy = p_true(&noisy.adapter.predict(backbone, &texts).unwrap(), &train);
     assert!(after_noisy > before + 0.05, "pae with label noise still learns: {before} → {after_noisy}");
 
     // Every server session were deleted when their fine-tunes ended.
-    assert_eq!(sessions_on_server(&server), 0);
+    assert_eq!(sessions_on_server(server), 0);
 
     // With decoys the first round's targets span one direction per task (Δ sums to zero over 2 labels), not one
     // in all, in the same 8 outputs; the device still learns the real task from what comes back.
     let first_targets = |decoys: usize| {
         let cfg = FineTuneConfig { decoys, max_rounds: 1, keep_server_session: true, ..config(&server.url, Mode::Pae) };
-        fine_tune(&backbone, spec(), &train, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+        fine_tune(backbone, spec(), &train, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
         let rec = server.state.store.sessions(None, 100).unwrap().pop().unwrap();
         let set = server.state.store.training_set(&rec).unwrap();
         server.state.store.delete_session(&rec.id).unwrap();
@@ -173,27 +186,23 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     assert_eq!(plain, (1, 8), "(target rank, outputs)");
     assert!(decoyed.1 == 8 && (2..=4).contains(&decoyed.0), "(target rank, outputs) {decoyed:?}");
     let decoy_cfg = FineTuneConfig { decoys: 3, ..config(&server.url, Mode::Pae) };
-    let decoyed = fine_tune(&backbone, spec(), &train, &test, &decoy_cfg, &CancelToken::new(), &mut |_| {}).unwrap();
-    let after_decoys = p_true(&decoyed.adapter.predict(&backbone, &texts).unwrap(), &train);
+    let decoyed = fine_tune(backbone, spec(), &train, &test, &decoy_cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+    let after_decoys = p_true(&decoyed.adapter.predict(backbone, &texts).unwrap(), &train);
     assert!(after_decoys > before + 0.05, "pae with decoys still learns: {before} → {after_decoys}");
 
     // The adapter file round-trips and predicts the same.
     let file = dir.path().join("adapter.safetensors");
     pae.adapter.save(&file).unwrap();
     let loaded = mobillm_core::side::DeviceAdapter::load(&file).unwrap();
-    assert_eq!(loaded.predict(&backbone, &texts).unwrap(), pae.adapter.predict(&backbone, &texts).unwrap());
+    assert_eq!(loaded.predict(backbone, &texts).unwrap(), pae.adapter.predict(backbone, &texts).unwrap());
 }
 
 #[test]
 fn pae_holds_back_a_validation_split_and_keeps_the_last_round_that_improved_on_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(&dir.path().join("data"));
-    let model = dir.path().join("tiny.gguf");
-    mobillm_core::testkit::write_tiny_gguf(13, &model);
-    let backbone = Backbone::load(&model).unwrap();
+    let Fixture { server, backbone, .. } = &fixture(13);
     let (train, test) = (examples(220, 0), examples(12, 1000));
     let cfg = FineTuneConfig { max_rounds: 4, keep_server_session: true, ..config(&server.url, Mode::Pae) };
-    let o = fine_tune(&backbone, spec(), &train, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+    let o = fine_tune(backbone, spec(), &train, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
     assert_eq!((o.train_samples, o.validation_samples), (220, 22), "a tenth stays on the device");
     let rec = server.state.store.sessions(None, 100).unwrap().pop().unwrap();
     assert_eq!(server.state.store.training_set(&rec).unwrap().ids.len(), 198, "the server never saw the split");
@@ -211,27 +220,23 @@ fn pae_holds_back_a_validation_split_and_keeps_the_last_round_that_improved_on_i
     // Steps too small to move the validation loss by 1%: the second round is no improvement, so the fine-tune
     // stops there and keeps the first.
     let stalled = FineTuneConfig { lr: 1e-9, keep_server_session: false, ..cfg.clone() };
-    let s = fine_tune(&backbone, spec(), &train, &test, &stalled, &CancelToken::new(), &mut |_| {}).unwrap();
+    let s = fine_tune(backbone, spec(), &train, &test, &stalled, &CancelToken::new(), &mut |_| {}).unwrap();
     assert_eq!((s.rounds_used, s.kept_round), (2, 1), "{:?}", s.rounds);
 
     // Too few examples for a split: all are sent and the fixed 3 rounds run, not the 4 allowed.
-    let small = fine_tune(&backbone, spec(), &train[..40], &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+    let small = fine_tune(backbone, spec(), &train[..40], &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
     assert_eq!((small.validation_samples, small.rounds_used, small.kept_round), (0, 3, 3));
     assert!(small.rounds.iter().all(|r| r.validation_acc.is_none()));
 }
 
 #[test]
 fn cancelling_mid_training_stops_and_deletes_the_server_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(&dir.path().join("data"));
-    let model = dir.path().join("tiny.gguf");
-    mobillm_core::testkit::write_tiny_gguf(12, &model);
-    let backbone = Backbone::load(&model).unwrap();
+    let Fixture { server, backbone, .. } = &fixture(12);
     let (train, test) = (examples(40, 0), examples(8, 100));
     let cancel = CancelToken::new();
     let cfg = FineTuneConfig { epochs: 1000, ..config(&server.url, Mode::Pae) };
     let phases = Arc::new(Mutex::new(Vec::new()));
-    let result = fine_tune(&backbone, spec(), &train, &test, &cfg, &cancel, &mut |p| {
+    let result = fine_tune(backbone, spec(), &train, &test, &cfg, &cancel, &mut |p| {
         phases.lock().unwrap().push(p.phase);
         if p.phase == Phase::Train && p.done >= 1 {
             cancel.cancel();
@@ -239,15 +244,15 @@ fn cancelling_mid_training_stops_and_deletes_the_server_session() {
     });
     assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
     assert!(phases.lock().unwrap().contains(&Phase::Train));
-    assert_eq!(sessions_on_server(&server), 0, "the cancelled session is gone");
+    assert_eq!(sessions_on_server(server), 0, "the cancelled session is gone");
 
     // Bad input is refused before anything is sent.
     let mut bad = train.clone();
     bad[3].label = "maybe".into();
-    let err = fine_tune(&backbone, spec(), &bad, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap_err();
+    let err = fine_tune(backbone, spec(), &bad, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(&err, Error::InvalidInput(m) if m.contains("maybe")), "{err}");
     let bad_epsilon = FineTuneConfig { label_epsilon: Some(0.0), ..cfg.clone() };
-    let err = fine_tune(&backbone, spec(), &train, &test, &bad_epsilon, &CancelToken::new(), &mut |_| {}).unwrap_err();
+    let err = fine_tune(backbone, spec(), &train, &test, &bad_epsilon, &CancelToken::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(&err, Error::InvalidInput(m) if m.contains("ε")), "{err}");
     for (bad_decoys, why) in [
         (FineTuneConfig { decoys: 8, ..cfg.clone() }, "at most 7"),
@@ -255,10 +260,10 @@ fn cancelling_mid_training_stops_and_deletes_the_server_session() {
         (FineTuneConfig { decoys: 1, ..config(&server.url, Mode::Mobillm) }, "pae"),
     ] {
         let err =
-            fine_tune(&backbone, spec(), &train, &test, &bad_decoys, &CancelToken::new(), &mut |_| {}).unwrap_err();
+            fine_tune(backbone, spec(), &train, &test, &bad_decoys, &CancelToken::new(), &mut |_| {}).unwrap_err();
         assert!(matches!(&err, Error::InvalidInput(m) if m.contains(why)), "{why}: {err}");
     }
     let wrong_key = FineTuneConfig { api_key: "nope".into(), ..cfg.clone() };
-    let err = fine_tune(&backbone, spec(), &train, &test, &wrong_key, &CancelToken::new(), &mut |_| {}).unwrap_err();
+    let err = fine_tune(backbone, spec(), &train, &test, &wrong_key, &CancelToken::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(&err, Error::Server { status: 401, .. }), "{err}");
 }
