@@ -15,7 +15,8 @@ struct Cli {
 enum Cmd {
     /// Zero-shot accuracy of the frozen backbone on a held-out split.
     Zeroshot(zeroshot::Args),
-    /// Side-network accuracy on real pivot activations: zero-shot, `pae` with secrets, cross-entropy baseline.
+    /// Side-network accuracy on real pivot activations, on one task or several and over N runs: zero-shot, `pae` as
+    /// the device runs it by default, and a labels-on-server cross-entropy baseline.
     SideEval(side_eval::Args),
     /// Forward-pass speed and peak memory: candle's stock quantized model, all weights dequantized, and ours.
     BenchForward(bench_forward::Args),

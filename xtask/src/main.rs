@@ -59,7 +59,7 @@ enum Cmd {
     /// (lab) Zero-shot accuracy of the frozen backbone on a held-out split.
     #[command(disable_help_flag = true)]
     Zeroshot(LabArgs),
-    /// (lab) Side-network accuracy on real pivot activations: zero-shot, `pae` with secrets, cross-entropy.
+    /// (lab) Side-network accuracy on real pivots, one task or several, N runs: zero-shot, `pae`, cross-entropy.
     #[command(disable_help_flag = true)]
     SideEval(LabArgs),
     /// (lab) Forward-pass speed and peak memory: candle's stock quantized model, dequantized weights, and ours.
