@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use mobillm_core::fine_tune::stopping::{validation_split, Score, Stopping, ROUNDS_WITHOUT_VALIDATION};
-use mobillm_core::fine_tune::FineTuneConfig;
+use mobillm_core::fine_tune::{random_split, FineTuneConfig};
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences, DEFAULT_TAU};
 use mobillm_core::side::whitening::{self, Whitening, CALIBRATION_SAMPLES};
 use mobillm_core::side::{
@@ -93,6 +93,18 @@ pub enum TaskName {
     All,
 }
 
+impl TaskName {
+    /// The public task it names; `None` for `uci` and `all`.
+    fn public(self) -> Option<PublicTask> {
+        match self {
+            TaskName::Bbc => Some(PublicTask::Bbc),
+            TaskName::Hedge => Some(PublicTask::Hedge),
+            TaskName::Tweets => Some(PublicTask::Tweets),
+            TaskName::Uci | TaskName::All => None,
+        }
+    }
+}
+
 #[derive(clap::ValueEnum, Clone, Copy)]
 pub enum ActivationArg {
     Gelu,
@@ -116,15 +128,7 @@ pub fn run(args: Args) -> Result<()> {
             chosen.push(("uci".to_string(), DataArgs { model: args.data.model.clone(), ..Default::default() }));
         }
         for t in PublicTask::ALL {
-            let named = args.tasks.iter().any(|n| {
-                matches!(
-                    (n, t),
-                    (TaskName::Bbc, PublicTask::Bbc)
-                        | (TaskName::Hedge, PublicTask::Hedge)
-                        | (TaskName::Tweets, PublicTask::Tweets)
-                )
-            });
-            if all || named {
+            if all || args.tasks.iter().any(|n| n.public() == Some(t)) {
                 let data = DataArgs { model: args.data.model.clone(), task: Some(t), ..Default::default() };
                 chosen.push((t.name().to_string(), data));
             }
@@ -219,7 +223,7 @@ fn one_run(
     let n = train.labels.len();
     // The device whitens (secrets on) with a fit on a random subset of what it sends.
     let whitening = if secrets.is_enabled() {
-        let subset = rows(&train, &random_subset(n, CALIBRATION_SAMPLES))?;
+        let subset = rows(&train, &random_split(n, CALIBRATION_SAMPLES).0)?;
         Some(Whitening::fit(&device_inputs(&subset.taps, None)?, args.whiten_rank, args.whiten_eps)?)
     } else {
         None
@@ -311,13 +315,6 @@ fn one_run(
         "train": {"lr": args.lr, "batch": tc.batch_size, "epochs_per_round": args.epochs, "max_rounds": args.max_rounds, "tau": args.tau},
         "pae_seconds": pae_s,
     }))
-}
-
-/// A random `m` of `0..n`, sorted (the calibration subset, drawn as the device draws it).
-fn random_subset(n: usize, m: usize) -> Vec<usize> {
-    let mut chosen = rand::seq::index::sample(&mut rand::rng(), n, m.min(n)).into_vec();
-    chosen.sort_unstable();
-    chosen
 }
 
 /// The activations as the server stores them: through an int8 frame (the device's default quantisation) and

@@ -184,8 +184,9 @@ pub fn fine_tune(
     })
 }
 
-/// A random `m` of the indices `0..n` and the others, each sorted.
-fn random_split(n: usize, m: usize) -> (Vec<usize>, Vec<usize>) {
+/// A random `m` of the indices `0..n` and the others, each sorted: the whitening's calibration subset and the
+/// validation split are drawn with it (public so the lab's harnesses draw theirs the same way).
+pub fn random_split(n: usize, m: usize) -> (Vec<usize>, Vec<usize>) {
     let mut chosen = rand::seq::index::sample(&mut rand::rng(), n, m.min(n)).into_vec();
     chosen.sort_unstable();
     let mut is_chosen = vec![false; n];

@@ -104,7 +104,7 @@ impl Secrets {
         }
         let Some(seed) = self.seed else { return Ok(x.clone()) };
         let rotations = {
-            let mut kept = self.rotations.lock().map_err(|_| Error::Internal("secrets lock poisoned".into()))?;
+            let mut kept = self.kept_rotations()?;
             match &*kept {
                 Some(r) => r.clone(),
                 None => kept.insert(draw_rotations(&sub_seeds(seed, t)[..t], d)?).clone(),
@@ -175,10 +175,15 @@ impl Secrets {
 }
 
 impl Secrets {
+    /// The kept rotations (`None` when released or disabled).
+    fn kept_rotations(&self) -> Result<std::sync::MutexGuard<'_, Option<Tensor>>> {
+        self.rotations.lock().map_err(|_| Error::Internal("secrets lock poisoned".into()))
+    }
+
     /// `P_i·R_i` for the projections `[T, w, d]`: with the kept rotations, or drawing each layer's from the seed.
     fn rotate_projections(&self, p: &Tensor) -> Result<Tensor> {
         let Some(seed) = self.seed else { return Ok(p.clone()) };
-        let kept = self.rotations.lock().map_err(|_| Error::Internal("secrets lock poisoned".into()))?.clone();
+        let kept = self.kept_rotations()?.clone();
         if let Some(r) = kept {
             return Ok(p.matmul(&r)?); // [T, w, d] × [T, d, d]
         }
