@@ -31,6 +31,12 @@ fn padded_batch_equals_one_at_a_time() {
             1e-5,
             &format!("logits {i}"),
         );
+        assert_close(&flat(&batched.means.get(i).unwrap()), &flat(&single.means), 1e-5, &format!("means {i}"));
+        // The means average every token's state after the first (the first alone in a one-token prompt), per tap.
+        let (_, tokens) = backbone.llama().forward_sequences(std::slice::from_ref(p), &taps, &labels).unwrap();
+        let first = usize::from(p.len() > 1);
+        let expected = tokens[0].narrow(0, first, p.len() - first).unwrap().mean(0).unwrap();
+        assert_close(&flat(&single.means), &flat(&expected), 1e-5, &format!("means of tokens {i}"));
     }
     // The last tap of the full set is the stream the logits are computed from: different taps really differ.
     let all = backbone.llama().forward_pivots(&prompts[..1], &[0, 1, 2], &labels).unwrap();

@@ -206,6 +206,38 @@ fn training_on_rotated_data_is_equivariant_under_sgd() {
 }
 
 /// The rotations, recovered through the public API: rotating the identity basis of each layer.
+/// An annealed job ends at a learning rate near zero, and a job resumed from its checkpoint continues the schedule:
+/// full-batch SGD (no shuffling to replay) over 4 epochs equals 2 epochs, a restart from the saved weights, then
+/// 2 more; restarting the schedule instead, or not annealing, gives other weights.
+#[test]
+fn annealed_jobs_resume_their_schedule() {
+    let c = cfg();
+    let data = synthetic(23, 48);
+    let delta = prediction_differences(&data.z_b, None, &data.labels, 4.0).unwrap();
+    let objective = Objective::Regression { targets: Secrets::disabled(&c).unwrap().encode_targets(&delta).unwrap() };
+    let tc = TrainConfig { batch_size: 48, ..sgd(4) };
+    let run = |trainer: SideTrainer, epochs: usize| {
+        let mut trainer = trainer;
+        trainer.fit(&data.x, &objective, epochs, |_, _| ControlFlow::Continue(())).unwrap();
+        trainer.tensors()
+    };
+    let straight = run(SideTrainer::new(&c, &tc).unwrap().annealed(0, 4), 4);
+    let half = run(SideTrainer::new(&c, &tc).unwrap().annealed(0, 4), 2);
+    let resumed = run(SideTrainer::from_tensors(&c, &tc, half.clone()).unwrap().annealed(2, 4), 2);
+    let restarted = run(SideTrainer::from_tensors(&c, &tc, half).unwrap().annealed(0, 4), 2);
+    let constant = run(SideTrainer::new(&c, &tc).unwrap(), 4);
+    let max_diff = |a: &[(&str, Tensor)], b: &[(&str, Tensor)]| {
+        a.iter()
+            .zip(b)
+            .flat_map(|((_, x), (_, y))| flat(x).into_iter().zip(flat(y)))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(max_diff(&straight, &resumed) < 1e-5, "resumed: {}", max_diff(&straight, &resumed));
+    assert!(max_diff(&straight, &restarted) > 1e-3, "restarting the schedule changes the result");
+    assert!(max_diff(&straight, &constant) > 1e-3, "annealing changes the result");
+}
+
 fn secrets_rotations(secrets: &Secrets, c: &SideConfig) -> Tensor {
     // rotate_activations maps e_j (at layer i) to column j of R_i; stacking D basis vectors gives R_iᵀ.
     let eye = Tensor::eye(c.hidden, DType::F32, &Device::Cpu).unwrap();

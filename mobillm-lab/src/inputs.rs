@@ -45,6 +45,8 @@ pub struct Pivots {
     /// `[N, K]`.
     pub logits: Tensor,
     pub labels: Vec<u32>,
+    /// `[N, taps, d]`: each tapped layer averaged over the prompt's tokens after the first (not normalised).
+    pub means: Tensor,
 }
 
 /// Pivot taps (all blocks) and label logits of `examples`, from the cache when this model, task and data were
@@ -65,9 +67,9 @@ pub fn pivots(backbone: &Backbone, task: &Task, examples: &[Example], what: &str
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{:x}.safetensors", key.finalize()));
     if let Ok(mut t) = candle_core::safetensors::load(&path, &Device::Cpu) {
-        if let (Some(taps), Some(logits)) = (t.remove("taps"), t.remove("logits")) {
+        if let (Some(taps), Some(logits), Some(means)) = (t.remove("taps"), t.remove("logits"), t.remove("means")) {
             eprintln!("{what}: {} pivots from the cache", examples.len());
-            return Ok(Pivots { taps, logits, labels });
+            return Ok(Pivots { taps, logits, labels, means });
         }
     }
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
@@ -83,9 +85,10 @@ pub fn pivots(backbone: &Backbone, task: &Task, examples: &[Example], what: &str
     let map = std::collections::HashMap::from([
         ("taps".to_string(), out.taps.clone()),
         ("logits".to_string(), out.label_logits.clone()),
+        ("means".to_string(), out.means.clone()),
     ]);
     let tmp = path.with_extension("partial");
     candle_core::safetensors::save(&map, &tmp)?;
     std::fs::rename(&tmp, &path)?;
-    Ok(Pivots { taps: out.taps, logits: out.label_logits, labels })
+    Ok(Pivots { taps: out.taps, logits: out.label_logits, labels, means: out.means })
 }

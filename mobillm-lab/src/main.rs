@@ -41,7 +41,13 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if matches!(cli.command, Cmd::BenchForwardWorker(_) | Cmd::BenchLora(_)) {
+        // The device processes of the benchmarks: the allocator setting of `mobillm-device`, so their peak RSS
+        // is the device's.
+        mobillm_core::memory::release_large_blocks();
+    }
+    match cli.command {
         Cmd::Zeroshot(args) => zeroshot::run(args)?,
         Cmd::SideEval(args) => side_eval::run(args)?,
         Cmd::BenchForward(args) => bench_forward::run(args)?,

@@ -7,8 +7,9 @@
 //! `pae` here is the device's loop without the network in between: the same validation split and stopping rule
 //! (`fine_tune::stopping`), whitening fitted on a random calibration subset, activations through the wire's int8
 //! quantisation, the server's mini-batch rule, and each round trained as the server does (from the saved weights,
-//! with a fresh optimiser). The baseline trains `--epochs` per round with the same validation split and stopping
-//! rule, so both get the same budget and the same chance to stop.
+//! with a fresh optimiser and the learning rate annealed over the round). The baseline trains `--epochs` per round
+//! the same way with the same validation split and stopping rule, so both get the same budget and the same
+//! chance to stop.
 
 use std::io::Write;
 use std::ops::ControlFlow;
@@ -82,6 +83,22 @@ pub struct Args {
     /// Skip the cross-entropy baseline.
     #[arg(long)]
     pub no_baseline: bool,
+    /// What each tapped layer sends: its pivot, its mean over the prompt's tokens, or both (two inputs per layer).
+    #[arg(long, value_enum, default_value_t = Summary::Pivot)]
+    pub summary: Summary,
+    /// Weight decay of the server's AdamW.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Training examples whose taps fit the whitening.
+    #[arg(long, default_value_t = CALIBRATION_SAMPLES)]
+    pub calibration: usize,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub enum Summary {
+    Pivot,
+    Mean,
+    Both,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
@@ -154,8 +171,8 @@ fn evaluate_task(args: &Args, name: &str, data: &DataArgs) -> Result<serde_json:
     if let Some(n) = args.test {
         split.test.truncate(n);
     }
-    let train = inputs::pivots(&backbone, &task, &split.train, "train")?;
-    let test = inputs::pivots(&backbone, &task, &split.test, "test")?;
+    let train = summarise(inputs::pivots(&backbone, &task, &split.train, "train")?, args.summary)?;
+    let test = summarise(inputs::pivots(&backbone, &task, &split.test, "test")?, args.summary)?;
     drop(backbone);
     let (n_train, taps, hidden) = train.taps.dims3()?;
     let k = task.labels().len();
@@ -217,13 +234,14 @@ fn one_run(
             taps: p.taps.index_select(&i, 0)?,
             logits: p.logits.index_select(&i, 0)?,
             labels: idx.iter().map(|&i| p.labels[i]).collect(),
+            means: p.means.index_select(&i, 0)?,
         })
     };
     let (validation, train) = (rows(train, &held_back)?, rows(train, &sent)?);
     let n = train.labels.len();
     // The device whitens (secrets on) with a fit on a random subset of what it sends.
     let whitening = if secrets.is_enabled() {
-        let subset = rows(&train, &random_split(n, CALIBRATION_SAMPLES).0)?;
+        let subset = rows(&train, &random_split(n, args.calibration).0)?;
         Some(Whitening::fit(&device_inputs(&subset.taps, None)?, args.whiten_rank, args.whiten_eps)?)
     } else {
         None
@@ -239,6 +257,7 @@ fn one_run(
         lr: args.lr,
         batch_size: args.batch.min((n / 8).max(16)),
         epochs: args.epochs,
+        weight_decay: args.weight_decay,
         ..Default::default()
     };
     let has_validation = !held_back.is_empty();
@@ -252,7 +271,7 @@ fn one_run(
         let delta = prediction_differences(&train.logits, decoded.as_ref(), &train.labels, args.tau)?;
         let targets = (trainer.outputs(&x)? + secrets.encode_targets(&delta)?)?;
         // The server loads the saved weights for each round: a fresh optimiser and shuffle stream.
-        trainer = SideTrainer::from_tensors(cfg, &tc, trainer.tensors())?;
+        trainer = SideTrainer::from_tensors(cfg, &tc, trainer.tensors())?.annealed(0, args.epochs);
         let reports = trainer.fit(&x, &Objective::Regression { targets }, args.epochs, |r, _| {
             eprint!("\r{what}: pae round {round}: epoch {}/{} loss {:.4}  ", r.epoch, r.epochs, r.loss);
             let _ = std::io::stderr().flush();
@@ -281,6 +300,7 @@ fn one_run(
         let objective = Objective::CrossEntropy { labels, prior: train.logits.clone() };
         let mut ce = SideTrainer::new(cfg, &tc)?;
         let trace = rounds(args.max_rounds, has_validation, |round| {
+            ce = SideTrainer::from_tensors(cfg, &tc, ce.tensors())?.annealed(0, args.epochs);
             let reports = ce.fit(&x, &objective, args.epochs, |r, _| {
                 eprint!("\r{what}: baseline round {round}: epoch {}/{} loss {:.4}  ", r.epoch, r.epochs, r.loss);
                 let _ = std::io::stderr().flush();
@@ -315,6 +335,20 @@ fn one_run(
         "train": {"lr": args.lr, "batch": tc.batch_size, "epochs_per_round": args.epochs, "max_rounds": args.max_rounds, "tau": args.tau},
         "pae_seconds": pae_s,
     }))
+}
+
+/// The pivots with `taps` replaced by what `summary` sends: `[N, T, d]` pivots or means, or `[N, 2T, d]` with each
+/// layer's pivot followed by its mean.
+fn summarise(p: Pivots, summary: Summary) -> Result<Pivots> {
+    let taps = match summary {
+        Summary::Pivot => p.taps.clone(),
+        Summary::Mean => p.means.clone(),
+        Summary::Both => {
+            let (n, t, d) = p.taps.dims3()?;
+            Tensor::stack(&[&p.taps, &p.means], 2)?.reshape((n, 2 * t, d))?
+        }
+    };
+    Ok(Pivots { taps, ..p })
 }
 
 /// The activations as the server stores them: through an int8 frame (the device's default quantisation) and

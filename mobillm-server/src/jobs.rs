@@ -1,5 +1,5 @@
 //! One `pae` training job, as a worker runs it: reserve its memory, stack the session's cached samples, and train
-//! the remaining epochs. After every epoch the job stores a checkpoint of the weights together with its progress
+//! the remaining epochs, annealing the learning rate to zero over the job's epochs. After every epoch the job stores a checkpoint of the weights together with its progress
 //! in one transaction, so a restarted server resumes from the last finished epoch. The optimiser's moments are not
 //! checkpointed: a resumed job restarts AdamW's running averages, which costs a little progress, never
 //! correctness. A job that stops the process twice before its first checkpoint is failed, not retried.
@@ -83,12 +83,13 @@ fn train(state: &AppState, rec: SessionRecord, control: &JobControl) -> Result<(
     if n == 0 {
         return Err("the session has no samples".into());
     }
-    let mut trainer = load_trainer(state, &rec)?;
+    let (done, total) = (rec.job.epochs_done, rec.job.epochs_total);
+    // One job is one `pae` round: it ends at a learning rate near zero, and a resumed job continues the schedule.
+    let mut trainer = load_trainer(state, &rec)?.annealed(done, total);
     let (t, d, k) = (rec.shape.layers, rec.shape.dim, rec.shape.outputs);
     let x = Tensor::from_vec(set.x, (n, t, d), &Device::Cpu).map_err(|e| e.to_string())?;
     let targets = Tensor::from_vec(set.targets, (n, k), &Device::Cpu).map_err(|e| e.to_string())?;
     let objective = Objective::Regression { targets };
-    let (done, total) = (rec.job.epochs_done, rec.job.epochs_total);
     tracing::info!(session = %rec.id, samples = n, done, total, "training");
     let mut failure = None;
     let mut epoch_started = Instant::now();

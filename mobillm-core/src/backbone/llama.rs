@@ -22,6 +22,9 @@ pub struct PivotOutput {
     pub taps: Tensor,
     /// `[B, K]`: the backbone's logits for the `K` requested label tokens at each example's pivot.
     pub label_logits: Tensor,
+    /// `[B, taps.len(), hidden]`: the residual stream after each tapped block, averaged over each example's tokens
+    /// after the first (the first token's state is an outlier in every layer, the same for every prompt).
+    pub means: Tensor,
 }
 
 pub struct Llama {
@@ -128,6 +131,16 @@ impl Llama {
             pivot_rows.push((i * t + seq.len() - 1) as u32);
         }
         let pivot_rows = Tensor::from_vec(pivot_rows, b, &dev)?;
+        // Row b averages example b's tokens 1..len_b (its first token alone when it has no other).
+        let mut pool = vec![0f32; b * b * t];
+        for (i, seq) in batch.iter().enumerate() {
+            let first = usize::from(seq.len() > 1);
+            let w = 1.0 / (seq.len() - first) as f32;
+            for j in first..seq.len() {
+                pool[i * b * t + i * t + j] = w;
+            }
+        }
+        let pool = Tensor::from_vec(pool, (b, b * t), &dev)?;
         let mut x = self.weights.embed.rows(&ids)?; // [B·T, d]
 
         let (cos, sin) = rope_tables(hd, cfg.rope_theta, t)?;
@@ -138,6 +151,7 @@ impl Llama {
         let ctx = AttnShape { b, t, d, heads, kv_heads, hd, n_rep };
 
         let mut tapped = Vec::with_capacity(taps.len());
+        let mut means = Vec::with_capacity(taps.len());
         let mut tokens = Vec::new();
         let mut next_tap = taps.iter().peekable();
         for (layer, block) in self.weights.blocks.iter().enumerate() {
@@ -145,6 +159,7 @@ impl Llama {
             if next_tap.peek() == Some(&&layer) {
                 next_tap.next();
                 tapped.push(x.index_select(&pivot_rows, 0)?);
+                means.push(pool.matmul(&x)?);
                 if keep_tokens {
                     tokens.push(x.clone());
                 }
@@ -158,7 +173,8 @@ impl Llama {
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
         let label_rows = head.rows(label_ids)?; // [K, d]
         let label_logits = last.matmul(&label_rows.t()?)?;
-        Ok((PivotOutput { taps: taps_t, label_logits }, tokens))
+        let means = Tensor::stack(&means, 1)?;
+        Ok((PivotOutput { taps: taps_t, label_logits, means }, tokens))
     }
 
     fn check_inputs(&self, batch: &[Vec<u32>], taps: &[usize], label_ids: &[u32]) -> Result<()> {

@@ -98,12 +98,14 @@ impl Backbone {
         let batches = Batches::plan(task, &self.tokenizer, texts, batch_size, batching::BATCH_TOKENS)?;
         let mut taps_out = vec![None; texts.len()];
         let mut logits_out = vec![None; texts.len()];
+        let mut means_out = vec![None; texts.len()];
         let mut done = 0;
         for group in &batches.groups {
             let out = self.llama.forward_pivots(&batches.batch(group), taps, task.label_token_ids())?;
             for (j, &i) in group.iter().enumerate() {
                 taps_out[i] = Some(out.taps.get(j)?);
                 logits_out[i] = Some(out.label_logits.get(j)?);
+                means_out[i] = Some(out.means.get(j)?);
             }
             done += group.len();
             progress(done, texts.len());
@@ -115,6 +117,6 @@ impl Backbone {
                 .collect::<Result<Vec<_>>>()?;
             Ok(candle_core::Tensor::stack(&v, 0)?)
         };
-        Ok(PivotOutput { taps: collect(taps_out)?, label_logits: collect(logits_out)? })
+        Ok(PivotOutput { taps: collect(taps_out)?, label_logits: collect(logits_out)?, means: collect(means_out)? })
     }
 }

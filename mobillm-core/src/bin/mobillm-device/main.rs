@@ -127,24 +127,10 @@ enum QuantArg {
 }
 
 fn main() -> ExitCode {
-    release_large_blocks();
+    mobillm_core::memory::release_large_blocks();
     match Cli::parse().command {
         Command::FineTune(args) => report(run_fine_tune(*args)),
         Command::Predict { model, adapter, texts } => report(run_predict(&model, &adapter, &texts)),
-    }
-}
-
-/// Makes glibc's malloc give every block of 4 MiB or more back to the kernel when it is freed. By default glibc
-/// raises that threshold each time such a block is freed (up to 32 MiB), after which the fine-tune's short-lived
-/// tensors (a forward batch's activations, a scoring chunk, a downloaded network) are carved from the heap and
-/// the heap stays fragmented: measured on the default demo, peak RSS 293 MB by default and 246 MB with the fixed
-/// threshold (docs/benchmarks.md, *Device memory*). Phones use other allocators; the library leaves the choice to
-/// the app.
-fn release_large_blocks() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes an allocator parameter; it is called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
     }
 }
 
