@@ -304,6 +304,8 @@ impl AssistClient {
             read_bounded(self.send(|| self.http.get(&url).bearer_auth(&s.token))?, MAX_ADAPTER_BYTES, "adapter")?;
         let raw = zstd::bulk::decompress(&bytes, 4 * MAX_ADAPTER_BYTES as usize)
             .map_err(|e| Error::Protocol(format!("adapter: {e}")))?;
+        // Three copies of the network at once (compressed, raw, parsed) were one of the device's peaks.
+        drop(bytes);
         let (tensors, _) = weights_file::from_bytes(&raw).map_err(|e| Error::Protocol(format!("adapter: {e}")))?;
         Ok(tensors)
     }

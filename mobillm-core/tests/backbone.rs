@@ -6,6 +6,7 @@ use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::*;
+use mobillm_core::side::Summary;
 use mobillm_core::{Backbone, Error, Task, TaskSpec, Tokenizer};
 
 fn flat(t: &Tensor) -> Vec<f32> {
@@ -31,12 +32,13 @@ fn padded_batch_equals_one_at_a_time() {
             1e-5,
             &format!("logits {i}"),
         );
-        assert_close(&flat(&batched.means.get(i).unwrap()), &flat(&single.means), 1e-5, &format!("means {i}"));
+        let (batched_means, single_means) = (batched.means.as_ref().unwrap(), single.means.as_ref().unwrap());
+        assert_close(&flat(&batched_means.get(i).unwrap()), &flat(single_means), 1e-5, &format!("means {i}"));
         // The means average every token's state after the first (the first alone in a one-token prompt), per tap.
         let (_, tokens) = backbone.llama().forward_sequences(std::slice::from_ref(p), &taps, &labels).unwrap();
         let first = usize::from(p.len() > 1);
         let expected = tokens[0].narrow(0, first, p.len() - first).unwrap().mean(0).unwrap();
-        assert_close(&flat(&single.means), &flat(&expected), 1e-5, &format!("means of tokens {i}"));
+        assert_close(&flat(single_means), &flat(&expected), 1e-5, &format!("means of tokens {i}"));
     }
     // The last tap of the full set is the stream the logits are computed from: different taps really differ.
     let all = backbone.llama().forward_pivots(&prompts[..1], &[0, 1, 2], &labels).unwrap();
@@ -54,12 +56,21 @@ fn forward_all_keeps_input_order_across_length_buckets() {
     .unwrap();
     let texts = ["the one that is very long indeed, with 12345 digits", "short", "a middle one here", "x"];
     let mut seen = Vec::new();
-    let all = backbone.forward_all(&task, &texts, &[1], 2, |done, total| seen.push((done, total))).unwrap();
+    let all = backbone
+        .forward_all(&task, &texts, &[0, 1], 2, Summary::PivotAndMean, |done, total| seen.push((done, total)))
+        .unwrap();
     assert_eq!(seen, vec![(2, 4), (4, 4)]);
     for (i, text) in texts.iter().enumerate() {
-        let one = backbone.forward_texts(&task, &[text], &[1]).unwrap();
+        let one = backbone.forward_texts(&task, &[text], &[0, 1]).unwrap();
         assert_close(&flat(&all.label_logits.get(i).unwrap()), &flat(&one.label_logits), 1e-5, text);
+        assert_close(&flat(&all.taps.get(i).unwrap()), &flat(&one.taps), 1e-5, text);
+        let means = all.means.as_ref().unwrap().get(i).unwrap();
+        assert_close(&flat(&means), &flat(one.means.as_ref().unwrap()), 1e-5, text);
     }
+    // The pivots alone do not keep the means.
+    let pivots = backbone.forward_all(&task, &texts, &[0, 1], 2, Summary::Pivot, |_, _| {}).unwrap();
+    assert!(pivots.means.is_none());
+    assert_eq!(flat(&pivots.taps), flat(&all.taps));
 }
 
 #[test]

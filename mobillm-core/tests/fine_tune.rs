@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mobillm_core::dataset::Example;
 use mobillm_core::fine_tune::{fine_tune, CancelToken, FineTuneConfig, Outcome, Phase, Progress};
-use mobillm_core::side::Prediction;
+use mobillm_core::side::{Prediction, Summary};
 use mobillm_core::{Backbone, Error, Mode, TaskSpec};
 use mobillm_server::{AppState, ServerConfig};
 
@@ -195,6 +195,24 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     pae.adapter.save(&file).unwrap();
     let loaded = mobillm_core::side::DeviceAdapter::load(&file).unwrap();
     assert_eq!(loaded.predict(backbone, &texts).unwrap(), pae.adapter.predict(backbone, &texts).unwrap());
+
+    // Pivots and means: two inputs per tapped layer on the server, about twice the upload, and an adapter that
+    // builds the same inputs when it predicts, from its file too.
+    let both_cfg =
+        FineTuneConfig { summary: Summary::PivotAndMean, keep_server_session: true, ..config(&server.url, Mode::Pae) };
+    let both = fine_tune(backbone, spec(), &train, &test, &both_cfg, &CancelToken::new(), &mut |_| {}).unwrap();
+    let rec = server.state.store.sessions(None, 100).unwrap().pop().unwrap();
+    server.state.store.delete_session(&rec.id).unwrap();
+    let layers = pae.adapter.taps.len();
+    assert_eq!((rec.shape.layers, both.adapter.taps.len()), (2 * layers, layers));
+    let ratio = both.upload_bytes as f64 / pae.upload_bytes as f64;
+    assert!((1.5..2.5).contains(&ratio), "upload {} against {} bytes", both.upload_bytes, pae.upload_bytes);
+    let after_both = p_true(&both.adapter.predict(backbone, &texts).unwrap(), &train);
+    assert!(after_both > before + 0.05, "pae on pivots and means learns: {before} → {after_both}");
+    both.adapter.save(&file).unwrap();
+    let loaded = mobillm_core::side::DeviceAdapter::load(&file).unwrap();
+    assert_eq!(loaded.side_config().summary, Summary::PivotAndMean);
+    assert_eq!(loaded.predict(backbone, &texts).unwrap(), both.adapter.predict(backbone, &texts).unwrap());
 }
 
 #[test]
@@ -258,6 +276,7 @@ fn cancelling_mid_training_stops_and_deletes_the_server_session() {
         (FineTuneConfig { decoys: 8, ..cfg.clone() }, "at most 7"),
         (FineTuneConfig { decoys: 1, secrets: false, ..cfg.clone() }, "secrets"),
         (FineTuneConfig { decoys: 1, ..config(&server.url, Mode::Mobillm) }, "pae"),
+        (FineTuneConfig { summary: Summary::PivotAndMean, ..config(&server.url, Mode::Mobillm) }, "`pae` option"),
     ] {
         let err =
             fine_tune(backbone, spec(), &train, &test, &bad_decoys, &CancelToken::new(), &mut |_| {}).unwrap_err();

@@ -10,8 +10,8 @@ use common::{assert_close, Rng};
 use mobillm_core::side::network::{DOWN, GATE_ALPHA, OUT, PROJ, UP};
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences};
 use mobillm_core::side::{
-    normalize_taps, DeviceAdapter, Objective, Optimizer, Secrets, SideConfig, SideNet, SideTrainer, TrainConfig,
-    Whitening,
+    normalize_taps, DeviceAdapter, Objective, Optimizer, Secrets, SideConfig, SideNet, SideTrainer, Summary,
+    TrainConfig, Whitening,
 };
 use mobillm_core::{Error, TaskSpec};
 
@@ -195,7 +195,8 @@ fn training_on_rotated_data_is_equivariant_under_sgd() {
     let lr = rotated.fit(&rot_x, &rot_obj, 6, |_, _| ControlFlow::Continue(())).unwrap();
     assert!(lp.last().unwrap().loss < lp[0].loss, "training reduces the loss");
     for (a, b) in lp.iter().zip(&lr) {
-        assert!((a.loss - b.loss).abs() <= 1e-4 * a.loss, "epoch {}: {} vs {}", a.epoch, a.loss, b.loss);
+        // Equal up to the f16 rounding of the stored rotations (R·Rᵀ = I to about 10⁻⁴).
+        assert!((a.loss - b.loss).abs() <= 1e-3 * a.loss, "epoch {}: {} vs {}", a.epoch, a.loss, b.loss);
     }
     let plain_out = plain_secrets.fold(plain.net()).unwrap().forward(&data.x).unwrap();
     let folded_out = secrets.fold(rotated.net()).unwrap().forward(&data.x).unwrap();
@@ -205,7 +206,6 @@ fn training_on_rotated_data_is_equivariant_under_sgd() {
     assert_close(&flat(&decoded), &flat(&folded_out), 1e-4, "decode vs fold");
 }
 
-/// The rotations, recovered through the public API: rotating the identity basis of each layer.
 /// An annealed job ends at a learning rate near zero, and a job resumed from its checkpoint continues the schedule:
 /// full-batch SGD (no shuffling to replay) over 4 epochs equals 2 epochs, a restart from the saved weights, then
 /// 2 more; restarting the schedule instead, or not annealing, gives other weights.
@@ -238,6 +238,7 @@ fn annealed_jobs_resume_their_schedule() {
     assert!(max_diff(&straight, &constant) > 1e-3, "annealing changes the result");
 }
 
+/// The rotations, recovered through the public API: rotating the identity basis of each layer.
 fn secrets_rotations(secrets: &Secrets, c: &SideConfig) -> Tensor {
     // rotate_activations maps e_j (at layer i) to column j of R_i; stacking D basis vectors gives R_iᵀ.
     let eye = Tensor::eye(c.hidden, DType::F32, &Device::Cpu).unwrap();
@@ -260,7 +261,7 @@ fn rotations_are_orthogonal_independent_and_seeded() {
     for i in 0..T {
         let r = ra.get(i).unwrap();
         let rrt = r.matmul(&r.t().unwrap()).unwrap();
-        assert_close(&flat(&rrt), &flat(&eye), 1e-5, "R Rᵀ = I");
+        assert_close(&flat(&rrt), &flat(&eye), 1e-3, "R Rᵀ = I, up to the rotations' f16 storage");
     }
     assert_ne!(flat(&ra.get(0).unwrap()), flat(&ra.get(1).unwrap()), "one rotation per layer");
     // Targets round-trip through Q, and the padding is not visible as zeros.
@@ -399,7 +400,7 @@ fn device_adapter_files_round_trip_and_reject_damage() {
     // A version 1 file (before whitening) still reads, and runs as it was trained: without whitening. A version
     // from the future is refused by name.
     let (tensors, meta) = mobillm_core::side::weights_file::from_bytes(&unwhitened_bytes(&unwhitened)).unwrap();
-    for (version, readable) in [("1", true), ("3", false)] {
+    for (version, readable) in [("1", true), ("4", false)] {
         let mut meta = meta.clone();
         meta.insert("format_version".into(), version.into());
         let old = dir.path().join(format!("v{version}.safetensors"));
@@ -412,7 +413,7 @@ fn device_adapter_files_round_trip_and_reject_damage() {
                 assert!(a.whitening.is_none());
                 assert_eq!(flat(&a.corrections(&raw).unwrap()), flat(&unwhitened.corrections(&raw).unwrap()));
             }
-            Err(e) if !readable => assert!(e.to_string().contains("version 3"), "{e}"),
+            Err(e) if !readable => assert!(e.to_string().contains("version 4"), "{e}"),
             other => panic!("version {version}: {other:?}"),
         }
     }
@@ -497,7 +498,7 @@ fn device_adapter_predicts_with_its_backbone_only() {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let labels: Vec<u32> = (0..24).map(|i| (i % 2) as u32).collect();
     let taps = backbone.all_taps();
-    let out = backbone.forward_all(&task, &refs, &taps, 8, |_, _| {}).unwrap();
+    let out = backbone.forward_all(&task, &refs, &taps, 8, Summary::Pivot, |_, _| {}).unwrap();
 
     let c = SideConfig { width: 16, rank: 4, ..SideConfig::new(taps.len(), common::HIDDEN, 2) };
     let secrets = Secrets::from_seed(&c, [8; 32]).unwrap();
@@ -549,4 +550,76 @@ fn unwhitened_bytes(adapter: &DeviceAdapter) -> Vec<u8> {
     let path = dir.path().join("plain.safetensors");
     adapter.save(&path).unwrap();
     std::fs::read(path).unwrap()
+}
+
+/// With two summaries per layer (pivot and mean, adjacent inputs), a layer's inputs share its rotation, the
+/// folded network runs on plain inputs as the trained one on rotated inputs (rotations kept or drawn again), and
+/// the adapter records the summary (format version 3) so that `predict` builds the same inputs.
+#[test]
+fn two_summaries_per_layer_share_its_rotation_and_fold_back() {
+    let c = SideConfig { summary: Summary::PivotAndMean, ..cfg() };
+    assert_eq!((c.taps, c.layers()), (T, T / 2));
+    assert!(matches!(SideConfig { taps: T + 1, ..c.clone() }.validate(), Err(Error::InvalidConfig(_))));
+    let (n, layers) = (50, T / 2);
+    let data = synthetic(61, n);
+
+    // Inputs: per layer, the pivot then the mean.
+    let mut rng = Rng::new(62);
+    let (pivots, means) =
+        (gaussian(&mut rng, &[n, layers, D], DType::F32), gaussian(&mut rng, &[n, layers, D], DType::F32));
+    let inputs = Summary::PivotAndMean.inputs(&pivots, Some(&means)).unwrap();
+    assert_eq!(inputs.dims(), &[n, T, D]);
+    assert_eq!(flat(&inputs.narrow(1, 2, 1).unwrap()), flat(&pivots.narrow(1, 1, 1).unwrap()));
+    assert_eq!(flat(&inputs.narrow(1, 3, 1).unwrap()), flat(&means.narrow(1, 1, 1).unwrap()));
+    assert_eq!(flat(&Summary::Pivot.inputs(&pivots, None).unwrap()), flat(&pivots));
+
+    let secrets = Secrets::from_seed(&c, [5; 32]).unwrap();
+    // The same vector at every input comes out equal within a layer and different across layers.
+    let same = pivots.narrow(1, 0, 1).unwrap().repeat((1, T, 1)).unwrap();
+    let rotated = secrets.rotate_activations(&same).unwrap();
+    let input = |i: usize| flat(&rotated.narrow(1, i, 1).unwrap());
+    for l in 0..layers {
+        assert_eq!(input(2 * l), input(2 * l + 1), "layer {l}: one rotation for its two inputs");
+    }
+    assert_ne!(input(0), input(2), "each layer its own rotation");
+    assert_ne!(input(0), flat(&same.narrow(1, 0, 1).unwrap()), "rotated");
+
+    let tc = TrainConfig { epochs: 2, lr: 1e-2, batch_size: 16, seed: 6, ..Default::default() };
+    let x = secrets.rotate_activations(&data.x).unwrap();
+    let targets = secrets.encode_targets(&prediction_differences(&data.z_b, None, &data.labels, 2.0).unwrap()).unwrap();
+    let mut trainer = SideTrainer::new(&c, &tc).unwrap();
+    trainer.fit(&x, &Objective::Regression { targets }, tc.epochs, |_, _| ControlFlow::Continue(())).unwrap();
+    let served = secrets.decode_outputs(&trainer.net().forward(&x).unwrap()).unwrap();
+    let kept = secrets.fold(trainer.net()).unwrap();
+    assert_close(&flat(&kept.forward(&data.x).unwrap()), &flat(&served), 1e-4, "fold with the kept rotations");
+    secrets.release_rotations();
+    let redrawn = secrets.fold(trainer.net()).unwrap();
+    assert_close(&flat(&redrawn.forward(&data.x).unwrap()), &flat(&served), 1e-4, "fold drawing them again");
+    assert!(flat(&served).iter().any(|v| v.abs() > 1e-4), "the network learned something to compare");
+
+    let adapter = DeviceAdapter {
+        task: TaskSpec { template: "{text}:".into(), labels: vec!["a".into(), "b".into(), "c".into()] },
+        taps: (0..layers).collect(),
+        backbone_fingerprint: "f".repeat(64),
+        secret_seed: secrets.seed(),
+        whitening: None,
+        net: kept,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("both.safetensors");
+    adapter.save(&path).unwrap();
+    let (_, meta) = mobillm_core::side::weights_file::from_bytes(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(meta["format_version"], "3");
+    let loaded = DeviceAdapter::load(&path).unwrap();
+    assert_eq!(loaded.side_config(), &c);
+    assert_eq!(flat(&loaded.corrections(&data.x).unwrap()), flat(&adapter.corrections(&data.x).unwrap()));
+    // The same network read as pivots alone is a shape error, not a silent misreading.
+    let mut wrong = meta.clone();
+    wrong.insert("side".into(), serde_json::to_string(&cfg()).unwrap());
+    wrong.insert("taps".into(), serde_json::to_string(&(0..layers).collect::<Vec<_>>()).unwrap());
+    let (tensors, _) = mobillm_core::side::weights_file::from_bytes(&std::fs::read(&path).unwrap()).unwrap();
+    let bytes = mobillm_core::side::weights_file::to_bytes(&mobillm_core::side::weights_file::as_refs(&tensors), wrong)
+        .unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    assert!(matches!(DeviceAdapter::load(&path), Err(Error::InvalidModelFile { .. })));
 }

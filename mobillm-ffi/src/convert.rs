@@ -5,11 +5,14 @@ use std::sync::Arc;
 
 use mobillm_core::fine_tune::{FineTuneConfig, Outcome, Phase, Progress};
 use mobillm_core::protocol::Mode;
+use mobillm_core::side::Summary;
 use mobillm_core::wire::Quant;
 
 use crate::adapter::{Adapter, Prediction};
 use crate::error::MobiLlmError;
-use crate::fine_tune::{FineTuneMode, FineTuneOptions, FineTunePhase, FineTuneProgress, FineTuneResult, Quantization};
+use crate::fine_tune::{
+    FineTuneMode, FineTuneOptions, FineTunePhase, FineTuneProgress, FineTuneResult, LayerSummary, Quantization,
+};
 
 impl From<mobillm_core::Error> for MobiLlmError {
     fn from(e: mobillm_core::Error) -> Self {
@@ -51,6 +54,15 @@ impl From<Quantization> for Quant {
             Quantization::F16 => Quant::F16,
             Quantization::Int8 => Quant::Int8,
             Quantization::Int4 => Quant::Int4,
+        }
+    }
+}
+
+impl From<LayerSummary> for Summary {
+    fn from(s: LayerSummary) -> Self {
+        match s {
+            LayerSummary::Pivot => Summary::Pivot,
+            LayerSummary::PivotAndMean => Summary::PivotAndMean,
         }
     }
 }
@@ -118,6 +130,9 @@ impl From<&FineTuneOptions> for FineTuneConfig {
         if let Some(v) = o.decoys {
             c.decoys = v as usize;
         }
+        if let Some(v) = o.summary {
+            c.summary = v.into();
+        }
         c
     }
 }
@@ -171,6 +186,7 @@ mod tests {
             poll_millis: None,
             label_epsilon: None,
             decoys: None,
+            summary: None,
         }
     }
 
@@ -207,7 +223,7 @@ mod tests {
             );
             assert_eq!((got.server_url.as_str(), got.api_key.as_str()), ("https://assist.example.com", "k"));
             assert!(!got.insecure_http && got.secrets);
-            assert_eq!((got.label_epsilon, got.decoys), (None, 0));
+            assert_eq!((got.label_epsilon, got.decoys, got.summary), (None, 0, Summary::Pivot));
         }
     }
 
@@ -226,6 +242,7 @@ mod tests {
             poll_millis: Some(50),
             label_epsilon: Some(2.5),
             decoys: Some(3),
+            summary: Some(LayerSummary::PivotAndMean),
             ..options(Some(FineTuneMode::Mobillm))
         };
         let c = FineTuneConfig::from(&o);
@@ -233,7 +250,7 @@ mod tests {
         assert!(c.insecure_http);
         assert_eq!((c.epochs, c.max_rounds, c.lr, c.width, c.rank, c.forward_batch), (7, 5, 0.01, 64, 8, 4));
         assert_eq!((c.quant, c.poll, c.mode), (Quant::Int4, Duration::from_millis(50), Mode::Mobillm));
-        assert_eq!((c.label_epsilon, c.decoys), (Some(2.5), 3));
+        assert_eq!((c.label_epsilon, c.decoys, c.summary), (Some(2.5), 3, Summary::PivotAndMean));
         assert!(!format!("{o:?}").contains("\"k\""), "Debug hides the key");
     }
 

@@ -25,6 +25,16 @@ pub enum Quantization {
     Int4,
 }
 
+/// What a `pae` fine-tune sends of each tapped layer, per example.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
+pub enum LayerSummary {
+    /// The hidden state at the answer cue (default).
+    Pivot,
+    /// The pivot and the mean over the prompt's tokens: twice the upload, for long texts and labels that rest on a
+    /// few words.
+    PivotAndMean,
+}
+
 /// How to reach the assist server and how to train. Unset fields take the SDK's defaults for the mode (those of
 /// `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `Debug` never prints the API key.
 #[derive(Clone, uniffi::Record)]
@@ -72,6 +82,9 @@ pub struct FineTuneOptions {
     /// hold several partitions of the samples, and only the device knows which is real.
     #[uniffi(default = None)]
     pub decoys: Option<u32>,
+    /// `pae`: what is sent of each tapped layer (default: its pivot).
+    #[uniffi(default = None)]
+    pub summary: Option<LayerSummary>,
 }
 
 impl std::fmt::Debug for FineTuneOptions {
@@ -84,6 +97,7 @@ impl std::fmt::Debug for FineTuneOptions {
             .field("max_rounds", &self.max_rounds)
             .field("label_epsilon", &self.label_epsilon)
             .field("decoys", &self.decoys)
+            .field("summary", &self.summary)
             .finish_non_exhaustive()
     }
 }

@@ -13,6 +13,7 @@ use candle_core::{Device, Tensor};
 use mobillm_core::backbone::loader::GgufFile;
 use mobillm_core::backbone::weights::Weight;
 use mobillm_core::backbone::Llama;
+use mobillm_core::side::Summary;
 use mobillm_core::{memory, Backbone};
 
 use crate::inputs;
@@ -93,7 +94,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let elapsed = match args.variant.as_str() {
         "mobillm" => {
             let start = Instant::now();
-            backbone.forward_all(&task, &texts, &taps, args.batch, |_, _| {})?;
+            backbone.forward_all(&task, &texts, &taps, args.batch, Summary::Pivot, |_, _| {})?;
             start.elapsed()
         }
         "dense-f32" => {
@@ -113,7 +114,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
             }
             let dense = Backbone::new(Llama::new(weights), tokenizer)?;
             let start = Instant::now();
-            dense.forward_all(&task, &texts, &taps, args.batch, |_, _| {})?;
+            dense.forward_all(&task, &texts, &taps, args.batch, Summary::Pivot, |_, _| {})?;
             start.elapsed()
         }
         "candle-quantized" => {

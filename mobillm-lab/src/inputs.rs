@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use mobillm_core::dataset::{self, Example, Split};
+use mobillm_core::side::Summary;
 use mobillm_core::{Backbone, Task, TaskSpec};
 use sha2::{Digest, Sha256};
 use xtask::args::DataArgs;
@@ -74,7 +75,7 @@ pub fn pivots(backbone: &Backbone, task: &Task, examples: &[Example], what: &str
     }
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let start = Instant::now();
-    let out = backbone.forward_all(task, &texts, &backbone.all_taps(), 16, |done, total| {
+    let out = backbone.forward_all(task, &texts, &backbone.all_taps(), 16, Summary::PivotAndMean, |done, total| {
         eprint!(
             "\r{what}: forward {done}/{total} ({:.0} ms/sample)",
             start.elapsed().as_secs_f64() * 1e3 / done as f64
@@ -82,13 +83,14 @@ pub fn pivots(backbone: &Backbone, task: &Task, examples: &[Example], what: &str
         let _ = std::io::stderr().flush();
     })?;
     eprintln!();
+    let means = out.means.ok_or_else(|| anyhow::anyhow!("the forward kept no means"))?;
     let map = std::collections::HashMap::from([
         ("taps".to_string(), out.taps.clone()),
         ("logits".to_string(), out.label_logits.clone()),
-        ("means".to_string(), out.means.clone()),
+        ("means".to_string(), means.clone()),
     ]);
     let tmp = path.with_extension("partial");
     candle_core::safetensors::save(&map, &tmp)?;
     std::fs::rename(&tmp, &path)?;
-    Ok(Pivots { taps: out.taps, logits: out.label_logits, labels, means: out.means })
+    Ok(Pivots { taps: out.taps, logits: out.label_logits, labels, means })
 }

@@ -19,6 +19,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use mobillm_core::fine_tune::stopping::{validation_split, Score, Stopping, ROUNDS_WITHOUT_VALIDATION};
 use mobillm_core::fine_tune::{random_split, FineTuneConfig};
+use mobillm_core::side;
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences, DEFAULT_TAU};
 use mobillm_core::side::whitening::{self, Whitening, CALIBRATION_SAMPLES};
 use mobillm_core::side::{
@@ -184,6 +185,11 @@ fn evaluate_task(args: &Args, name: &str, data: &DataArgs) -> Result<serde_json:
             ActivationArg::Silu => Activation::Silu,
             ActivationArg::Relu => Activation::Relu,
         },
+        // `both` as the device sends it: a layer's two inputs share its rotation.
+        summary: match args.summary {
+            Summary::Both => side::Summary::PivotAndMean,
+            Summary::Pivot | Summary::Mean => side::Summary::Pivot,
+        },
         ..SideConfig::new(taps, hidden, k)
     };
     let zero_shot = accuracy(&predict(&test.logits, None)?, &test.labels);
@@ -343,10 +349,7 @@ fn summarise(p: Pivots, summary: Summary) -> Result<Pivots> {
     let taps = match summary {
         Summary::Pivot => p.taps.clone(),
         Summary::Mean => p.means.clone(),
-        Summary::Both => {
-            let (n, t, d) = p.taps.dims3()?;
-            Tensor::stack(&[&p.taps, &p.means], 2)?.reshape((n, 2 * t, d))?
-        }
+        Summary::Both => side::Summary::PivotAndMean.inputs(&p.taps, Some(&p.means))?,
     };
     Ok(Pivots { taps, ..p })
 }

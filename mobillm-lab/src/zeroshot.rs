@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use mobillm_core::memory;
+use mobillm_core::side::Summary;
 
 use crate::inputs;
 use xtask::args::DataArgs;
@@ -38,7 +39,7 @@ pub fn run(args: Args) -> Result<()> {
         test.len()
     );
     let start = Instant::now();
-    let out = backbone.forward_all(&task, &texts, &last_tap, args.batch, |done, total| {
+    let out = backbone.forward_all(&task, &texts, &last_tap, args.batch, Summary::Pivot, |done, total| {
         let ms = start.elapsed().as_secs_f64() * 1e3 / done as f64;
         eprint!("\rzeroshot: {done}/{total} examples, {ms:.1} ms/sample");
         let _ = std::io::stderr().flush();

@@ -23,8 +23,10 @@ pub struct PivotOutput {
     /// `[B, K]`: the backbone's logits for the `K` requested label tokens at each example's pivot.
     pub label_logits: Tensor,
     /// `[B, taps.len(), hidden]`: the residual stream after each tapped block, averaged over each example's tokens
-    /// after the first (the first token's state is an outlier in every layer, the same for every prompt).
-    pub means: Tensor,
+    /// after the first (the first token's state is an outlier in every layer, the same for every prompt). Always
+    /// there from a batch's forward; `None` from `Backbone::forward_all` when the caller's summary does not use
+    /// them (they would double what it holds).
+    pub means: Option<Tensor>,
 }
 
 pub struct Llama {
@@ -173,7 +175,7 @@ impl Llama {
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
         let label_rows = head.rows(label_ids)?; // [K, d]
         let label_logits = last.matmul(&label_rows.t()?)?;
-        let means = Tensor::stack(&means, 1)?;
+        let means = Some(Tensor::stack(&means, 1)?);
         Ok((PivotOutput { taps: taps_t, label_logits, means }, tokens))
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::protocol::Mode;
-use crate::side::{SideConfig, TrainConfig};
+use crate::side::{SideConfig, Summary, TrainConfig};
 use crate::wire::Quant;
 
 /// `Debug` never prints the API key.
@@ -20,6 +20,8 @@ pub struct FineTuneConfig {
     pub mode: Mode,
     /// Tapped blocks; `None` taps them all.
     pub taps: Option<Vec<usize>>,
+    /// `pae`: what is sent of each tapped block (the pivot by default; with the mean too, twice the upload).
+    pub summary: Summary,
     /// Side-network width w and bottleneck rank r.
     pub width: usize,
     pub rank: usize,
@@ -74,6 +76,7 @@ impl FineTuneConfig {
             insecure_http: false,
             mode,
             taps: None,
+            summary: Summary::Pivot,
             width: side.width,
             rank: side.rank,
             lr,
@@ -115,6 +118,11 @@ impl FineTuneConfig {
                 self.decoys
             )));
         }
+        if self.mode == Mode::Mobillm && !self.summary.is_pivot() {
+            return Err(Error::InvalidInput(
+                "the summary is a `pae` option: `mobillm` mode sends every token of every tapped layer".into(),
+            ));
+        }
         if self.decoys > 0 && (self.mode != Mode::Pae || !self.secrets) {
             return Err(Error::InvalidInput(
                 "decoys need `pae` mode with the secrets on: without Q the server reads which outputs are real".into(),
@@ -139,6 +147,7 @@ impl std::fmt::Debug for FineTuneConfig {
             .field("insecure_http", &self.insecure_http)
             .field("mode", &self.mode)
             .field("taps", &self.taps)
+            .field("summary", &self.summary)
             .field("width", &self.width)
             .field("rank", &self.rank)
             .field("lr", &self.lr)

@@ -71,7 +71,8 @@ impl Run<'_> {
             self.cancel.check()?;
             let out =
                 self.backbone.llama().forward_pivots(&batches.batch(group), self.taps, self.task.label_token_ids())?;
-            let rows = out.taps.to_dtype(DType::F16)?.flatten_all()?.to_vec1::<half::f16>()?;
+            let inputs = self.side.summary.inputs(&out.taps, out.means.as_ref())?;
+            let rows = inputs.to_dtype(DType::F16)?.flatten_all()?.to_vec1::<half::f16>()?;
             let z = out.label_logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             for (j, &i) in group.iter().enumerate() {
                 taps[i * per..(i + 1) * per].copy_from_slice(&rows[j * per..(j + 1) * per]);

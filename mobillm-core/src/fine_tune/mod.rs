@@ -123,7 +123,8 @@ pub fn fine_tune(
         rank: cfg.rank,
         // Decoys take K outputs each; the padding still hides K when there is room.
         outputs: default_outputs(k).max(k * (cfg.decoys + 1)),
-        ..SideConfig::new(taps.len(), backbone.config().hidden_size, k)
+        summary: cfg.summary,
+        ..SideConfig::new(taps.len() * cfg.summary.count(), backbone.config().hidden_size, k)
     };
     side.validate()?;
     let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), fit.len())?;

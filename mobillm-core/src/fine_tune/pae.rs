@@ -126,7 +126,8 @@ impl Run<'_> {
                 let mut held = Vec::new();
                 for group in plan(&first) {
                     let out = forward(&group)?;
-                    held.push((group, normalize_taps(&out.taps)?.to_dtype(DType::F16)?, out.label_logits));
+                    let inputs = self.side.summary.inputs(&out.taps, out.means.as_ref())?;
+                    held.push((group, normalize_taps(&inputs)?.to_dtype(DType::F16)?, out.label_logits));
                 }
                 let mut calibration = None;
                 if !held.is_empty() {
@@ -155,7 +156,8 @@ impl Run<'_> {
                 }
                 for group in plan(&rest) {
                     let out = forward(&group)?;
-                    emit(&group, &out.taps, &out.label_logits, whitening.as_ref(), decoy_tasks.as_mut())?;
+                    let inputs = self.side.summary.inputs(&out.taps, out.means.as_ref())?;
+                    emit(&group, &inputs, &out.label_logits, whitening.as_ref(), decoy_tasks.as_mut())?;
                 }
                 Ok(())
             },

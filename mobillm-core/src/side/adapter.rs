@@ -3,8 +3,10 @@
 //! layers, the side network's shape, the backbone fingerprint it was trained against, the session's secret seed
 //! and its whitening. One safetensors file; the non-tensor parts are JSON strings in its metadata.
 //!
-//! Format versions: 2 adds the whitening (`whitening.*` tensors, present when the session had secrets); version 1
-//! files (no whitening) are still read and run as they were trained.
+//! Format versions: 2 adds the whitening (`whitening.*` tensors, present when the session had secrets); 3 adds
+//! the summary (`side.summary`: the network reads each tapped layer's pivot and mean). Files are written at the
+//! lowest version that holds them, so an adapter of the pivot alone stays readable by version-2 readers; versions
+//! 1 and 2 are still read and run as they were trained, and newer versions are refused by name.
 //!
 //! The file holds the session secret: apps keep it in private storage, and can seal it with a key from their
 //! platform's keystore ([`DeviceAdapter::save_sealed`], authenticated encryption, [`crate::sealed`]). Saving
@@ -20,14 +22,13 @@ use super::network::{normalize_taps, SideNet};
 use super::trainer::outputs_in_batches;
 use super::weights_file;
 use super::whitening::Whitening;
-use crate::backbone::Backbone;
+use crate::backbone::{Backbone, PivotOutput};
 use crate::error::{Error, Result};
 use crate::task::{Task, TaskSpec};
 
 const FORMAT: &str = "mobillm-device-adapter";
-const FORMAT_VERSION: &str = "2";
 /// Versions this code reads.
-const READS: [&str; 2] = ["1", "2"];
+const READS: [&str; 3] = ["1", "2", "3"];
 
 #[derive(Debug, Clone)]
 pub struct DeviceAdapter {
@@ -70,7 +71,7 @@ impl DeviceAdapter {
     fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut meta = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
-            ("format_version".to_string(), FORMAT_VERSION.to_string()),
+            ("format_version".to_string(), if self.net.config().summary.is_pivot() { "2" } else { "3" }.to_string()),
             ("task".to_string(), to_json(&self.task)?),
             ("taps".to_string(), to_json(&self.taps)?),
             ("side".to_string(), to_json(self.net.config())?),
@@ -119,8 +120,13 @@ impl DeviceAdapter {
         let task: TaskSpec = serde_json::from_value(parse("task")?).map_err(|e| invalid(format!("task: {e}")))?;
         let taps: Vec<usize> = serde_json::from_value(parse("taps")?).map_err(|e| invalid(format!("taps: {e}")))?;
         let side: SideConfig = serde_json::from_value(parse("side")?).map_err(|e| invalid(format!("side: {e}")))?;
-        if taps.len() != side.taps {
-            return Err(invalid(format!("{} taps listed for a network of {}", taps.len(), side.taps)));
+        if taps.len() * side.summary.count() != side.taps {
+            return Err(invalid(format!(
+                "{} taps listed for a network of {} inputs ({} per tap)",
+                taps.len(),
+                side.taps,
+                side.summary.count()
+            )));
         }
         let secret_seed = match meta.get("secret_seed") {
             Some(h) => Some(unhex(h).ok_or_else(|| invalid("malformed secret_seed".into()))?),
@@ -136,9 +142,15 @@ impl DeviceAdapter {
         Ok(Self { task, taps, backbone_fingerprint: field("backbone")?.clone(), secret_seed, whitening, net })
     }
 
-    /// Decoded logit corrections `[N, K]` for already-computed pivot taps `[N, T, d]` (not yet normalised).
-    pub fn corrections(&self, taps: &Tensor) -> Result<Tensor> {
-        outputs_in_batches(&self.net, &device_inputs(taps, self.whitening.as_ref())?, super::trainer::OUTPUT_BATCH)
+    /// Decoded logit corrections `[N, K]` for already-computed network inputs `[N, taps, d]` (the forward's
+    /// pivots, or what [`Self::inputs`] builds from them; not yet normalised).
+    pub fn corrections(&self, inputs: &Tensor) -> Result<Tensor> {
+        outputs_in_batches(&self.net, &device_inputs(inputs, self.whitening.as_ref())?, super::trainer::OUTPUT_BATCH)
+    }
+
+    /// The network's inputs from a forward over this adapter's taps: the summaries it was trained on.
+    pub fn inputs(&self, out: &PivotOutput) -> Result<Tensor> {
+        self.side_config().summary.inputs(&out.taps, out.means.as_ref())
     }
 
     /// Predicts the label of each text with the backbone plus this adapter.
@@ -149,8 +161,8 @@ impl DeviceAdapter {
             ));
         }
         let task = Task::new(self.task.clone(), backbone.tokenizer())?;
-        let out = backbone.forward_all(&task, texts, &self.taps, 16, |_, _| {})?;
-        let logits = (out.label_logits + self.corrections(&out.taps)?)?;
+        let out = backbone.forward_all(&task, texts, &self.taps, 16, self.side_config().summary, |_, _| {})?;
+        let logits = (&out.label_logits + self.corrections(&self.inputs(&out)?)?)?;
         let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
         Ok(probs
             .into_iter()

@@ -1,5 +1,6 @@
 //! Configuration of the side network (its shape, which travels with every adapter) and of its training.
 
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -13,10 +14,60 @@ pub enum Activation {
     Relu,
 }
 
+/// What the device sends of each tapped layer, per sample (docs/side-network.md, *Long texts*).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Summary {
+    /// The hidden state at the pivot token (the default: 16 KB a sample at int8 on SmolLM2-135M).
+    #[default]
+    Pivot,
+    /// The pivot and the mean over the prompt's tokens after the first: twice the upload, for long texts and
+    /// labels that rest on a few words.
+    PivotAndMean,
+}
+
+impl Summary {
+    /// Inputs per tapped layer.
+    pub fn count(self) -> usize {
+        match self {
+            Summary::Pivot => 1,
+            Summary::PivotAndMean => 2,
+        }
+    }
+
+    pub fn is_pivot(&self) -> bool {
+        *self == Summary::Pivot
+    }
+
+    /// The side network's inputs `[B, T·count, d]` from a forward's pivots and means (`[B, T, d]` each): per
+    /// layer, the pivot and then the mean, so the ladder still climbs the layers in order.
+    pub fn inputs(self, pivots: &Tensor, means: Option<&Tensor>) -> Result<Tensor> {
+        match (self, means) {
+            (Summary::Pivot, _) => Ok(pivots.clone()),
+            (Summary::PivotAndMean, Some(means)) => {
+                let (b, t, d) = pivots.dims3()?;
+                Ok(Tensor::stack(&[pivots, means], 2)?.reshape((b, 2 * t, d))?)
+            }
+            (Summary::PivotAndMean, None) => Err(Error::Internal("the means were not kept from the forward".into())),
+        }
+    }
+}
+
+impl std::str::FromStr for Summary {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pivot" => Ok(Summary::Pivot),
+            "pivot_and_mean" | "pivot-and-mean" => Ok(Summary::PivotAndMean),
+            other => Err(Error::InvalidInput(format!("unknown summary {other:?} (pivot or pivot_and_mean)"))),
+        }
+    }
+}
+
 /// Shape of the side network of docs/design.md §3.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SideConfig {
-    /// T: number of tapped backbone layers (one activation vector per layer per sample).
+    /// The network's inputs per sample: tapped backbone layers × `summary.count()` (one activation vector each).
     pub taps: usize,
     /// d: the backbone's hidden size.
     pub hidden: usize,
@@ -31,6 +82,10 @@ pub struct SideConfig {
     pub activation: Activation,
     /// α₀: initial gate logit of every layer (μ = sigmoid(α)).
     pub alpha0: f32,
+    /// What the inputs are: the device's business (it decides the inputs and the rotations they share); the
+    /// server, which never sees it, trains on `taps` inputs either way.
+    #[serde(default, skip_serializing_if = "Summary::is_pivot")]
+    pub summary: Summary,
 }
 
 impl SideConfig {
@@ -45,7 +100,13 @@ impl SideConfig {
             outputs: default_outputs(labels),
             activation: Activation::Gelu,
             alpha0: 0.0,
+            summary: Summary::Pivot,
         }
+    }
+
+    /// Tapped backbone layers (one rotation each): the inputs over the summaries per layer.
+    pub fn layers(&self) -> usize {
+        self.taps / self.summary.count()
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -63,6 +124,9 @@ impl SideConfig {
         }
         if !self.alpha0.is_finite() {
             return bad("alpha0 must be finite".into());
+        }
+        if !self.taps.is_multiple_of(self.summary.count()) {
+            return bad(format!("{} inputs are not {} per tapped layer", self.taps, self.summary.count()));
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ pub mod weights_file;
 pub mod whitening;
 
 pub use adapter::{device_inputs, DeviceAdapter, Prediction};
-pub use config::{Activation, Optimizer, SideConfig, TrainConfig};
+pub use config::{Activation, Optimizer, SideConfig, Summary, TrainConfig};
 pub use network::{normalize_taps, SideNet};
 pub use sample::{CachedSample, SampleId};
 pub use secrets::Secrets;

@@ -7,13 +7,22 @@
 //! Orthogonal matrices are Haar-distributed: the Q factor of the QR decomposition of a Gaussian matrix with the
 //! signs of R's diagonal moved into Q.
 //!
-//! The rotations are 40 MB at SmolLM2's size. They are drawn once and kept while activations are being sent; after
-//! that [`Secrets::release_rotations`] drops them, and folding draws each layer's again from the seed, one at a
-//! time (≈2 s per fold, once a round), so the rounds run without them.
+//! With two summaries per layer (`Summary::PivotAndMean`) a layer's pivot and mean share its `R_i`: the
+//! rotations stay one per layer (40 MB, not 80), at the price of the server seeing each sample's inner products
+//! between its pivot and mean at a layer (docs/privacy.md).
+//!
+//! The rotations are kept as f16: 20 MB at SmolLM2's size rather than 40. Rounding them (relative error 2⁻¹¹, so
+//! `R·Rᵀ` is the identity to about 10⁻⁴) costs nothing measurable: the rotated activations are quantised to int8
+//! for the wire next, an error about 20 times larger, and the fold uses the same rounded matrices, so the folded
+//! network computes what the server trained. Each is expanded to f32 one layer at a time when it is applied. They are
+//! drawn once and kept while activations are being sent; after that [`Secrets::release_rotations`] drops them,
+//! and folding draws each layer's again from the seed, one at a time (≈2 s per fold, once a round), so the rounds
+//! run without them.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
 use nalgebra::DMatrix;
 use rand::{RngCore, SeedableRng, TryRngCore};
 use rand_chacha::ChaCha20Rng;
@@ -27,10 +36,13 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct Secrets {
     seed: Option<[u8; 32]>,
+    /// Inputs per sample, and tapped layers (one rotation each): `taps = layers × summaries`, a layer's
+    /// summaries adjacent.
     taps: usize,
+    layers: usize,
     hidden: usize,
     labels: usize,
-    /// `[T, d, d]` while kept; empty when disabled (identity) or released (drawn again from the seed when
+    /// `[L, d, d]` f16 while kept; empty when disabled (identity) or released (drawn again from the seed when
     /// needed). Shared by clones, which hold the same secrets.
     rotations: Arc<Mutex<Option<Tensor>>>,
     /// `[K', K']`.
@@ -55,15 +67,17 @@ impl Secrets {
     /// The secrets a seed determines (the same on every call).
     pub fn from_seed(cfg: &SideConfig, seed: [u8; 32]) -> Result<Self> {
         cfg.validate()?;
-        let sub_seeds = sub_seeds(seed, cfg.taps);
+        let layers = cfg.layers();
+        let sub_seeds = sub_seeds(seed, layers);
         let (d, k_out) = (cfg.hidden, cfg.outputs);
-        let rotations = draw_rotations(&sub_seeds[..cfg.taps], d)?;
+        let rotations = draw_rotations(&sub_seeds[..layers], d)?;
         let mut q = vec![0f32; k_out * k_out];
-        random_orthogonal_into(&mut ChaCha20Rng::from_seed(sub_seeds[cfg.taps]), k_out, &mut q);
+        random_orthogonal_into(&mut ChaCha20Rng::from_seed(sub_seeds[layers]), k_out, &mut q);
         let q = Tensor::from_vec(q, (k_out, k_out), &Device::Cpu)?;
         Ok(Self {
             seed: Some(seed),
             taps: cfg.taps,
+            layers,
             hidden: d,
             labels: cfg.labels,
             rotations: Arc::new(Mutex::new(Some(rotations))),
@@ -76,7 +90,15 @@ impl Secrets {
         cfg.validate()?;
         let q = Tensor::eye(cfg.outputs, DType::F32, &Device::Cpu)?;
         let rotations = Arc::new(Mutex::new(None));
-        Ok(Self { seed: None, taps: cfg.taps, hidden: cfg.hidden, labels: cfg.labels, rotations, q })
+        Ok(Self {
+            seed: None,
+            taps: cfg.taps,
+            layers: cfg.layers(),
+            hidden: cfg.hidden,
+            labels: cfg.labels,
+            rotations,
+            q,
+        })
     }
 
     pub fn seed(&self) -> Option<[u8; 32]> {
@@ -103,16 +125,20 @@ impl Secrets {
             return Err(Error::InvalidInput(format!("activations have shape {dims:?}, expected [N, {t}, {d}]")));
         }
         let Some(seed) = self.seed else { return Ok(x.clone()) };
+        let (layers, s, n) = (self.layers, t / self.layers, dims[0]);
         let rotations = {
             let mut kept = self.kept_rotations()?;
             match &*kept {
                 Some(r) => r.clone(),
-                None => kept.insert(draw_rotations(&sub_seeds(seed, t)[..t], d)?).clone(),
+                None => kept.insert(draw_rotations(&sub_seeds(seed, layers)[..layers], d)?).clone(),
             }
         };
-        // [T, N, d] × [T, d, d]ᵀ → [T, N, d]
-        let y = x.transpose(0, 1)?.contiguous()?.matmul(&rotations.transpose(1, 2)?)?;
-        Ok(y.transpose(0, 1)?.contiguous()?)
+        // [N, L, s, d] → [L, N·s, d], each layer's rows × R_lᵀ → [N, L·s, d]
+        let by_layer = x.reshape((n, layers, s, d))?.transpose(0, 1)?.contiguous()?.reshape((layers, n * s, d))?;
+        let y = (0..layers)
+            .map(|l| Ok(by_layer.get(l)?.matmul(&rotations.get(l)?.to_dtype(DType::F32)?.t()?)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&y, 0)?.reshape((layers, n, s, d))?.transpose(0, 1)?.contiguous()?.reshape((n, t, d))?)
     }
 
     /// `Δ: [N, k]` → `Q·[Δ; 0]: [N, K']`, for the task's K labels and any decoys' columns after them
@@ -180,33 +206,40 @@ impl Secrets {
         self.rotations.lock().map_err(|_| Error::Internal("secrets lock poisoned".into()))
     }
 
-    /// `P_i·R_i` for the projections `[T, w, d]`: with the kept rotations, or drawing each layer's from the seed.
+    /// `P_i·R_i` for the projections `[T, w, d]` (input `i` of layer `i / summaries`), one layer at a time:
+    /// with the kept rotations, or drawing each layer's from the seed. The result is written straight into one
+    /// buffer (no per-layer copies to stack: the fold is one of the device's peaks).
     fn rotate_projections(&self, p: &Tensor) -> Result<Tensor> {
         let Some(seed) = self.seed else { return Ok(p.clone()) };
+        let (t, w, d) = p.dims3()?;
+        // A layer's summaries are adjacent: [T, w, d] is [L, s·w, d] without a copy.
+        let per_layer = t / self.layers * w * d;
+        let p = p.reshape((self.layers, t / self.layers * w, d))?;
         let kept = self.kept_rotations()?.clone();
-        if let Some(r) = kept {
-            return Ok(p.matmul(&r)?); // [T, w, d] × [T, d, d]
+        // Drawing one layer after another: each draw holds ≈10 MB of f64 QR workspace, and running them in
+        // parallel put that many times over on the device's peak at every round's end.
+        let seeds = if kept.is_none() { sub_seeds(seed, self.layers) } else { Vec::new() };
+        let mut out = vec![0f32; t * w * d];
+        for (l, slot) in out.chunks_exact_mut(per_layer).enumerate() {
+            let r = match &kept {
+                Some(r) => r.get(l)?.to_dtype(DType::F32)?,
+                None => {
+                    let mut r = vec![f16::ZERO; d * d];
+                    draw_rotation_into(seeds[l], d, &mut r);
+                    Tensor::from_vec(r, (d, d), &Device::Cpu)?.to_dtype(DType::F32)?
+                }
+            };
+            slot.copy_from_slice(&p.get(l)?.matmul(&r)?.flatten_all()?.to_vec1::<f32>()?);
         }
-        let d = self.hidden;
-        let seeds = sub_seeds(seed, self.taps);
-        // One layer after another: each draw holds ≈10 MB of f64 QR workspace, and running them in parallel put
-        // that many times over on the device's peak at every round's end.
-        let layers = (0..self.taps)
-            .map(|l| -> Result<Tensor> {
-                let mut r = vec![0f32; d * d];
-                random_orthogonal_into(&mut ChaCha20Rng::from_seed(seeds[l]), d, &mut r);
-                Ok(p.get(l)?.matmul(&Tensor::from_vec(r, (d, d), &Device::Cpu)?)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&layers, 0)?)
+        Ok(Tensor::from_vec(out, (t, w, d), &Device::Cpu)?)
     }
 }
 
-/// One sub-seed per matrix (the `taps` rotations, then Q) from the master stream, so the decompositions run in
+/// One sub-seed per matrix (the `layers` rotations, then Q) from the master stream, so the decompositions run in
 /// parallel and the result does not depend on the number of threads.
-fn sub_seeds(seed: [u8; 32], taps: usize) -> Vec<[u8; 32]> {
+fn sub_seeds(seed: [u8; 32], layers: usize) -> Vec<[u8; 32]> {
     let mut master = ChaCha20Rng::from_seed(seed);
-    (0..=taps)
+    (0..=layers)
         .map(|_| {
             let mut s = [0u8; 32];
             master.fill_bytes(&mut s);
@@ -215,22 +248,26 @@ fn sub_seeds(seed: [u8; 32], taps: usize) -> Vec<[u8; 32]> {
         .collect()
 }
 
-/// The rotations `[T, d, d]` of `seeds` (≈60 ms per matrix at d = 576), each written straight into its slot of
-/// one buffer: no per-matrix copies to concatenate.
+/// The rotations `[L, d, d]` (f16) of `seeds`, drawn in parallel, each written straight into its slot of one
+/// buffer: no per-matrix copies to concatenate.
 fn draw_rotations(seeds: &[[u8; 32]], d: usize) -> Result<Tensor> {
-    let mut rotations = vec![0f32; seeds.len() * d * d];
-    rotations
-        .par_chunks_mut(d * d)
-        .zip(seeds)
-        .for_each(|(slot, s)| random_orthogonal_into(&mut ChaCha20Rng::from_seed(*s), d, slot));
+    let mut rotations = vec![f16::ZERO; seeds.len() * d * d];
+    rotations.par_chunks_mut(d * d).zip(seeds).for_each(|(slot, s)| draw_rotation_into(*s, d, slot));
     Ok(Tensor::from_vec(rotations, (seeds.len(), d, d), &Device::Cpu)?)
+}
+
+/// One layer's rotation (≈60 ms at d = 576), rounded to f16 into `out`: kept or drawn again, the same values.
+fn draw_rotation_into(seed: [u8; 32], d: usize, out: &mut [f16]) {
+    let mut r = vec![0f32; d * d];
+    random_orthogonal_into(&mut ChaCha20Rng::from_seed(seed), d, &mut r);
+    out.iter_mut().zip(&r).for_each(|(o, &v)| *o = f16::from_f32(v));
 }
 
 /// A Haar-random n×n orthogonal matrix, written row-major into `out` (n² values).
 fn random_orthogonal_into(rng: &mut ChaCha20Rng, n: usize, out: &mut [f32]) {
     let g = DMatrix::<f64>::from_fn(n, n, |_, _| StandardNormal.sample(rng));
-    let qr = g.qr();
-    let (mut q, r) = (qr.q(), qr.r());
+    // `unpack` builds R in the decomposition's own storage: one n×n f64 matrix fewer at once.
+    let (mut q, r) = g.qr().unpack();
     for j in 0..n {
         if r[(j, j)] < 0.0 {
             q.column_mut(j).neg_mut();

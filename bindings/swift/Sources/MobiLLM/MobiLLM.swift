@@ -1784,6 +1784,10 @@ public struct FineTuneOptions: Equatable, Hashable {
      * hold several partitions of the samples, and only the device knows which is real.
      */
     public var decoys: UInt32?
+    /**
+     * `pae`: what is sent of each tapped layer (default: its pivot).
+     */
+    public var summary: LayerSummary?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1824,7 +1828,10 @@ public struct FineTuneOptions: Equatable, Hashable {
         /**
          * Decoy tasks sent beside the real one (`pae` with secrets, at most 7; default 0): the server's targets then
          * hold several partitions of the samples, and only the device knows which is real.
-         */decoys: UInt32? = nil) {
+         */decoys: UInt32? = nil, 
+        /**
+         * `pae`: what is sent of each tapped layer (default: its pivot).
+         */summary: LayerSummary? = nil) {
         self.serverUrl = serverUrl
         self.apiKey = apiKey
         self.caPem = caPem
@@ -1840,6 +1847,7 @@ public struct FineTuneOptions: Equatable, Hashable {
         self.pollMillis = pollMillis
         self.labelEpsilon = labelEpsilon
         self.decoys = decoys
+        self.summary = summary
     }
 
     
@@ -1872,7 +1880,8 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
                 forwardBatch: FfiConverterOptionUInt32.read(from: &buf), 
                 pollMillis: FfiConverterOptionUInt32.read(from: &buf), 
                 labelEpsilon: FfiConverterOptionDouble.read(from: &buf), 
-                decoys: FfiConverterOptionUInt32.read(from: &buf)
+                decoys: FfiConverterOptionUInt32.read(from: &buf), 
+                summary: FfiConverterOptionTypeLayerSummary.read(from: &buf)
         )
     }
 
@@ -1892,6 +1901,7 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
         FfiConverterOptionUInt32.write(value.pollMillis, into: &buf)
         FfiConverterOptionDouble.write(value.labelEpsilon, into: &buf)
         FfiConverterOptionUInt32.write(value.decoys, into: &buf)
+        FfiConverterOptionTypeLayerSummary.write(value.summary, into: &buf)
     }
 }
 
@@ -2390,6 +2400,82 @@ public func FfiConverterTypeFineTunePhase_lower(_ value: FineTunePhase) -> RustB
 
 
 /**
+ * What a `pae` fine-tune sends of each tapped layer, per example.
+ */
+
+public enum LayerSummary: Equatable, Hashable {
+    
+    /**
+     * The hidden state at the answer cue (default).
+     */
+    case pivot
+    /**
+     * The pivot and the mean over the prompt's tokens: twice the upload, for long texts and labels that rest on a
+     * few words.
+     */
+    case pivotAndMean
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension LayerSummary: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeLayerSummary: FfiConverterRustBuffer {
+    typealias SwiftType = LayerSummary
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> LayerSummary {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .pivot
+        
+        case 2: return .pivotAndMean
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: LayerSummary, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .pivot:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .pivotAndMean:
+            writeInt(&buf, Int32(2))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLayerSummary_lift(_ buf: RustBuffer) throws -> LayerSummary {
+    return try FfiConverterTypeLayerSummary.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLayerSummary_lower(_ value: LayerSummary) -> RustBuffer {
+    return FfiConverterTypeLayerSummary.lower(value)
+}
+
+
+
+/**
  * Everything that can go wrong, flat, with a message fit for a log.
  */
 public 
@@ -2796,6 +2882,30 @@ fileprivate struct FfiConverterOptionTypeFineTuneMode: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterTypeFineTuneMode.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeLayerSummary: FfiConverterRustBuffer {
+    typealias SwiftType = LayerSummary?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeLayerSummary.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeLayerSummary.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use mobillm_core::dataset::{self, Split};
 use mobillm_core::fine_tune::{fine_tune, CancelToken, FineTuneConfig};
-use mobillm_core::side::DeviceAdapter;
+use mobillm_core::side::{DeviceAdapter, Summary};
 use mobillm_core::wire::Quant;
 use mobillm_core::{memory, Backbone, Mode, TaskSpec};
 use progress::ProgressReport;
@@ -108,6 +108,10 @@ struct FineTuneArgs {
     /// several partitions of the samples and not only the real one (docs/privacy.md).
     #[arg(long, default_value_t = 0)]
     decoys: usize,
+    /// pae: what is sent of each tapped layer: its pivot (default), or its pivot and its mean over the prompt's
+    /// tokens (twice the upload; pays on long texts and labels that rest on a few words).
+    #[arg(long, value_enum, default_value_t = SummaryArg::Pivot)]
+    summary: SummaryArg,
     /// Save the device adapter here.
     #[arg(long)]
     save: Option<PathBuf>,
@@ -117,6 +121,12 @@ struct FineTuneArgs {
     /// Leave the session (and its cached activations) on the server.
     #[arg(long)]
     keep_session: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SummaryArg {
+    Pivot,
+    PivotAndMean,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -193,6 +203,10 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         keep_server_session: args.keep_session,
         label_epsilon: args.label_epsilon,
         decoys: args.decoys,
+        summary: match args.summary {
+            SummaryArg::Pivot => Summary::Pivot,
+            SummaryArg::PivotAndMean => Summary::PivotAndMean,
+        },
         ..FineTuneConfig::for_mode(args.mode)
     };
     args.epochs.inspect(|&v| cfg.epochs = v);
@@ -221,6 +235,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         "finetuned_acc": outcome.finetuned_acc,
         "label_epsilon": outcome.label_epsilon,
         "decoys": cfg.decoys,
+        "summary": cfg.summary,
         "train_samples": outcome.train_samples,
         "validation_samples": outcome.validation_samples,
         "test_samples": outcome.test_samples,

@@ -3508,6 +3508,11 @@ data class FineTuneOptions (
      * hold several partitions of the samples, and only the device knows which is real.
      */
     var `decoys`: kotlin.UInt? = null 
+    , 
+    /**
+     * `pae`: what is sent of each tapped layer (default: its pivot).
+     */
+    var `summary`: LayerSummary? = null 
     
 ){
     
@@ -3539,6 +3544,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.read(buf),
             FfiConverterOptionalDouble.read(buf),
             FfiConverterOptionalUInt.read(buf),
+            FfiConverterOptionalTypeLayerSummary.read(buf),
         )
     }
 
@@ -3557,7 +3563,8 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.allocationSize(value.`forwardBatch`) +
             FfiConverterOptionalUInt.allocationSize(value.`pollMillis`) +
             FfiConverterOptionalDouble.allocationSize(value.`labelEpsilon`) +
-            FfiConverterOptionalUInt.allocationSize(value.`decoys`)
+            FfiConverterOptionalUInt.allocationSize(value.`decoys`) +
+            FfiConverterOptionalTypeLayerSummary.allocationSize(value.`summary`)
     )
 
     override fun write(value: FineTuneOptions, buf: ByteBuffer) {
@@ -3576,6 +3583,7 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.write(value.`pollMillis`, buf)
             FfiConverterOptionalDouble.write(value.`labelEpsilon`, buf)
             FfiConverterOptionalUInt.write(value.`decoys`, buf)
+            FfiConverterOptionalTypeLayerSummary.write(value.`summary`, buf)
     }
 }
 
@@ -3916,6 +3924,50 @@ public object FfiConverterTypeFineTunePhase: FfiConverterRustBuffer<FineTunePhas
     override fun allocationSize(value: FineTunePhase) = 4UL
 
     override fun write(value: FineTunePhase, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+/**
+ * What a `pae` fine-tune sends of each tapped layer, per example.
+ */
+
+enum class LayerSummary {
+    
+    /**
+     * The hidden state at the answer cue (default).
+     */
+    PIVOT,
+    /**
+     * The pivot and the mean over the prompt's tokens: twice the upload, for long texts and labels that rest on a
+     * few words.
+     */
+    PIVOT_AND_MEAN;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeLayerSummary: FfiConverterRustBuffer<LayerSummary> {
+    override fun read(buf: ByteBuffer) = try {
+        LayerSummary.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: LayerSummary) = 4UL
+
+    override fun write(value: LayerSummary, buf: ByteBuffer) {
         buf.putInt(value.ordinal + 1)
     }
 }
@@ -4417,6 +4469,38 @@ public object FfiConverterOptionalTypeFineTuneMode: FfiConverterRustBuffer<FineT
         } else {
             buf.put(1)
             FfiConverterTypeFineTuneMode.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterOptionalTypeLayerSummary: FfiConverterRustBuffer<LayerSummary?> {
+    override fun read(buf: ByteBuffer): LayerSummary? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeLayerSummary.read(buf)
+    }
+
+    override fun allocationSize(value: LayerSummary?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeLayerSummary.allocationSize(value)
+        }
+    }
+
+    override fun write(value: LayerSummary?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeLayerSummary.write(value, buf)
         }
     }
 }

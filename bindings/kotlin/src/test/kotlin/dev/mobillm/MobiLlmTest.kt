@@ -128,6 +128,19 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
             }
         }
     },
+    "pivots and means: about twice the upload, an adapter that predicts; not an option of mobillm mode" to {
+        FineTuneSession(backbone, task).use { session ->
+            session.addExamples(examples(40))
+            val both = options().copy(summary = LayerSummary.PIVOT_AND_MEAN)
+            val result = runBlocking { session.fineTune(both, null) }
+            val ratio = result.uploadBytes.toDouble() / trained.uploadBytes.toDouble()
+            assertTrue(ratio > 1.5 && ratio < 2.5, "upload ${result.uploadBytes} against ${trained.uploadBytes}")
+            assertEquals(LABELS.size, result.adapter.predict(backbone, "good").scores.size)
+            assertFailsWith<MobiLlmException.InvalidInput> {
+                runBlocking { session.fineTune(both.copy(mode = FineTuneMode.MOBILLM), null) }
+            }
+        }
+    },
     "the adapter predicts every label with probabilities, and moves predictions towards the labels" to {
         val adapter = trained.adapter
         assertEquals(LABELS, adapter.labels())
