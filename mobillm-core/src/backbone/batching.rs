@@ -3,6 +3,8 @@
 //! `max_examples` per batch, and at most `max_tokens` padded tokens, so the longest prompts go in smaller batches
 //! and the forward's working memory stays flat (the cost per token is the same).
 
+use candle_core::{Tensor, WithDType};
+
 use crate::error::Result;
 use crate::task::Task;
 use crate::tokenizer::Tokenizer;
@@ -63,6 +65,16 @@ pub fn group_by_length(encoded: &[Vec<u32>], max_examples: usize, max_tokens: us
         }
     }
     groups
+}
+
+/// Copies row `j` of a batch's output (`row` values each, converted to `T`) to row `group[j]` of `out`: a forward
+/// batch's results back in the caller's order.
+pub fn scatter_rows<T: WithDType>(batch: &Tensor, group: &[usize], row: usize, out: &mut [T]) -> Result<()> {
+    let values = batch.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?;
+    for (j, &i) in group.iter().enumerate() {
+        out[i * row..(i + 1) * row].copy_from_slice(&values[j * row..(j + 1) * row]);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

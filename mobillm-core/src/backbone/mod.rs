@@ -9,6 +9,7 @@ pub mod weights;
 
 use std::path::Path;
 
+use batching::scatter_rows;
 pub use batching::Batches;
 pub use config::LlamaConfig;
 pub use llama::{Llama, PivotOutput};
@@ -110,12 +111,12 @@ impl Backbone {
         let mut done = 0;
         for group in &batches.groups {
             let out = self.llama.forward_pivots(&batches.batch(group), taps, task.label_token_ids())?;
-            scatter(&out.taps, group, t * d, &mut taps_out)?;
-            scatter(&out.label_logits, group, k, &mut logits_out)?;
+            scatter_rows(&out.taps, group, t * d, &mut taps_out)?;
+            scatter_rows(&out.label_logits, group, k, &mut logits_out)?;
             if with_means {
                 let means =
                     out.means.as_ref().ok_or_else(|| Error::Internal("a batch came back without means".into()))?;
-                scatter(means, group, t * d, &mut means_out)?;
+                scatter_rows(means, group, t * d, &mut means_out)?;
             }
             done += group.len();
             progress(done, n);
@@ -127,13 +128,4 @@ impl Backbone {
             means: with_means.then(|| candle_core::Tensor::from_vec(means_out, (n, t, d), dev)).transpose()?,
         })
     }
-}
-
-/// Copies row `j` of a batch's output (`row` values each) to row `group[j]` of `out`.
-fn scatter(batch: &candle_core::Tensor, group: &[usize], row: usize, out: &mut [f32]) -> Result<()> {
-    let values = batch.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    for (j, &i) in group.iter().enumerate() {
-        out[i * row..(i + 1) * row].copy_from_slice(&values[j * row..(j + 1) * row]);
-    }
-    Ok(())
 }

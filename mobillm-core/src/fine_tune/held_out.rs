@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::progress::{Phase, Progress};
 use super::stopping::Score;
 use super::Run;
-use crate::backbone::batching::BATCH_TOKENS;
+use crate::backbone::batching::{scatter_rows, BATCH_TOKENS};
 use crate::dataset::Example;
 use crate::error::Result;
 use crate::side::targets::{accuracy, predict};
@@ -72,12 +72,8 @@ impl Run<'_> {
             let out =
                 self.backbone.llama().forward_pivots(&batches.batch(group), self.taps, self.task.label_token_ids())?;
             let inputs = self.side.summary.inputs(&out.taps, out.means.as_ref())?;
-            let rows = inputs.to_dtype(DType::F16)?.flatten_all()?.to_vec1::<half::f16>()?;
-            let z = out.label_logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            for (j, &i) in group.iter().enumerate() {
-                taps[i * per..(i + 1) * per].copy_from_slice(&rows[j * per..(j + 1) * per]);
-                logits[i * k..(i + 1) * k].copy_from_slice(&z[j * k..(j + 1) * k]);
-            }
+            scatter_rows(&inputs, group, per, &mut taps)?;
+            scatter_rows(&out.label_logits, group, k, &mut logits)?;
             done += group.len();
             progress(&Progress::new(Phase::Evaluate, done, n, 0, None));
         }

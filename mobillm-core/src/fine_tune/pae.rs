@@ -18,7 +18,7 @@ use super::progress::{Phase, Progress};
 use super::remote::Upload;
 use super::stopping::{Stopping, ROUNDS_WITHOUT_VALIDATION};
 use super::{random_split, Run, Trained};
-use crate::backbone::batching::BATCH_TOKENS;
+use crate::backbone::batching::{scatter_rows, BATCH_TOKENS};
 use crate::dataset::Example;
 use crate::error::{Error, Result};
 use crate::side::decoys::{self, DecoyTasks};
@@ -97,9 +97,7 @@ impl Run<'_> {
                     let x = self.secrets.rotate_activations(&inputs)?;
                     let delta = decoys::differences(logits, None, &group_labels, &group_decoys, self.cfg.tau)?;
                     let y = self.secrets.encode_targets(&delta)?;
-                    for (j, row) in logits.to_vec2::<f32>()?.into_iter().enumerate() {
-                        z_b[group[j] * k..(group[j] + 1) * k].copy_from_slice(&row);
-                    }
+                    scatter_rows(logits, group, k, &mut z_b)?;
                     acts.extend(x.flatten_all()?.to_vec1::<f32>()?);
                     targets.extend(y.flatten_all()?.to_vec1::<f32>()?);
                     pending.extend_from_slice(group);

@@ -8,7 +8,7 @@
 //! signs of R's diagonal moved into Q.
 //!
 //! With two summaries per layer (`Summary::PivotAndMean`) a layer's pivot and mean share its `R_i`: the
-//! rotations stay one per layer (40 MB, not 80), at the price of the server seeing each sample's inner products
+//! rotations stay one per layer (20 MB, not 40), at the price of the server seeing each sample's inner products
 //! between its pivot and mean at a layer (docs/privacy.md).
 //!
 //! The rotations are kept as f16: 20 MB at SmolLM2's size rather than 40. Rounding them (relative error 2⁻¹¹, so

@@ -108,10 +108,10 @@ struct FineTuneArgs {
     /// several partitions of the samples and not only the real one (docs/privacy.md).
     #[arg(long, default_value_t = 0)]
     decoys: usize,
-    /// pae: what is sent of each tapped layer: its pivot (default), or its pivot and its mean over the prompt's
-    /// tokens (twice the upload; pays on long texts and labels that rest on a few words).
-    #[arg(long, value_enum, default_value_t = SummaryArg::Pivot)]
-    summary: SummaryArg,
+    /// pae: what is sent of each tapped layer: `pivot` (default), or `pivot-and-mean`, its pivot and its mean
+    /// over the prompt's tokens (twice the upload; pays on long texts and labels that rest on a few words).
+    #[arg(long, default_value = "pivot")]
+    summary: Summary,
     /// Save the device adapter here.
     #[arg(long)]
     save: Option<PathBuf>,
@@ -121,12 +121,6 @@ struct FineTuneArgs {
     /// Leave the session (and its cached activations) on the server.
     #[arg(long)]
     keep_session: bool,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum SummaryArg {
-    Pivot,
-    PivotAndMean,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -203,10 +197,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         keep_server_session: args.keep_session,
         label_epsilon: args.label_epsilon,
         decoys: args.decoys,
-        summary: match args.summary {
-            SummaryArg::Pivot => Summary::Pivot,
-            SummaryArg::PivotAndMean => Summary::PivotAndMean,
-        },
+        summary: args.summary,
         ..FineTuneConfig::for_mode(args.mode)
     };
     args.epochs.inspect(|&v| cfg.epochs = v);
