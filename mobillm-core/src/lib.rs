@@ -17,7 +17,7 @@
 //! - [`protocol`]: the JSON messages of the `/v1` API and the bounds of every client-chosen size;
 //! - [`wire`]: the binary frames of the `/v1` API (quantised activations, targets, outputs);
 //! - [`client`]: the device's blocking HTTP client for the assist server;
-//! - [`fine_tune`]: a whole fine-tune on the device, in `pae` or `mobillm` mode.
+//! - [`fine_tune`]: a whole fine-tune on the device, in `pae`, `mobillm` or `local` mode.
 //!
 //! Support: [`error`] (the one error type), [`memory`] (peak resident memory, for the benchmarks), and
 //! `testkit` (feature `testkit`: tiny generated models and the fuzz targets' bodies).
@@ -39,7 +39,7 @@ pub mod wire;
 
 pub use backbone::{Backbone, LlamaConfig, PivotOutput};
 pub use error::{Error, Result};
-pub use protocol::Mode;
+pub use fine_tune::Mode;
 pub use task::{Task, TaskSpec};
 pub use tokenizer::Tokenizer;
 

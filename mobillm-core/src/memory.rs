@@ -44,3 +44,15 @@ pub fn release_large_blocks() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
     }
 }
+
+/// Hands the heap's free pages back to the kernel (glibc's `malloc_trim`). Between phases that allocate in
+/// different patterns (the backbone forwards, then a `local` fine-tune's training) the heap keeps the first
+/// phase's free fragments resident (measured in a `local` demo: 187–207 MB resident after the forwards, 180 MB
+/// after the trim). A no-op off glibc.
+pub fn release_free_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the kernel (glibc takes its own locks).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

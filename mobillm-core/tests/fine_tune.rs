@@ -50,12 +50,16 @@ struct Fixture {
 }
 
 fn fixture(seed: u64) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
+    let (backbone, dir) = tiny_backbone(seed);
     let server = start(&dir.path().join("data"));
+    Fixture { server, backbone, dir }
+}
+
+fn tiny_backbone(seed: u64) -> (Backbone, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     mobillm_core::testkit::write_tiny_gguf(seed, &model);
-    let backbone = Backbone::load(&model).unwrap();
-    Fixture { server, backbone, dir }
+    (Backbone::load(&model).unwrap(), dir)
 }
 
 fn spec() -> TaskSpec {
@@ -84,7 +88,7 @@ fn config(url: &str, mode: Mode) -> FineTuneConfig {
         rank: 4,
         lr: 1e-2,
         batch_size: 8,
-        epochs: if mode == Mode::Pae { 15 } else { 12 },
+        epochs: if mode == Mode::Mobillm { 12 } else { 15 },
         max_rounds: 2,
         forward_batch: 8,
         upload_chunk: 10,
@@ -285,4 +289,80 @@ fn cancelling_mid_training_stops_and_deletes_the_server_session() {
     let wrong_key = FineTuneConfig { api_key: "nope".into(), ..cfg.clone() };
     let err = fine_tune(backbone, spec(), &train, &test, &wrong_key, &CancelToken::new(), &mut |_| {}).unwrap_err();
     assert!(matches!(&err, Error::Server { status: 401, .. }), "{err}");
+}
+
+#[test]
+fn local_mode_trains_on_the_device_with_no_server_at_all() {
+    let (backbone, dir) = &tiny_backbone(14);
+    let (train, test) = (examples(220, 0), examples(12, 1000));
+    let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
+    // Nothing listens on the discard port and there is no key: a local fine-tune must not need either.
+    let cfg = FineTuneConfig {
+        server_url: "http://127.0.0.1:9".into(),
+        api_key: String::new(),
+        max_rounds: 4,
+        ..config("", Mode::Local)
+    };
+    let mut seen = Vec::new();
+    let o = fine_tune(backbone, spec(), &train, &test, &cfg, &CancelToken::new(), &mut |p| seen.push(*p)).unwrap();
+    assert_eq!((o.mode, o.upload_bytes, o.server_train_s), (Mode::Local, 0, 0.0));
+    assert!(o.device_train_s > 0.0 && o.device_forward_s > 0.0, "{o:?}");
+    assert!(o.adapter.secret_seed.is_none() && o.adapter.whitening.is_none(), "nothing to hide from anyone");
+    assert_eq!(o.adapter.net.out_rows(), 2, "one output per label: no padding to hide K");
+
+    // It learns: the fused model's probability of the true label rises well above the backbone's.
+    let zero = mobillm_core::side::DeviceAdapter {
+        net: mobillm_core::side::SideNet::from_tensors(
+            o.adapter.side_config(),
+            &o.adapter.net.tensors().into_iter().map(|(n, t)| (n, t.zeros_like().unwrap())).collect::<Vec<_>>(),
+        )
+        .unwrap(),
+        ..o.adapter.clone()
+    };
+    let before = p_true(&zero.predict(backbone, &texts).unwrap(), &train);
+    let after = p_true(&o.adapter.predict(backbone, &texts).unwrap(), &train);
+    assert!(after > before + 0.05, "local training moves predictions towards the labels: {before} → {after}");
+
+    // Rounds as in `pae`: a validation split on the device, one report per round, the kept round's network.
+    assert_eq!((o.train_samples, o.validation_samples), (220, 22));
+    assert!((1..=4).contains(&o.rounds_used) && o.rounds.len() == o.rounds_used, "{o:?}");
+    assert_eq!(o.finetuned_acc, Some(o.rounds[o.kept_round - 1].finetuned_acc));
+    // Progress: the forward, the held-out forwards, the device's epochs of every round; no secrets or targets.
+    let phases: Vec<Phase> = seen.iter().map(|p| p.phase).collect();
+    assert!(!phases.contains(&Phase::Secrets) && !phases.contains(&Phase::Targets), "{phases:?}");
+    assert!(seen.iter().any(|p| p.phase == Phase::Forward && p.done == 198 && p.total == 198));
+    assert!(seen.iter().any(|p| p.phase == Phase::Train && p.round == 1 && p.done == 15 && p.loss.is_some()));
+    assert_eq!(phases.last(), Some(&Phase::Done));
+
+    // The adapter file round-trips and predicts the same.
+    let file = dir.path().join("local.safetensors");
+    o.adapter.save(&file).unwrap();
+    let loaded = mobillm_core::side::DeviceAdapter::load(&file).unwrap();
+    assert_eq!(loaded.predict(backbone, &texts).unwrap(), o.adapter.predict(backbone, &texts).unwrap());
+
+    // Pivots and means are kept on the device just as well.
+    let both = FineTuneConfig { summary: Summary::PivotAndMean, max_rounds: 1, ..cfg.clone() };
+    let b = fine_tune(backbone, spec(), &train[..40], &test, &both, &CancelToken::new(), &mut |_| {}).unwrap();
+    assert_eq!(b.adapter.side_config().taps, 2 * b.adapter.taps.len());
+    let after_both = p_true(&b.adapter.predict(backbone, &texts).unwrap(), &train);
+    assert!(after_both > before + 0.05, "local on pivots and means learns: {before} → {after_both}");
+
+    // Cancelled during the device's training: stops within an epoch.
+    let cancel = CancelToken::new();
+    let long = FineTuneConfig { epochs: 1000, ..cfg.clone() };
+    let result = fine_tune(backbone, spec(), &train[..40], &test, &long, &cancel, &mut |p| {
+        if p.phase == Phase::Train && p.done >= 2 {
+            cancel.cancel();
+        }
+    });
+    assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+
+    // What only means something with a server is refused by name.
+    for (bad, why) in [
+        (FineTuneConfig { label_epsilon: Some(1.0), ..cfg.clone() }, "`local` mode sends nothing"),
+        (FineTuneConfig { decoys: 1, ..cfg.clone() }, "decoys need `pae`"),
+    ] {
+        let err = fine_tune(backbone, spec(), &train, &test, &bad, &CancelToken::new(), &mut |_| {}).unwrap_err();
+        assert!(matches!(&err, Error::InvalidInput(m) if m.contains(why)), "{why}: {err}");
+    }
 }

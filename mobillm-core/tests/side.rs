@@ -132,9 +132,19 @@ fn gradients_match_finite_differences() {
             SideTrainer::from_tensors(&c, &TrainConfig::default(), random_params(13, DType::F64, c.outputs)).unwrap();
         let loss = |t: &SideTrainer| t.loss(&x, objective, None).unwrap().to_scalar::<f64>().unwrap();
         let grads = trainer.loss(&x, objective, None).unwrap().backward().unwrap();
+        // What training steps on: the projections' gradient computed by hand, in a mini-batch's sample order.
+        let (batch_loss, batch) = trainer.batch_grads(&x, objective, &[3, 0, 5, 1, 4, 2]).unwrap();
+        assert!((batch_loss - loss(&trainer)).abs() < 1e-12);
         let eps = 1e-6;
         for (name, var) in trainer.vars() {
             let g = grads.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let b = batch.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert_close(
+                &b.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                &g.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                1e-6,
+                &name,
+            );
             let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
             for probe in 0..4 {
                 let j = (probe * 7919 + name.len()) % base.len();
@@ -153,6 +163,42 @@ fn gradients_match_finite_differences() {
                 );
             }
         }
+    }
+}
+
+/// A mini-batch larger than a micro-batch is stepped on as one: the micro-batches' gradients, weighted by their
+/// shares, sum to the whole mini-batch's.
+#[test]
+fn a_mini_batch_of_several_micro_batches_takes_one_whole_step() {
+    let c = cfg();
+    let n = 2 * mobillm_core::side::trainer::MICRO_BATCH + 22;
+    let mut rng = Rng::new(31);
+    let x = normalize_taps(&gaussian(&mut rng, &[n, T, D], DType::F64)).unwrap();
+    let labels: Vec<u32> = (0..n as u32).map(|i| i % K as u32).collect();
+    let objective = Objective::CrossEntropy {
+        labels: Tensor::new(labels.as_slice(), &Device::Cpu).unwrap(),
+        prior: gaussian(&mut rng, &[n, K], DType::F64),
+    };
+    let tc = TrainConfig { optimizer: Optimizer::Sgd, lr: 0.3, batch_size: n, ..Default::default() };
+    let mut trainer = SideTrainer::from_tensors(&c, &tc, random_params(33, DType::F64, c.outputs)).unwrap();
+    let before: Vec<(String, Vec<f32>)> =
+        trainer.vars().into_iter().map(|(name, v)| (name, flat(v.as_tensor()))).collect();
+    let whole = trainer.loss(&x, &objective, None).unwrap().backward().unwrap();
+    let expected: Vec<(String, Vec<f32>)> = trainer
+        .vars()
+        .into_iter()
+        .map(|(name, v)| {
+            let step = (v.as_tensor() - (whole.get(&v).unwrap() * 0.3).unwrap()).unwrap();
+            (name, flat(&step))
+        })
+        .collect();
+    let reports = trainer.fit(&x, &objective, 1, |_, _| ControlFlow::Continue(())).unwrap();
+    assert_eq!(reports.len(), 1);
+    for (name, want) in expected {
+        let got = flat(trainer.vars()[&name].as_tensor());
+        assert_close(&got, &want, 1e-6, &name);
+        let was = &before.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert!(got.iter().zip(was).any(|(a, b)| (a - b).abs() > 1e-4), "{name} moved");
     }
 }
 

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
+use mobillm_core::fine_tune::Mode;
 use mobillm_core::fine_tune::{FineTuneConfig, Outcome, Phase, Progress};
-use mobillm_core::protocol::Mode;
 use mobillm_core::side::Summary;
 use mobillm_core::wire::Quant;
 
@@ -44,6 +44,7 @@ impl From<FineTuneMode> for Mode {
         match m {
             FineTuneMode::Pae => Mode::Pae,
             FineTuneMode::Mobillm => Mode::Mobillm,
+            FineTuneMode::Local => Mode::Local,
         }
     }
 }
@@ -151,6 +152,7 @@ impl From<Outcome> for FineTuneResult {
             kept_round: o.kept_round as u32,
             upload_bytes: o.upload_bytes,
             device_forward_seconds: o.device_forward_s,
+            device_train_seconds: o.device_train_s,
             server_train_seconds: o.server_train_s,
             wall_seconds: o.wall_s,
         }
@@ -192,9 +194,12 @@ mod tests {
 
     #[test]
     fn unset_options_take_the_cores_defaults_for_the_mode() {
-        for (mode, core) in
-            [(None, Mode::Pae), (Some(FineTuneMode::Pae), Mode::Pae), (Some(FineTuneMode::Mobillm), Mode::Mobillm)]
-        {
+        for (mode, core) in [
+            (None, Mode::Pae),
+            (Some(FineTuneMode::Pae), Mode::Pae),
+            (Some(FineTuneMode::Mobillm), Mode::Mobillm),
+            (Some(FineTuneMode::Local), Mode::Local),
+        ] {
             let got = FineTuneConfig::from(&options(mode));
             let want = FineTuneConfig::for_mode(core);
             assert_eq!(

@@ -16,6 +16,10 @@ pub enum FineTuneMode {
     Pae,
     /// MobiLLM: all tokens every epoch, labels on the server (for comparison).
     Mobillm,
+    /// No server: the device keeps its pivots and trains the side network itself; nothing leaves the phone.
+    /// Costs device time and memory instead of a server (docs/modes.md); the kept pivots may take at most 256 MB
+    /// (about 15 000 examples on SmolLM2-135M).
+    Local,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
@@ -36,12 +40,15 @@ pub enum LayerSummary {
 }
 
 /// How to reach the assist server and how to train. Unset fields take the SDK's defaults for the mode (those of
-/// `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `Debug` never prints the API key.
+/// `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `local` mode needs neither the server's URL nor its key.
+/// `Debug` never prints the API key.
 #[derive(Clone, uniffi::Record)]
 pub struct FineTuneOptions {
     /// `https://…` (`http://` only to loopback, unless `allow_insecure_http`).
+    #[uniffi(default = "")]
     pub server_url: String,
     /// The server's API key for creating sessions.
+    #[uniffi(default = "")]
     pub api_key: String,
     /// Trust only this CA certificate (PEM) instead of the platform's trust store.
     #[uniffi(default = None)]
@@ -52,10 +59,10 @@ pub struct FineTuneOptions {
     pub allow_insecure_http: Option<bool>,
     #[uniffi(default = None)]
     pub mode: Option<FineTuneMode>,
-    /// `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
+    /// `pae`, `local`: epochs per round (default 10). `mobillm`: passes over the data (default 3).
     #[uniffi(default = None)]
     pub epochs: Option<u32>,
-    /// `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
+    /// `pae`, `local`: at most this many rounds (default 8; `local` 4); fewer when the tenth of the examples held back on
     /// the device stops improving (below 200 examples there is no split and 3 rounds run).
     #[uniffi(default = None)]
     pub max_rounds: Option<u32>,
@@ -82,7 +89,7 @@ pub struct FineTuneOptions {
     /// hold several partitions of the samples, and only the device knows which is real.
     #[uniffi(default = None)]
     pub decoys: Option<u32>,
-    /// `pae`: what is sent of each tapped layer (default: its pivot).
+    /// `pae`, `local`: what is kept of each tapped layer (default: its pivot).
     #[uniffi(default = None)]
     pub summary: Option<LayerSummary>,
 }
@@ -157,11 +164,13 @@ pub struct FineTuneResult {
     pub train_samples: u64,
     pub validation_samples: u64,
     pub test_samples: u64,
-    /// Refinement rounds run (`pae`) or passes over the data (`mobillm`), and the one the adapter holds.
+    /// Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the adapter holds.
     pub rounds_used: u32,
     pub kept_round: u32,
     pub upload_bytes: u64,
     pub device_forward_seconds: f64,
+    /// Seconds the device spent training the side network (`local`; 0 otherwise).
+    pub device_train_seconds: f64,
     pub server_train_seconds: f64,
     pub wall_seconds: f64,
 }
@@ -172,7 +181,8 @@ pub struct LabeledText {
     pub label: String,
 }
 
-/// Collects labelled examples for one task and fine-tunes the backbone on them through an assist server.
+/// Collects labelled examples for one task and fine-tunes the backbone on them, through an assist server or on
+/// the device (`local`).
 #[derive(uniffi::Object)]
 pub struct FineTuneSession {
     backbone: Arc<mobillm_core::Backbone>,

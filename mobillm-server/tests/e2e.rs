@@ -8,10 +8,11 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 use mobillm_core::client::AssistClient;
 use mobillm_core::protocol::CreateSession;
+use mobillm_core::protocol::Mode;
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences};
 use mobillm_core::side::{normalize_taps, weights_file, SampleId, Secrets, SideConfig, SideNet};
 use mobillm_core::wire::Quant;
-use mobillm_core::{Error, Mode};
+use mobillm_core::Error;
 
 const KEY: &str = "e2e-key";
 const T: usize = 4;

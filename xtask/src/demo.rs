@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the main job end to end. Fetches the model and data if needed, builds and starts
 //! `mobillm-server` on a free loopback port with a temporary data dir, runs `mobillm-device fine-tune` against it
-//! in its own process (progress on stderr), and prints the device's JSON result as the last line.
+//! in its own process (progress on stderr), and prints the device's JSON result as the last line. With
+//! `--mode local` no server is started: the device trains on its own.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,7 +15,7 @@ use crate::processes::{build_binaries, metric, start_server};
 #[derive(clap::Args, Default)]
 pub struct Args {
     /// `pae` (default): pivots once, device-defined targets, secrets. `mobillm`: all tokens every epoch, labels
-    /// on the server.
+    /// on the server. `local`: no server; the device trains the side network itself.
     #[arg(long, default_value = "pae")]
     pub mode: String,
     #[command(flatten)]
@@ -25,7 +26,7 @@ pub struct Args {
     /// At most N held-out examples (default: all; UCI has 600).
     #[arg(long)]
     pub test: Option<usize>,
-    /// pae: server epochs per round (default 10, at most 8 rounds); mobillm: passes over the data (default 3).
+    /// pae, local: epochs per round (default 10, at most 8 rounds); mobillm: passes over the data (default 3).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Save the device adapter here.
@@ -64,14 +65,19 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
         }
     };
     let bin_dir = build_binaries()?;
-    let api_key = format!("demo-{}", std::process::id());
-    let log = work.join("server.log");
-    let server = start_server(&bin_dir, &work.join("data"), &api_key, &log)?;
-    let url = &server.url;
-    eprintln!("demo: assist server at {url} (log: {})", log.display());
-
     let mut device = Command::new(bin_dir.join("mobillm-device"));
-    device.arg("fine-tune").arg("--model").arg(&model).args(["--server", url]).env("MOBILLM_API_KEY", &api_key);
+    device.arg("fine-tune").arg("--model").arg(&model);
+    let log = work.join("server.log");
+    let server = if args.mode == "local" {
+        eprintln!("demo: local mode, no assist server");
+        None
+    } else {
+        let api_key = format!("demo-{}", std::process::id());
+        let server = start_server(&bin_dir, &work.join("data"), &api_key, &log)?;
+        eprintln!("demo: assist server at {} (log: {})", server.url, log.display());
+        device.args(["--server", &server.url]).env("MOBILLM_API_KEY", &api_key);
+        Some(server)
+    };
     device.args(&data).args(["--mode", &args.mode]);
     for (flag, value) in [("--train", args.train), ("--test", args.test), ("--epochs", args.epochs)] {
         if let Some(v) = value {
@@ -97,7 +103,7 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
     let mut result: serde_json::Value =
         serde_json::from_str(last).with_context(|| format!("mobillm-device printed {last:?}"))?;
     // The server's own training throughput, from its metrics (samples × epochs per second of training).
-    if let Ok(metrics) = server.admin_get("/metrics") {
+    if let Some(Ok(metrics)) = server.as_ref().map(|s| s.admin_get("/metrics")) {
         if let (Some(samples), Some(seconds)) =
             (metric(&metrics, "mobillm_trained_samples_total"), metric(&metrics, "mobillm_training_seconds_total"))
         {

@@ -1,5 +1,6 @@
 //! `cargo xtask test`, the README's test command: fetches what the tests need, then runs every test of the
-//! workspace in release mode, the API check, the SDK's checks, a small demo and a small privacy audit.
+//! workspace in release mode, the API check, the SDK's checks, a small demo in `pae` and in `local` mode and a small
+//! privacy audit.
 
 use anyhow::Result;
 use xtask::{demo, fetch, paths};
@@ -52,6 +53,23 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     anyhow::ensure!(per_sample <= 20_000.0, "the demo uploaded {per_sample} bytes per sample (goal ≤ 20 KB)");
     eprintln!("test: demo smoke run passed");
+    // The same in `local` mode: no server started, nothing sent, and it still learns.
+    eprintln!("test: local demo smoke run (160 train / 100 held-out UCI sentences, no server)");
+    let local = demo::run(demo::Args {
+        mode: "local".into(),
+        train: Some(160),
+        test: Some(100),
+        epochs: Some(5),
+        ..Default::default()
+    })?;
+    println!("{local}");
+    let (zero, tuned) = (local["zero_shot_acc"].as_f64(), local["finetuned_acc"].as_f64());
+    anyhow::ensure!(
+        matches!((zero, tuned), (Some(z), Some(t)) if t >= z + 0.05),
+        "the local fine-tune did not beat zero-shot by 5 points: {local}"
+    );
+    anyhow::ensure!(local["upload_bytes"].as_u64() == Some(0), "a local fine-tune sent bytes: {local}");
+    eprintln!("test: local demo smoke run passed");
     // The privacy audit, small: the attacks still work with the secrets off, and the default holds its goals.
     eprintln!("test: quick privacy audit (400 training sentences, 200 attacked)");
     lab::run("audit", &["--quick".to_string()])?;

@@ -4,11 +4,56 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::protocol::Mode;
+use crate::protocol;
 use crate::side::{SideConfig, Summary, TrainConfig};
 use crate::wire::Quant;
 
-/// `Debug` never prints the API key.
+/// Where the side network trains.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// PAE MobiLLM (the default): pivots sent once with device-defined targets, secrets; the server trains.
+    #[default]
+    Pae,
+    /// MobiLLM: every token's activations each pass, labels on the server (for comparison).
+    Mobillm,
+    /// No server: the device keeps its pivots (int8) and trains the side network itself, with labels
+    /// (`fine_tune::local`). Nothing leaves the device.
+    Local,
+}
+
+impl Mode {
+    /// The server session's mode; `None` for `local`, which opens none.
+    pub fn remote(self) -> Option<protocol::Mode> {
+        match self {
+            Mode::Pae => Some(protocol::Mode::Pae),
+            Mode::Mobillm => Some(protocol::Mode::Mobillm),
+            Mode::Local => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.remote() {
+            Some(m) => m.fmt(f),
+            None => f.write_str("local"),
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pae" => Ok(Mode::Pae),
+            "mobillm" => Ok(Mode::Mobillm),
+            "local" => Ok(Mode::Local),
+            other => Err(Error::InvalidInput(format!("unknown mode {other:?} (pae, mobillm or local)"))),
+        }
+    }
+}
+
+/// `Debug` never prints the API key. `local` mode reads none of the server's fields.
 #[derive(Clone)]
 pub struct FineTuneConfig {
     pub server_url: String,
@@ -20,20 +65,22 @@ pub struct FineTuneConfig {
     pub mode: Mode,
     /// Tapped blocks; `None` taps them all.
     pub taps: Option<Vec<usize>>,
-    /// `pae`: what is sent of each tapped block (the pivot by default; with the mean too, twice the upload).
+    /// `pae` and `local`: what is kept of each tapped block (the pivot by default; with the mean too, twice the
+    /// upload or the device's buffer).
     pub summary: Summary,
     /// Side-network width w and bottleneck rank r.
     pub width: usize,
     pub rank: usize,
     pub lr: f64,
     /// Largest server mini-batch (`pae`): a small data set gets `n/8` (at least 16), so every epoch takes at least
-    /// 8 optimiser steps (measured: 256 examples reach 93% after one round at 32, 78.5% at 128). In `mobillm` mode
-    /// a step is one forward batch.
+    /// 8 optimiser steps (measured: 256 examples reach 93% after one round at 32, 78.5% at 128); `local` likewise
+    /// on the device. In `mobillm` mode a step is one forward batch.
     pub batch_size: usize,
     pub seed: u64,
-    /// `pae`: server epochs per round. `mobillm`: passes over the data, each a new device forward.
+    /// `pae`: server epochs per round; `local`: the device's. `mobillm`: passes over the data, each a new device
+    /// forward.
     pub epochs: usize,
-    /// `pae`: at most this many refinement rounds; fewer when the validation split stops improving
+    /// `pae` and `local`: at most this many rounds; fewer when the validation split stops improving
     /// (`fine_tune::stopping`).
     pub max_rounds: usize,
     /// τ, the scale of the prediction differences (docs/design.md §4).
@@ -61,12 +108,13 @@ pub struct FineTuneConfig {
 
 impl FineTuneConfig {
     /// The measured defaults of `mode` (docs/side-network.md) against a server on `http://127.0.0.1:8787`.
-    /// `mobillm` mode takes smaller steps (lr 10⁻³, one per forward batch) and 3 passes over the data.
+    /// `mobillm` mode takes smaller steps (lr 10⁻³, one per forward batch) and 3 passes over the data; `local`
+    /// runs at most 4 rounds (the phone pays for each).
     pub fn for_mode(mode: Mode) -> Self {
         let side = SideConfig::new(1, 1, 2);
         let train = TrainConfig::default();
         let (epochs, lr) = match mode {
-            Mode::Pae => (train.epochs, train.lr),
+            Mode::Pae | Mode::Local => (train.epochs, train.lr),
             Mode::Mobillm => (3, 1e-3),
         };
         Self {
@@ -83,7 +131,9 @@ impl FineTuneConfig {
             batch_size: train.batch_size,
             seed: train.seed,
             epochs,
-            max_rounds: 8,
+            // Local rounds run on the phone: 4 bound its training to about half its forward's time on UCI (each
+            // round ≈ 15–25 s for 2160 examples on 2 cores); rounds past the first added 0–0.5 points there.
+            max_rounds: if mode == Mode::Local { 4 } else { 8 },
             tau: crate::side::targets::DEFAULT_TAU,
             quant: Quant::Int8,
             forward_batch: 16,
@@ -97,13 +147,19 @@ impl FineTuneConfig {
         }
     }
 
+    /// The mini-batch when `samples` examples are trained on by epochs (`pae` on the server, `local`):
+    /// [`FineTuneConfig::batch_size`], smaller for small data sets.
+    pub fn epoch_batch(&self, samples: usize) -> usize {
+        self.batch_size.min((samples / 8).max(16))
+    }
+
     /// The counts a fine-tune loops over must be positive.
     pub fn validate(&self) -> Result<()> {
         let zero = [
             ("forward_batch", self.forward_batch),
             ("upload_chunk", self.upload_chunk),
             ("epochs", self.epochs),
-            ("max_rounds", if self.mode == Mode::Pae { self.max_rounds } else { 1 }),
+            ("max_rounds", if self.mode == Mode::Mobillm { 1 } else { self.max_rounds }),
             ("batch_size", self.batch_size),
         ]
         .into_iter()
@@ -126,6 +182,11 @@ impl FineTuneConfig {
         if self.decoys > 0 && (self.mode != Mode::Pae || !self.secrets) {
             return Err(Error::InvalidInput(
                 "decoys need `pae` mode with the secrets on: without Q the server reads which outputs are real".into(),
+            ));
+        }
+        if self.mode == Mode::Local && self.label_epsilon.is_some() {
+            return Err(Error::InvalidInput(
+                "label noise hides labels from the server: `local` mode sends nothing, so it has none to hide".into(),
             ));
         }
         self.label_epsilon.map_or(Ok(()), crate::side::label_noise::validate_epsilon)
@@ -179,6 +240,7 @@ mod tests {
         let mobillm = FineTuneConfig::for_mode(Mode::Mobillm);
         assert_eq!((pae.epochs, pae.lr, pae.max_rounds), (10, 3e-3, 8));
         assert_eq!((mobillm.epochs, mobillm.lr), (3, 1e-3));
+        assert_eq!(FineTuneConfig::for_mode(Mode::Local).max_rounds, 4);
         assert_eq!((pae.width, pae.rank), (128, 16), "the side network's own defaults");
         assert_eq!(pae.batch_size, TrainConfig::default().batch_size);
         assert_eq!(FineTuneConfig::default().mode, Mode::Pae);

@@ -11,10 +11,10 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::progress::{Phase, Progress};
-use super::remote::Upload;
-use super::{Run, Trained};
+use super::remote::{RemoteSession, Upload};
+use super::{Rounds, Run, Trained};
 use crate::dataset::Example;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::side::SampleId;
 use crate::wire::Frame;
 
@@ -25,6 +25,7 @@ const STEP_TOKENS: usize = 512;
 impl Run<'_> {
     pub(super) fn mobillm(
         &self,
+        remote: &RemoteSession,
         train: &[Example],
         labels: &[u32],
         test: &[Example],
@@ -38,11 +39,11 @@ impl Run<'_> {
         let step_s = Mutex::new(0.0f64);
         let last_loss = Mutex::new(None);
         let held_out = self.forward_held_out(test, None, progress)?;
-        let (mut rounds, mut folded) = (Vec::new(), None);
+        let mut rounds = Rounds::default();
         for epoch in 1..=self.cfg.epochs {
             // Batches keep their length grouping; their order changes every pass.
             batches.groups.shuffle(&mut rng);
-            upload_bytes += self.remote.stream(
+            upload_bytes += remote.stream(
                 self.cfg.quant,
                 self.cancel,
                 |send| {
@@ -71,23 +72,21 @@ impl Run<'_> {
                     *last_loss.lock().expect("loss") = Some(ack.loss);
                 },
             )?;
-            let net = self.secrets.fold(&self.remote.side_network()?)?;
-            self.report_round(epoch, &net, held_out.as_ref(), None, &mut rounds)?;
-            folded = Some(net);
+            let net = self.secrets.fold(&remote.side_network()?)?;
+            // Without a validation split every pass is kept: the last one's network is the adapter.
+            let _ = self.end_round(&mut rounds, epoch, net, held_out.as_ref(), None)?;
         }
         let loss = *last_loss.lock().expect("loss");
         let server_train_s = *step_s.lock().expect("step time");
         Ok(Trained {
-            folded: folded.ok_or_else(|| Error::Internal("no pass over the data ran".into()))?,
+            rounds,
             whitening: None,
             held_out,
             upload_bytes,
             device_forward_s: forward_s,
+            device_train_s: 0.0,
             server_train_s,
             loss,
-            rounds_used: self.cfg.epochs,
-            kept_round: self.cfg.epochs,
-            rounds,
         })
     }
 }

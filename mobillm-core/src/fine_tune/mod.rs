@@ -1,38 +1,39 @@
-//! The whole device side of a fine-tune (docs/design.md §1, §4, §5), in either mode: [`fine_tune`] forwards the examples
-//! on the backbone, trains through the assist server, folds the session's secrets into the result and scores it
-//! on the held-out examples.
+//! The whole device side of a fine-tune (docs/design.md §1, §4, §5), in any of the three modes: [`fine_tune`]
+//! forwards the examples on the backbone, trains through the assist server (`pae`, `mobillm`) or on the device
+//! (`local`), folds the session's secrets into the result and scores it on the held-out examples.
 //!
 //! - [`config`]: [`FineTuneConfig`], with one source of defaults per mode;
 //! - [`progress`]: what a listener hears, and [`CancelToken`];
 //! - [`remote`]: the session on the server — the only way a fine-tune talks to it;
-//! - `pae` and `mobillm`: the two modes' loops; `held_out`: held-out pivots and their scoring;
-//! - `stopping`: the validation split and the rule that ends `pae`'s refinement rounds.
+//! - `pae`, `mobillm` and `local`: the modes' loops; `held_out`: held-out pivots and their scoring;
+//! - `stopping`: the validation split and the rule that ends the rounds of `pae` and `local`.
 //!
 //! The contract: `fine_tune` blocks (call it from a background thread); it returns the folded adapter and the
 //! figures of the run, or an [`Error`] naming what failed. The server session is deleted when the fine-tune ends,
 //! fails or is cancelled (unless asked to keep it), so no activation outlives it. A cancelled fine-tune returns
-//! [`Error::Cancelled`] within one forward batch or one server poll.
+//! [`Error::Cancelled`] within one forward batch, one server poll or one epoch of local training.
 
 pub mod config;
 mod held_out;
+mod local;
 mod mobillm;
 mod pae;
 pub mod progress;
 pub mod remote;
 pub mod stopping;
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use rand::TryRngCore;
 
-pub use config::FineTuneConfig;
+pub use config::{FineTuneConfig, Mode};
 pub use progress::{CancelToken, Phase, Progress};
 
 use crate::backbone::batching::Batches;
 use crate::backbone::Backbone;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
-use crate::protocol::Mode;
 use crate::side::config::default_outputs;
 use crate::side::{label_noise, DeviceAdapter, Secrets, SideConfig, SideNet, Whitening};
 use crate::task::{Task, TaskSpec};
@@ -58,6 +59,8 @@ pub struct Outcome {
     pub upload_bytes: u64,
     /// Seconds the device spent in backbone forwards of training examples.
     pub device_forward_s: f64,
+    /// Seconds the device spent training the side network (`local`; 0 otherwise).
+    pub device_train_s: f64,
     /// Seconds between asking the server to train and its reporting done, summed over rounds (`pae`); the
     /// server's step time as seen by the device (`mobillm`).
     pub server_train_s: f64,
@@ -99,7 +102,7 @@ pub fn fine_tune(
     let all_labels = label_indices(&task, train)?;
     // The validation split stays on the device, so it keeps its true labels even under label noise.
     let (held_back, sent) = match cfg.mode {
-        Mode::Pae => stopping::validation_split(train.len(), cfg.max_rounds),
+        Mode::Pae | Mode::Local => stopping::validation_split(train.len(), cfg.max_rounds),
         Mode::Mobillm => (Vec::new(), (0..train.len()).collect()),
     };
     let validation: Vec<Example> = held_back.iter().map(|&i| train[i].clone()).collect();
@@ -121,13 +124,16 @@ pub fn fine_tune(
     let side = SideConfig {
         width: cfg.width,
         rank: cfg.rank,
-        // Decoys take K outputs each; the padding still hides K when there is room.
-        outputs: default_outputs(k).max(k * (cfg.decoys + 1)),
+        // Decoys take K outputs each; the padding still hides K when there is room. A local network has nothing
+        // to hide.
+        outputs: match cfg.mode {
+            Mode::Local => k,
+            _ => default_outputs(k).max(k * (cfg.decoys + 1)),
+        },
         summary: cfg.summary,
         ..SideConfig::new(taps.len() * cfg.summary.count(), backbone.config().hidden_size, k)
     };
     side.validate()?;
-    let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), fit.len())?;
     let secrets = if cfg.mode == Mode::Pae && cfg.secrets {
         progress(&Progress::new(Phase::Secrets, 0, 1, 0, None));
         Secrets::generate(&side)?
@@ -143,15 +149,22 @@ pub fn fine_tune(
         secrets: &secrets,
         cfg,
         cancel,
-        remote: &remote,
         test_labels: &test_labels,
         started,
     };
+    let validation = (validation.as_slice(), validation_labels.as_slice());
     let trained = match cfg.mode {
-        Mode::Pae => run.pae(&fit, &labels, (&validation, &validation_labels), test, progress)?,
-        Mode::Mobillm => run.mobillm(&fit, &labels, test, progress)?,
+        Mode::Local => run.local(&fit, &labels, validation, test, progress)?,
+        Mode::Pae | Mode::Mobillm => {
+            // Dropping the session deletes it on the server: when its loop ends, fails or is cancelled.
+            let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), fit.len())?;
+            if cfg.mode == Mode::Pae {
+                run.pae(&remote, &fit, &labels, validation, test, progress)?
+            } else {
+                run.mobillm(&remote, &fit, &labels, test, progress)?
+            }
+        }
     };
-    drop(remote);
 
     let adapter = DeviceAdapter {
         task: task.spec().clone(),
@@ -159,7 +172,7 @@ pub fn fine_tune(
         backbone_fingerprint: backbone.fingerprint().to_string(),
         secret_seed: secrets.seed(),
         whitening: trained.whitening,
-        net: trained.folded,
+        net: trained.rounds.kept.ok_or_else(|| Error::Internal("no round ran".into()))?,
     };
     let (zero_shot_acc, finetuned_acc) = match &trained.held_out {
         Some(p) => (Some(p.accuracy(None, &test_labels)?), Some(p.accuracy(Some(&adapter.net), &test_labels)?)),
@@ -170,18 +183,19 @@ pub fn fine_tune(
         mode: cfg.mode,
         adapter,
         train_samples: train.len(),
-        validation_samples: validation.len(),
+        validation_samples: validation.0.len(),
         test_samples: test.len(),
         zero_shot_acc,
         finetuned_acc,
         label_epsilon: cfg.label_epsilon,
         upload_bytes: trained.upload_bytes,
         device_forward_s: trained.device_forward_s,
+        device_train_s: trained.device_train_s,
         server_train_s: trained.server_train_s,
         wall_s: started.elapsed().as_secs_f64(),
-        rounds_used: trained.rounds_used,
-        kept_round: trained.kept_round,
-        rounds: trained.rounds,
+        rounds_used: trained.rounds.used,
+        kept_round: trained.rounds.stopping.best_round().unwrap_or(trained.rounds.used),
+        rounds: trained.rounds.reports,
     })
 }
 
@@ -216,23 +230,30 @@ struct Run<'a> {
     secrets: &'a Secrets,
     cfg: &'a FineTuneConfig,
     cancel: &'a CancelToken,
-    remote: &'a RemoteSession,
     test_labels: &'a [u32],
     started: Instant,
 }
 
 /// What a mode's loop hands back.
 struct Trained {
-    folded: SideNet,
+    rounds: Rounds,
     whitening: Option<Whitening>,
     held_out: Option<Pivots>,
     upload_bytes: u64,
     device_forward_s: f64,
     server_train_s: f64,
+    device_train_s: f64,
     loss: Option<f64>,
-    rounds_used: usize,
-    kept_round: usize,
-    rounds: Vec<RoundReport>,
+}
+
+/// A fine-tune's rounds (`pae`, `local`) or passes (`mobillm`) so far: their reports, the network kept, and the
+/// validation rule that ends them.
+#[derive(Default)]
+struct Rounds {
+    reports: Vec<RoundReport>,
+    kept: Option<SideNet>,
+    stopping: stopping::Stopping,
+    used: usize,
 }
 
 impl Run<'_> {
@@ -242,21 +263,32 @@ impl Run<'_> {
         Batches::plan(self.task, self.backbone.tokenizer(), &texts, self.cfg.forward_batch, max_tokens)
     }
 
-    /// Scores the folded network on the held-out pivots (if any) and records the round with its validation
-    /// accuracy.
-    fn report_round(
+    /// Ends `round` with its folded network: scores it on the held-out pivots and the validation split (each if
+    /// any), records it, and keeps it unless it did not improve on the split; `Break` when the rounds should stop.
+    fn end_round(
         &self,
+        rounds: &mut Rounds,
         round: usize,
-        net: &SideNet,
+        net: SideNet,
         held_out: Option<&Pivots>,
-        validation_acc: Option<f64>,
-        rounds: &mut Vec<RoundReport>,
-    ) -> Result<()> {
+        validation: Option<(&Pivots, &[u32])>,
+    ) -> Result<ControlFlow<()>> {
+        rounds.used = round;
+        let score = validation.map(|(pivots, labels)| pivots.score(&net, labels)).transpose()?;
         if let Some(p) = held_out {
-            let finetuned_acc = p.accuracy(Some(net), self.test_labels)?;
+            let finetuned_acc = p.accuracy(Some(&net), self.test_labels)?;
             let elapsed_s = self.started.elapsed().as_secs_f64();
-            rounds.push(RoundReport { round, finetuned_acc, validation_acc, elapsed_s });
+            rounds.reports.push(RoundReport {
+                round,
+                finetuned_acc,
+                validation_acc: score.map(|s| s.accuracy),
+                elapsed_s,
+            });
         }
-        Ok(())
+        if score.is_some_and(|score| !rounds.stopping.improved(round, score)) {
+            return Ok(ControlFlow::Break(()));
+        }
+        rounds.kept = Some(net);
+        Ok(ControlFlow::Continue(()))
     }
 }

@@ -15,9 +15,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use super::progress::{Phase, Progress};
-use super::remote::Upload;
-use super::stopping::{Stopping, ROUNDS_WITHOUT_VALIDATION};
-use super::{random_split, Run, Trained};
+use super::remote::{RemoteSession, Upload};
+use super::stopping::ROUNDS_WITHOUT_VALIDATION;
+use super::{random_split, Rounds, Run, Trained};
 use crate::backbone::batching::{scatter_rows, BATCH_TOKENS};
 use crate::dataset::Example;
 use crate::error::{Error, Result};
@@ -30,6 +30,7 @@ use crate::wire::Frame;
 impl Run<'_> {
     pub(super) fn pae(
         &self,
+        remote: &RemoteSession,
         train: &[Example],
         labels: &[u32],
         (validation, validation_labels): (&[Example], &[u32]),
@@ -67,7 +68,7 @@ impl Run<'_> {
         let mut decoy_labels = vec![0u32; n * m];
         let mut forward_s = 0.0;
         let mut whitening = None;
-        let mut upload_bytes = self.remote.stream(
+        let mut upload_bytes = remote.stream(
             self.cfg.quant,
             self.cancel,
             |send| {
@@ -167,8 +168,7 @@ impl Run<'_> {
 
         let mut server_s = 0.0;
         let (mut held_out, mut validation_pivots) = (None, None);
-        let (mut rounds, mut folded) = (Vec::new(), None);
-        let (mut stopping, mut rounds_used) = (Stopping::default(), 0);
+        let mut rounds = Rounds::default();
         let mut loss = None;
         let max_rounds = match validation.is_empty() {
             true => self.cfg.max_rounds.min(ROUNDS_WITHOUT_VALIDATION),
@@ -178,50 +178,40 @@ impl Run<'_> {
             if round > 1 {
                 // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
                 progress(&Progress::new(Phase::Targets, 0, n, round, loss));
-                let o = self.remote.outputs(&ids)?;
+                let o = remote.outputs(&ids)?;
                 let decoded = self.secrets.decode_columns(&o, k * (m + 1))?;
                 let delta = decoys::differences(&z_b, Some(&decoded), labels, &decoy_labels, self.cfg.tau)?;
-                upload_bytes += self.remote.upload_targets(&ids, &(o + self.secrets.encode_targets(&delta)?)?)?;
+                upload_bytes += remote.upload_targets(&ids, &(o + self.secrets.encode_targets(&delta)?)?)?;
             }
             self.cancel.check()?;
             let start = Instant::now();
-            self.remote.start_training(self.cfg.epochs)?;
+            remote.start_training(self.cfg.epochs)?;
             if round == 1 {
                 // The server trains the first round while the device forwards the validation and held-out sets.
                 validation_pivots = self.forward_held_out(validation, whitening.as_ref(), progress)?;
                 held_out = self.forward_held_out(test, whitening.as_ref(), progress)?;
             }
-            loss = self.remote.wait_trained(self.cfg, |job| {
+            loss = remote.wait_trained(self.cfg, |job| {
                 self.cancel.check()?;
                 progress(&Progress::new(Phase::Train, job.epochs_done, job.epochs_total, round, job.loss));
                 Ok(())
             })?;
             server_s += start.elapsed().as_secs_f64();
-            let net = self.secrets.fold(&self.remote.side_network()?)?;
-            rounds_used = round;
-            let Some(v) = &validation_pivots else {
-                self.report_round(round, &net, held_out.as_ref(), None, &mut rounds)?;
-                folded = Some(net);
-                continue;
-            };
-            let score = v.score(&net, validation_labels)?;
-            self.report_round(round, &net, held_out.as_ref(), Some(score.accuracy), &mut rounds)?;
-            if !stopping.improved(round, score) {
+            let net = self.secrets.fold(&remote.side_network()?)?;
+            let validation = validation_pivots.as_ref().map(|v| (v, validation_labels));
+            if self.end_round(&mut rounds, round, net, held_out.as_ref(), validation)?.is_break() {
                 break;
             }
-            folded = Some(net);
         }
         Ok(Trained {
-            folded: folded.ok_or_else(|| Error::Internal("no refinement round ran".into()))?,
+            rounds,
             whitening,
             held_out,
             upload_bytes,
             device_forward_s: forward_s,
+            device_train_s: 0.0,
             server_train_s: server_s,
             loss,
-            rounds_used,
-            kept_round: stopping.best_round().unwrap_or(rounds_used),
-            rounds,
         })
     }
 }

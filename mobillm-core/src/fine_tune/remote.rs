@@ -39,11 +39,15 @@ impl RemoteSession {
     /// Creates the server session for a fine-tune of `samples` examples with side network `side`. A `pae`
     /// session never tells the server the number of labels.
     pub fn open(cfg: &FineTuneConfig, side: &SideConfig, backbone: &str, samples: usize) -> Result<Self> {
+        let mode = cfg
+            .mode
+            .remote()
+            .ok_or_else(|| Error::InvalidInput(format!("`{}` mode opens no server session", cfg.mode)))?;
         let connection = Connection { ca_pem: cfg.ca_pem.clone(), insecure_http: cfg.insecure_http };
         let client = AssistClient::connect(&cfg.server_url, &connection)?;
         let request = CreateSession {
-            mode: cfg.mode,
-            labels: (cfg.mode == Mode::Mobillm).then_some(side.labels),
+            mode,
+            labels: (mode == Mode::Mobillm).then_some(side.labels),
             layers: side.taps,
             dim: side.hidden,
             outputs: side.outputs,
@@ -53,8 +57,8 @@ impl RemoteSession {
             activation: None,
             alpha0: None,
             lr: Some(cfg.lr),
-            batch_size: Some(match cfg.mode {
-                Mode::Pae => cfg.batch_size.min((samples / 8).max(16)),
+            batch_size: Some(match mode {
+                Mode::Pae => cfg.epoch_batch(samples),
                 Mode::Mobillm => cfg.batch_size,
             }),
             weight_decay: None,
@@ -62,7 +66,7 @@ impl RemoteSession {
         };
         let session = client.create_session(&cfg.api_key, &request)?;
         let remote = Self { client, session, keep: cfg.keep_server_session, side: side.clone() };
-        if cfg.mode == Mode::Pae && samples > remote.session.max_samples {
+        if mode == Mode::Pae && samples > remote.session.max_samples {
             // Dropping `remote` deletes the session just made.
             return Err(Error::InvalidInput(format!(
                 "{samples} training examples, but this server lets a session of this model hold at most {}",

@@ -63,23 +63,41 @@ impl SideNet {
         self.proj.dtype()
     }
 
+    /// The projections `P` `[T, w, d]` (a `Var` while training).
+    pub fn projections(&self) -> &Tensor {
+        &self.proj
+    }
+
     pub fn out_rows(&self) -> usize {
         self.out.dim(0).unwrap_or(0)
     }
 
     /// `x: [N, T, d]` → `o: [N, out_rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_projected(&self.project(&self.layer_major(x)?)?)
+    }
+
+    /// `x: [N, T, d]` → `[T, N, d]`, contiguous: the layout [`SideNet::project`] takes.
+    pub fn layer_major(&self, x: &Tensor) -> Result<Tensor> {
         let (t, d) = (self.cfg.taps, self.cfg.hidden);
         let dims = x.dims();
         if dims.len() != 3 || dims[1] != t || dims[2] != d {
             return Err(Error::InvalidInput(format!("side network input has shape {dims:?}, expected [N, {t}, {d}]")));
         }
-        let n = dims[0];
-        // All projections at once: [T, N, d] × [T, d, w] → [T, N, w].
-        let u = x.transpose(0, 1)?.contiguous()?.matmul(&self.proj.transpose(1, 2)?)?;
+        Ok(x.transpose(0, 1)?.contiguous()?)
+    }
+
+    /// All projections at once: `x: [T, N, d]` × `P_iᵀ` → `u: [T, N, w]`.
+    pub fn project(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.proj.transpose(1, 2)?)?)
+    }
+
+    /// The network after its projections: `u: [T, N, w]` → `o: [N, out_rows]`.
+    pub fn forward_projected(&self, u: &Tensor) -> Result<Tensor> {
+        let n = u.dim(1)?;
         let mu = candle_nn::ops::sigmoid(&self.gate_alpha)?;
-        let mut h = Tensor::zeros((n, self.cfg.width), x.dtype(), x.device())?;
-        for i in 0..t {
+        let mut h = Tensor::zeros((n, self.cfg.width), u.dtype(), u.device())?;
+        for i in 0..self.cfg.taps {
             let m = mu.narrow(0, i, 1)?;
             let s = (u.get(i)?.broadcast_mul(&(1.0 - &m)?)? + h.broadcast_mul(&m)?)?;
             let z = rms(&s)?.matmul(&self.down.get(i)?.t()?)?;

@@ -1145,7 +1145,8 @@ public func FfiConverterTypeCancelHandle_lower(_ value: CancelHandle) -> UInt64 
 
 
 /**
- * Collects labelled examples for one task and fine-tunes the backbone on them through an assist server.
+ * Collects labelled examples for one task and fine-tunes the backbone on them, through an assist server or on
+ * the device (`local`).
  */
 public protocol FineTuneSessionProtocol: AnyObject, Sendable {
     
@@ -1179,7 +1180,8 @@ public protocol FineTuneSessionProtocol: AnyObject, Sendable {
     
 }
 /**
- * Collects labelled examples for one task and fine-tunes the backbone on them through an assist server.
+ * Collects labelled examples for one task and fine-tunes the backbone on them, through an assist server or on
+ * the device (`local`).
  */
 open class FineTuneSession: FineTuneSessionProtocol, @unchecked Sendable {
     fileprivate let handle: UInt64
@@ -1729,7 +1731,8 @@ public func FfiConverterTypeTask_lower(_ value: Task) -> UInt64 {
 
 /**
  * How to reach the assist server and how to train. Unset fields take the SDK's defaults for the mode (those of
- * `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `Debug` never prints the API key.
+ * `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `local` mode needs neither the server's URL nor its key.
+ * `Debug` never prints the API key.
  */
 public struct FineTuneOptions: Equatable, Hashable {
     /**
@@ -1751,11 +1754,11 @@ public struct FineTuneOptions: Equatable, Hashable {
     public var allowInsecureHttp: Bool?
     public var mode: FineTuneMode?
     /**
-     * `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
+     * `pae`, `local`: epochs per round (default 10). `mobillm`: passes over the data (default 3).
      */
     public var epochs: UInt32?
     /**
-     * `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
+     * `pae`, `local`: at most this many rounds (default 8; `local` 4); fewer when the tenth of the examples held back on
      * the device stops improving (below 200 examples there is no split and 3 rounds run).
      */
     public var maxRounds: UInt32?
@@ -1785,7 +1788,7 @@ public struct FineTuneOptions: Equatable, Hashable {
      */
     public var decoys: UInt32?
     /**
-     * `pae`: what is sent of each tapped layer (default: its pivot).
+     * `pae`, `local`: what is kept of each tapped layer (default: its pivot).
      */
     public var summary: LayerSummary?
 
@@ -1794,10 +1797,10 @@ public struct FineTuneOptions: Equatable, Hashable {
     public init(
         /**
          * `https://…` (`http://` only to loopback, unless `allow_insecure_http`).
-         */serverUrl: String, 
+         */serverUrl: String = "", 
         /**
          * The server's API key for creating sessions.
-         */apiKey: String, 
+         */apiKey: String = "", 
         /**
          * Trust only this CA certificate (PEM) instead of the platform's trust store.
          */caPem: String? = nil, 
@@ -1806,10 +1809,10 @@ public struct FineTuneOptions: Equatable, Hashable {
          * host at 10.0.2.2): activations and tokens then cross the network in the clear.
          */allowInsecureHttp: Bool? = nil, mode: FineTuneMode? = nil, 
         /**
-         * `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
+         * `pae`, `local`: epochs per round (default 10). `mobillm`: passes over the data (default 3).
          */epochs: UInt32? = nil, 
         /**
-         * `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
+         * `pae`, `local`: at most this many rounds (default 8; `local` 4); fewer when the tenth of the examples held back on
          * the device stops improving (below 200 examples there is no split and 3 rounds run).
          */maxRounds: UInt32? = nil, learningRate: Double? = nil, quantization: Quantization? = nil, 
         /**
@@ -1830,7 +1833,7 @@ public struct FineTuneOptions: Equatable, Hashable {
          * hold several partitions of the samples, and only the device knows which is real.
          */decoys: UInt32? = nil, 
         /**
-         * `pae`: what is sent of each tapped layer (default: its pivot).
+         * `pae`, `local`: what is kept of each tapped layer (default: its pivot).
          */summary: LayerSummary? = nil) {
         self.serverUrl = serverUrl
         self.apiKey = apiKey
@@ -2011,12 +2014,16 @@ public struct FineTuneResult {
     public var validationSamples: UInt64
     public var testSamples: UInt64
     /**
-     * Refinement rounds run (`pae`) or passes over the data (`mobillm`), and the one the adapter holds.
+     * Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the adapter holds.
      */
     public var roundsUsed: UInt32
     public var keptRound: UInt32
     public var uploadBytes: UInt64
     public var deviceForwardSeconds: Double
+    /**
+     * Seconds the device spent training the side network (`local`; 0 otherwise).
+     */
+    public var deviceTrainSeconds: Double
     public var serverTrainSeconds: Double
     public var wallSeconds: Double
 
@@ -2033,8 +2040,11 @@ public struct FineTuneResult {
          * Training examples given; `validation_samples` of them stayed on the device to decide when to stop.
          */trainSamples: UInt64, validationSamples: UInt64, testSamples: UInt64, 
         /**
-         * Refinement rounds run (`pae`) or passes over the data (`mobillm`), and the one the adapter holds.
-         */roundsUsed: UInt32, keptRound: UInt32, uploadBytes: UInt64, deviceForwardSeconds: Double, serverTrainSeconds: Double, wallSeconds: Double) {
+         * Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the adapter holds.
+         */roundsUsed: UInt32, keptRound: UInt32, uploadBytes: UInt64, deviceForwardSeconds: Double, 
+        /**
+         * Seconds the device spent training the side network (`local`; 0 otherwise).
+         */deviceTrainSeconds: Double, serverTrainSeconds: Double, wallSeconds: Double) {
         self.adapter = adapter
         self.zeroShotAccuracy = zeroShotAccuracy
         self.finetunedAccuracy = finetunedAccuracy
@@ -2046,6 +2056,7 @@ public struct FineTuneResult {
         self.keptRound = keptRound
         self.uploadBytes = uploadBytes
         self.deviceForwardSeconds = deviceForwardSeconds
+        self.deviceTrainSeconds = deviceTrainSeconds
         self.serverTrainSeconds = serverTrainSeconds
         self.wallSeconds = wallSeconds
     }
@@ -2077,6 +2088,7 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
                 keptRound: FfiConverterUInt32.read(from: &buf), 
                 uploadBytes: FfiConverterUInt64.read(from: &buf), 
                 deviceForwardSeconds: FfiConverterDouble.read(from: &buf), 
+                deviceTrainSeconds: FfiConverterDouble.read(from: &buf), 
                 serverTrainSeconds: FfiConverterDouble.read(from: &buf), 
                 wallSeconds: FfiConverterDouble.read(from: &buf)
         )
@@ -2094,6 +2106,7 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
         FfiConverterUInt32.write(value.keptRound, into: &buf)
         FfiConverterUInt64.write(value.uploadBytes, into: &buf)
         FfiConverterDouble.write(value.deviceForwardSeconds, into: &buf)
+        FfiConverterDouble.write(value.deviceTrainSeconds, into: &buf)
         FfiConverterDouble.write(value.serverTrainSeconds, into: &buf)
         FfiConverterDouble.write(value.wallSeconds, into: &buf)
     }
@@ -2244,6 +2257,12 @@ public enum FineTuneMode: Equatable, Hashable {
      * MobiLLM: all tokens every epoch, labels on the server (for comparison).
      */
     case mobillm
+    /**
+     * No server: the device keeps its pivots and trains the side network itself; nothing leaves the phone.
+     * Costs device time and memory instead of a server (docs/modes.md); the kept pivots may take at most 256 MB
+     * (about 15 000 examples on SmolLM2-135M).
+     */
+    case local
 
 
 
@@ -2269,6 +2288,8 @@ public struct FfiConverterTypeFineTuneMode: FfiConverterRustBuffer {
         
         case 2: return .mobillm
         
+        case 3: return .local
+        
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
@@ -2283,6 +2304,10 @@ public struct FfiConverterTypeFineTuneMode: FfiConverterRustBuffer {
         
         case .mobillm:
             writeInt(&buf, Int32(2))
+        
+        
+        case .local:
+            writeInt(&buf, Int32(3))
         
         }
     }

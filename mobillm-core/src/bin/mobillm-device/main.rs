@@ -6,6 +6,7 @@
 //! MOBILLM_API_KEY=K mobillm-device fine-tune --model M.gguf --server http://127.0.0.1:8787 (--uci DIR | --data F.jsonl
 //!                --template T) [--mode pae|mobillm] [--train N] [--test N] [--epochs E] [--label-epsilon ε]
 //!                [--save adapter.safetensors]
+//! mobillm-device fine-tune --mode local --model M.gguf (--uci DIR | …)      # no server, no key
 //! mobillm-device predict --model M.gguf --adapter adapter.safetensors "some text" …
 //! ```
 
@@ -32,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Forward the examples, train through the assist server, fold and evaluate the adapter.
+    /// Forward the examples, train through the assist server (or on the device: `--mode local`), fold and
+    /// evaluate the adapter.
     FineTune(Box<FineTuneArgs>),
     /// Predict labels of texts with the backbone and a saved adapter.
     Predict {
@@ -73,6 +75,8 @@ struct FineTuneArgs {
     /// Labels in order (comma-separated; default: as they first appear in the data).
     #[arg(long, value_delimiter = ',')]
     labels: Option<Vec<String>>,
+    /// pae (default): the server trains on rotated pivots; mobillm: all tokens and labels on the server (for
+    /// comparison); local: the device trains the side network itself, no server needed.
     #[arg(long, default_value = "pae")]
     mode: Mode,
     /// Use at most N training examples.
@@ -81,10 +85,10 @@ struct FineTuneArgs {
     /// Use at most N held-out examples.
     #[arg(long)]
     test: Option<usize>,
-    /// pae: server epochs per round (default 10). mobillm: passes over the data, each a device forward (default 3).
+    /// pae, local: epochs per round (default 10). mobillm: passes over the data, each a device forward (default 3).
     #[arg(long)]
     epochs: Option<usize>,
-    /// pae: at most N refinement rounds (default 8); fewer when the 10% of training examples held back on the
+    /// pae, local: at most N rounds (default 8; local 4); fewer when the 10% of training examples held back on the
     /// device stop improving (below 200 examples there is no split and 3 rounds run).
     #[arg(long)]
     max_rounds: Option<usize>,
@@ -94,10 +98,10 @@ struct FineTuneArgs {
     /// Examples per device forward (default 16).
     #[arg(long)]
     forward_batch: Option<usize>,
-    /// Server mini-batch (default 128; pae gives small data sets n/8, at least 16).
+    /// Training mini-batch (default 128; pae and local give small data sets n/8, at least 16).
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Server learning rate (default 3e-3 for pae, 1e-3 for mobillm's small steps).
+    /// Learning rate (default 3e-3 for pae and local, 1e-3 for mobillm's small steps).
     #[arg(long)]
     lr: Option<f64>,
     /// Label differential privacy: train on labels passed through randomized response at this ε (smaller is
@@ -108,7 +112,7 @@ struct FineTuneArgs {
     /// several partitions of the samples and not only the real one (docs/privacy.md).
     #[arg(long, default_value_t = 0)]
     decoys: usize,
-    /// pae: what is sent of each tapped layer: `pivot` (default), or `pivot-and-mean`, its pivot and its mean
+    /// pae, local: what is kept of each tapped layer: `pivot` (default), or `pivot-and-mean`, its pivot and its mean
     /// over the prompt's tokens (twice the upload; pays on long texts and labels that rest on a few words).
     #[arg(long, default_value = "pivot")]
     summary: Summary,
@@ -190,7 +194,8 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Only what was given changes the mode's defaults.
     let mut cfg = FineTuneConfig {
         server_url: args.server.clone(),
-        api_key: api_key(&args)?,
+        // `local` talks to no server: no key to ask for.
+        api_key: if args.mode == Mode::Local { String::new() } else { api_key(&args)? },
         insecure_http: args.insecure_http,
         ca_pem: args.ca.as_ref().map(std::fs::read).transpose()?,
         secrets: !args.no_secrets,
@@ -213,7 +218,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         };
     }
     let cancel = CancelToken::new();
-    let mut report = ProgressReport::new(started);
+    let mut report = ProgressReport::new(started, cfg.mode);
     let outcome = fine_tune(&backbone, spec, &split.train, &split.test, &cfg, &cancel, &mut |p| report.show(p))?;
     report.finish();
     if let Some(path) = &args.save {
@@ -234,6 +239,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         "upload_bytes_per_sample":
             outcome.upload_bytes as f64 / (outcome.train_samples - outcome.validation_samples).max(1) as f64,
         "device_forward_s": outcome.device_forward_s,
+        "device_train_s": outcome.device_train_s,
         "device_peak_rss_mb": memory::peak_rss_mb(),
         "server_train_s": outcome.server_train_s,
         "wall_s": started.elapsed().as_secs_f64(),

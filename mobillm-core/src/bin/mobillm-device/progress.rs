@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use mobillm_core::fine_tune::{Phase, Progress};
+use mobillm_core::fine_tune::{Mode, Phase, Progress};
 use mobillm_core::memory;
 
 /// Quiet time between two lines of the same phase, off a terminal.
@@ -13,6 +13,7 @@ const LINE_EVERY: Duration = Duration::from_secs(5);
 
 pub struct ProgressReport {
     started: Instant,
+    mode: Mode,
     bar: Option<ProgressBar>,
     terminal: bool,
     current: Option<(Phase, usize)>,
@@ -21,10 +22,13 @@ pub struct ProgressReport {
     last_line: Instant,
 }
 
-fn title(p: &Progress) -> String {
+fn title(p: &Progress, mode: Mode) -> String {
+    let local = mode == Mode::Local;
     match p.phase {
         Phase::Secrets => "drawing secrets".into(),
+        Phase::Forward if local => "forward".into(),
         Phase::Forward => format!("forward + upload (pass {})", p.round),
+        Phase::Train if local => format!("device training, round {}", p.round),
         Phase::Train => format!("server training, round {}", p.round),
         Phase::Targets => format!("round {}: new targets", p.round),
         Phase::Evaluate => "held-out forward".into(),
@@ -39,9 +43,10 @@ fn details(p: &Progress) -> String {
 }
 
 impl ProgressReport {
-    pub fn new(started: Instant) -> Self {
+    pub fn new(started: Instant, mode: Mode) -> Self {
         Self {
             started,
+            mode,
             bar: None,
             terminal: std::io::stderr().is_terminal(),
             current: None,
@@ -63,7 +68,7 @@ impl ProgressReport {
                 if let Some(bar) = self.bar.take() {
                     bar.finish();
                 }
-                let bar = ProgressBar::new(p.total as u64).with_prefix(title(p));
+                let bar = ProgressBar::new(p.total as u64).with_prefix(title(p, self.mode));
                 bar.set_style(
                     ProgressStyle::with_template("{prefix:38} [{bar:30}] {pos}/{len} {elapsed_precise}{msg}")
                         .expect("a valid template")
@@ -80,7 +85,7 @@ impl ProgressReport {
             self.last_line = Instant::now();
             self.complete_shown = complete;
             let t = self.started.elapsed().as_secs_f64();
-            eprintln!("[{t:7.1}s] {} {}/{}{}", title(p), p.done, p.total, details(p));
+            eprintln!("[{t:7.1}s] {} {}/{}{}", title(p, self.mode), p.done, p.total, details(p));
         }
     }
 

@@ -2528,7 +2528,8 @@ public object FfiConverterTypeCancelHandle: FfiConverter<CancelHandle, Long> {
 
 
 /**
- * Collects labelled examples for one task and fine-tunes the backbone on them through an assist server.
+ * Collects labelled examples for one task and fine-tunes the backbone on them, through an assist server or on
+ * the device (`local`).
  */
 public interface FineTuneSessionInterface {
     
@@ -2564,7 +2565,8 @@ public interface FineTuneSessionInterface {
 }
 
 /**
- * Collects labelled examples for one task and fine-tunes the backbone on them through an assist server.
+ * Collects labelled examples for one task and fine-tunes the backbone on them, through an assist server or on
+ * the device (`local`).
  */
 open class FineTuneSession: Disposable, AutoCloseable, FineTuneSessionInterface
 {
@@ -3439,18 +3441,19 @@ public object FfiConverterTypeTask: FfiConverter<Task, Long> {
 
 /**
  * How to reach the assist server and how to train. Unset fields take the SDK's defaults for the mode (those of
- * `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `Debug` never prints the API key.
+ * `mobillm_core::fine_tune::FineTuneConfig::for_mode`). `local` mode needs neither the server's URL nor its key.
+ * `Debug` never prints the API key.
  */
 data class FineTuneOptions (
     /**
      * `https://…` (`http://` only to loopback, unless `allow_insecure_http`).
      */
-    var `serverUrl`: kotlin.String
+    var `serverUrl`: kotlin.String = "" 
     , 
     /**
      * The server's API key for creating sessions.
      */
-    var `apiKey`: kotlin.String
+    var `apiKey`: kotlin.String = "" 
     , 
     /**
      * Trust only this CA certificate (PEM) instead of the platform's trust store.
@@ -3466,12 +3469,12 @@ data class FineTuneOptions (
     var `mode`: FineTuneMode? = null 
     , 
     /**
-     * `pae`: server epochs per refinement round (default 10). `mobillm`: passes over the data (default 3).
+     * `pae`, `local`: epochs per round (default 10). `mobillm`: passes over the data (default 3).
      */
     var `epochs`: kotlin.UInt? = null 
     , 
     /**
-     * `pae`: at most this many refinement rounds (default 8); fewer when the tenth of the examples held back on
+     * `pae`, `local`: at most this many rounds (default 8; `local` 4); fewer when the tenth of the examples held back on
      * the device stops improving (below 200 examples there is no split and 3 rounds run).
      */
     var `maxRounds`: kotlin.UInt? = null 
@@ -3510,7 +3513,7 @@ data class FineTuneOptions (
     var `decoys`: kotlin.UInt? = null 
     , 
     /**
-     * `pae`: what is sent of each tapped layer (default: its pivot).
+     * `pae`, `local`: what is kept of each tapped layer (default: its pivot).
      */
     var `summary`: LayerSummary? = null 
     
@@ -3670,7 +3673,7 @@ data class FineTuneResult (
     var `testSamples`: kotlin.ULong
     , 
     /**
-     * Refinement rounds run (`pae`) or passes over the data (`mobillm`), and the one the adapter holds.
+     * Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the adapter holds.
      */
     var `roundsUsed`: kotlin.UInt
     , 
@@ -3679,6 +3682,11 @@ data class FineTuneResult (
     var `uploadBytes`: kotlin.ULong
     , 
     var `deviceForwardSeconds`: kotlin.Double
+    , 
+    /**
+     * Seconds the device spent training the side network (`local`; 0 otherwise).
+     */
+    var `deviceTrainSeconds`: kotlin.Double
     , 
     var `serverTrainSeconds`: kotlin.Double
     , 
@@ -3705,6 +3713,7 @@ data class FineTuneResult (
         this.`keptRound`,
         this.`uploadBytes`,
         this.`deviceForwardSeconds`,
+        this.`deviceTrainSeconds`,
         this.`serverTrainSeconds`,
         this.`wallSeconds`
     )
@@ -3732,6 +3741,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
+            FfiConverterDouble.read(buf),
         )
     }
 
@@ -3747,6 +3757,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterUInt.allocationSize(value.`keptRound`) +
             FfiConverterULong.allocationSize(value.`uploadBytes`) +
             FfiConverterDouble.allocationSize(value.`deviceForwardSeconds`) +
+            FfiConverterDouble.allocationSize(value.`deviceTrainSeconds`) +
             FfiConverterDouble.allocationSize(value.`serverTrainSeconds`) +
             FfiConverterDouble.allocationSize(value.`wallSeconds`)
     )
@@ -3763,6 +3774,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterUInt.write(value.`keptRound`, buf)
             FfiConverterULong.write(value.`uploadBytes`, buf)
             FfiConverterDouble.write(value.`deviceForwardSeconds`, buf)
+            FfiConverterDouble.write(value.`deviceTrainSeconds`, buf)
             FfiConverterDouble.write(value.`serverTrainSeconds`, buf)
             FfiConverterDouble.write(value.`wallSeconds`, buf)
     }
@@ -3864,7 +3876,13 @@ enum class FineTuneMode {
     /**
      * MobiLLM: all tokens every epoch, labels on the server (for comparison).
      */
-    MOBILLM;
+    MOBILLM,
+    /**
+     * No server: the device keeps its pivots and trains the side network itself; nothing leaves the phone.
+     * Costs device time and memory instead of a server (docs/modes.md); the kept pivots may take at most 256 MB
+     * (about 15 000 examples on SmolLM2-135M).
+     */
+    LOCAL;
 
     
 

@@ -141,6 +141,35 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
             }
         }
     },
+    "local mode trains on the device: no server URL, no key, nothing uploaded" to {
+        FineTuneSession(backbone, task).use { session ->
+            session.addExamples(examples(40))
+            session.addHeldOut(examples(12, 100))
+            val local = FineTuneOptions(
+                mode = FineTuneMode.LOCAL,
+                epochs = 15u,
+                maxRounds = 2u,
+                learningRate = 0.01,
+                width = 16u,
+                rank = 4u,
+                forwardBatch = 8u,
+            )
+            val recorder = Recorder()
+            val result = runBlocking { session.fineTune(local, recorder) }
+            assertEquals(0uL, result.uploadBytes)
+            assertEquals(0.0, result.serverTrainSeconds)
+            assertTrue(result.deviceTrainSeconds > 0.0, "device training took ${result.deviceTrainSeconds} s")
+            assertTrue(recorder.events.any { it.phase == FineTunePhase.TRAIN && it.loss != null })
+            assertNotNull(result.finetunedAccuracy)
+            val texts = examples(40)
+            val predictions = result.adapter.predictAll(backbone, texts.map { it.text })
+            val pTrue = texts.zip(predictions).map { (e, p) -> p.scores[LABELS.indexOf(e.label)] }.average()
+            assertTrue(pTrue > 0.5, "mean probability of the true label $pTrue")
+            assertFailsWith<MobiLlmException.InvalidInput> {
+                runBlocking { session.fineTune(local.copy(labelEpsilon = 1.0), null) }
+            }
+        }
+    },
     "the adapter predicts every label with probabilities, and moves predictions towards the labels" to {
         val adapter = trained.adapter
         assertEquals(LABELS, adapter.labels())
