@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mobillm_core::dataset::Example;
 use mobillm_core::fine_tune::{fine_tune, CancelToken, FineTuneConfig, Outcome, Phase, Progress};
-use mobillm_core::side::{Prediction, Summary};
+use mobillm_core::side::{DeviceAdapter, Prediction, SideNet, Summary};
 use mobillm_core::{Backbone, Error, Mode, TaskSpec};
 use mobillm_server::{AppState, ServerConfig};
 
@@ -108,6 +108,12 @@ fn p_true(predictions: &[Prediction], examples: &[Example]) -> f32 {
     sum / examples.len() as f32
 }
 
+/// `adapter` with every weight zero: it predicts what the backbone alone does.
+fn zeroed(adapter: &DeviceAdapter) -> DeviceAdapter {
+    let zeros: Vec<_> = adapter.net.tensors().into_iter().map(|(n, t)| (n, t.zeros_like().unwrap())).collect();
+    DeviceAdapter { net: SideNet::from_tensors(adapter.side_config(), &zeros).unwrap(), ..adapter.clone() }
+}
+
 fn sessions_on_server(server: &Assist) -> usize {
     server.state.store.sessions(None, 100).unwrap().len()
 }
@@ -128,14 +134,7 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     // With no adapter: the backbone's own probabilities (a fresh adapter changes nothing).
     let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
     let (pae, progress) = run(backbone, &server.url, Mode::Pae, &train, &test);
-    let zero = mobillm_core::side::DeviceAdapter {
-        net: mobillm_core::side::SideNet::from_tensors(
-            pae.adapter.side_config(),
-            &pae.adapter.net.tensors().into_iter().map(|(n, t)| (n, t.zeros_like().unwrap())).collect::<Vec<_>>(),
-        )
-        .unwrap(),
-        ..pae.adapter.clone()
-    };
+    let zero = zeroed(&pae.adapter);
     let before = p_true(&zero.predict(backbone, &texts).unwrap(), &train);
     let after = p_true(&pae.adapter.predict(backbone, &texts).unwrap(), &train);
     assert!(after > before + 0.05, "pae moves predictions towards the labels: {before} → {after}");
@@ -311,14 +310,7 @@ fn local_mode_trains_on_the_device_with_no_server_at_all() {
     assert_eq!(o.adapter.net.out_rows(), 2, "one output per label: no padding to hide K");
 
     // It learns: the fused model's probability of the true label rises well above the backbone's.
-    let zero = mobillm_core::side::DeviceAdapter {
-        net: mobillm_core::side::SideNet::from_tensors(
-            o.adapter.side_config(),
-            &o.adapter.net.tensors().into_iter().map(|(n, t)| (n, t.zeros_like().unwrap())).collect::<Vec<_>>(),
-        )
-        .unwrap(),
-        ..o.adapter.clone()
-    };
+    let zero = zeroed(&o.adapter);
     let before = p_true(&zero.predict(backbone, &texts).unwrap(), &train);
     let after = p_true(&o.adapter.predict(backbone, &texts).unwrap(), &train);
     assert!(after > before + 0.05, "local training moves predictions towards the labels: {before} → {after}");

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::progress::{Phase, Progress};
 use super::stopping::Score;
 use super::Run;
-use crate::backbone::batching::{scatter_rows, BATCH_TOKENS};
+use crate::backbone::batching::scatter_rows;
 use crate::dataset::Example;
 use crate::error::Result;
 use crate::side::targets::{accuracy, predict};
@@ -63,20 +63,12 @@ impl Run<'_> {
         }
         let (n, k) = (test.len(), self.side.labels);
         let per = self.side.taps * self.side.hidden;
-        let batches = self.plan(test, BATCH_TOKENS)?;
         let mut taps = vec![half::f16::ZERO; n * per];
         let mut logits = vec![0f32; n * k];
-        let mut done = 0;
-        for group in &batches.groups {
-            self.cancel.check()?;
-            let out =
-                self.backbone.llama().forward_pivots(&batches.batch(group), self.taps, self.task.label_token_ids())?;
-            let inputs = self.side.summary.inputs(&out.taps, out.means.as_ref())?;
-            scatter_rows(&inputs, group, per, &mut taps)?;
-            scatter_rows(&out.label_logits, group, k, &mut logits)?;
-            done += group.len();
-            progress(&Progress::new(Phase::Evaluate, done, n, 0, None));
-        }
+        self.forward_each(test, (Phase::Evaluate, 0), progress, |group, inputs, label_logits| {
+            scatter_rows(inputs, group, per, &mut taps)?;
+            scatter_rows(label_logits, group, k, &mut logits)
+        })?;
         Ok(Some(Pivots {
             taps: Tensor::from_vec(taps, (n, self.side.taps, self.side.hidden), &Device::Cpu)?,
             logits: Tensor::from_vec(logits, (n, k), &Device::Cpu)?,

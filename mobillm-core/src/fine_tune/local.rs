@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use super::progress::{Phase, Progress};
 use super::stopping::ROUNDS_WITHOUT_VALIDATION;
 use super::{Rounds, Run, Trained};
-use crate::backbone::batching::{scatter_rows, BATCH_TOKENS};
+use crate::backbone::batching::scatter_rows;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
 use crate::side::int8_rows::{Int8Rows, Int8RowsWriter};
@@ -110,19 +110,12 @@ impl Run<'_> {
     /// their label logits `[N, K]`.
     fn forward_to_keep(&self, train: &[Example], progress: &mut dyn FnMut(&Progress)) -> Result<(Int8Rows, Tensor)> {
         let (n, k) = (train.len(), self.side.labels);
-        let batches = self.plan(train, BATCH_TOKENS)?;
         let mut rows = Int8RowsWriter::new(n, self.side.taps, self.side.hidden);
         let mut z_b = vec![0f32; n * k];
-        let mut done = 0;
-        for group in &batches.groups {
-            self.cancel.check()?;
-            let out =
-                self.backbone.llama().forward_pivots(&batches.batch(group), self.taps, self.task.label_token_ids())?;
-            rows.write(group, &normalize_taps(&self.side.summary.inputs(&out.taps, out.means.as_ref())?)?)?;
-            scatter_rows(&out.label_logits, group, k, &mut z_b)?;
-            done += group.len();
-            progress(&Progress::new(Phase::Forward, done, n, 1, None));
-        }
+        self.forward_each(train, (Phase::Forward, 1), progress, |group, inputs, logits| {
+            rows.write(group, &normalize_taps(inputs)?)?;
+            scatter_rows(logits, group, k, &mut z_b)
+        })?;
         Ok((rows.finish(), Tensor::from_vec(z_b, (n, k), &Device::Cpu)?))
     }
 }

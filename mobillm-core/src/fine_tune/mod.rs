@@ -25,12 +25,13 @@ pub mod stopping;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use rand::TryRngCore;
 
 pub use config::{FineTuneConfig, Mode};
 pub use progress::{CancelToken, Phase, Progress};
 
-use crate::backbone::batching::Batches;
+use crate::backbone::batching::{Batches, BATCH_TOKENS};
 use crate::backbone::Backbone;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
@@ -261,6 +262,29 @@ impl Run<'_> {
     fn plan(&self, examples: &[Example], max_tokens: usize) -> Result<Batches> {
         let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
         Batches::plan(self.task, self.backbone.tokenizer(), &texts, self.cfg.forward_batch, max_tokens)
+    }
+
+    /// Forwards `examples` in token-budget batches and hands each batch's example indices, side-network inputs
+    /// `[B, T, d]` (the summary's, not yet normalised) and label logits `[B, K]` to `each`; checks for a cancel
+    /// before every batch and reports `phase` after it.
+    fn forward_each(
+        &self,
+        examples: &[Example],
+        (phase, round): (Phase, usize),
+        progress: &mut dyn FnMut(&Progress),
+        mut each: impl FnMut(&[usize], &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let batches = self.plan(examples, BATCH_TOKENS)?;
+        let mut done = 0;
+        for group in &batches.groups {
+            self.cancel.check()?;
+            let out =
+                self.backbone.llama().forward_pivots(&batches.batch(group), self.taps, self.task.label_token_ids())?;
+            each(group, &self.side.summary.inputs(&out.taps, out.means.as_ref())?, &out.label_logits)?;
+            done += group.len();
+            progress(&Progress::new(phase, done, examples.len(), round, None));
+        }
+        Ok(())
     }
 
     /// Ends `round` with its folded network: scores it on the held-out pivots and the validation split (each if
