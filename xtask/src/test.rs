@@ -35,10 +35,25 @@ pub fn run(args: &[String]) -> Result<()> {
     bindings::bindings(true)?;
     bindings::swift_check()?;
     bindings::kotlin_test()?;
-    // The main job, small: the real model, server and device binaries as separate processes, UCI data.
-    eprintln!("test: demo smoke run (160 train / 100 held-out UCI sentences)");
+    // The main job, small: the real model, server and device binaries as separate processes, UCI data; then the
+    // same in `local` mode (no server started, nothing sent). Each must beat zero-shot by 5 points.
+    let result = demo_smoke("pae")?;
+    let per_sample = result["upload_bytes_per_sample"].as_f64().unwrap_or(f64::INFINITY);
+    anyhow::ensure!(per_sample <= 20_000.0, "the demo uploaded {per_sample} bytes per sample (goal ≤ 20 KB)");
+    let local = demo_smoke("local")?;
+    anyhow::ensure!(local["upload_bytes"].as_u64() == Some(0), "a local fine-tune sent bytes: {local}");
+    // The privacy audit, small: the attacks still work with the secrets off, and the default holds its goals.
+    eprintln!("test: quick privacy audit (400 training sentences, 200 attacked)");
+    lab::run("audit", &["--quick".to_string()])?;
+    Ok(())
+}
+
+/// A small demo in `mode` (160 training / 100 held-out UCI sentences, 5 epochs): its JSON result, once it has
+/// beaten zero-shot by 5 points.
+fn demo_smoke(mode: &str) -> Result<serde_json::Value> {
+    eprintln!("test: {mode} demo smoke run (160 train / 100 held-out UCI sentences)");
     let result = demo::run(demo::Args {
-        mode: "pae".into(),
+        mode: mode.into(),
         train: Some(160),
         test: Some(100),
         epochs: Some(5),
@@ -46,32 +61,10 @@ pub fn run(args: &[String]) -> Result<()> {
     })?;
     println!("{result}");
     let (zero, tuned) = (result["zero_shot_acc"].as_f64(), result["finetuned_acc"].as_f64());
-    let per_sample = result["upload_bytes_per_sample"].as_f64().unwrap_or(f64::INFINITY);
     anyhow::ensure!(
         matches!((zero, tuned), (Some(z), Some(t)) if t >= z + 0.05),
-        "the demo's fine-tune did not beat zero-shot by 5 points: {result}"
+        "the {mode} demo's fine-tune did not beat zero-shot by 5 points: {result}"
     );
-    anyhow::ensure!(per_sample <= 20_000.0, "the demo uploaded {per_sample} bytes per sample (goal ≤ 20 KB)");
-    eprintln!("test: demo smoke run passed");
-    // The same in `local` mode: no server started, nothing sent, and it still learns.
-    eprintln!("test: local demo smoke run (160 train / 100 held-out UCI sentences, no server)");
-    let local = demo::run(demo::Args {
-        mode: "local".into(),
-        train: Some(160),
-        test: Some(100),
-        epochs: Some(5),
-        ..Default::default()
-    })?;
-    println!("{local}");
-    let (zero, tuned) = (local["zero_shot_acc"].as_f64(), local["finetuned_acc"].as_f64());
-    anyhow::ensure!(
-        matches!((zero, tuned), (Some(z), Some(t)) if t >= z + 0.05),
-        "the local fine-tune did not beat zero-shot by 5 points: {local}"
-    );
-    anyhow::ensure!(local["upload_bytes"].as_u64() == Some(0), "a local fine-tune sent bytes: {local}");
-    eprintln!("test: local demo smoke run passed");
-    // The privacy audit, small: the attacks still work with the secrets off, and the default holds its goals.
-    eprintln!("test: quick privacy audit (400 training sentences, 200 attacked)");
-    lab::run("audit", &["--quick".to_string()])?;
-    Ok(())
+    eprintln!("test: {mode} demo smoke run passed");
+    Ok(result)
 }

@@ -75,7 +75,11 @@ impl Run<'_> {
         for round in 1..=max_rounds {
             self.cancel.check()?;
             let start = Instant::now();
-            trainer = SideTrainer::from_tensors(self.side, &tc, trainer.tensors())?.annealed(0, tc.epochs);
+            // Each round a fresh optimiser over the last round's weights (the first has one already).
+            if round > 1 {
+                trainer = SideTrainer::from_tensors(self.side, &tc, trainer.tensors())?;
+            }
+            trainer = trainer.annealed(0, tc.epochs);
             let reports = trainer.fit(&x, &objective, tc.epochs, |r, _| {
                 progress(&Progress::new(Phase::Train, r.epoch, r.epochs, round, Some(r.loss)));
                 match self.cancel.is_cancelled() {

@@ -102,8 +102,8 @@ impl TrainingInputs for Int8Rows {
         vec![self.dims.0, self.dims.1, self.dims.2]
     }
 
-    fn rows(&self, idx: &Tensor) -> Result<Tensor> {
-        self.decode(&idx.to_vec1::<u32>()?)
+    fn rows(&self, idx: &[u32]) -> Result<Tensor> {
+        self.decode(idx)
     }
 
     /// Codes are finite by construction and scales were computed from finite values.

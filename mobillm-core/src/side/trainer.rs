@@ -161,7 +161,7 @@ impl SideTrainer {
     ) -> Result<(f64, GradStore)> {
         let b = chunk.len();
         let idx = Tensor::from_slice(chunk, b, &Device::Cpu)?;
-        let x = self.net.layer_major(&x.rows(&idx)?.to_dtype(self.dtype)?)?;
+        let x = self.net.layer_major(&x.rows(chunk)?.to_dtype(self.dtype)?)?;
         let u = self.net.project(&x)?.detach();
         let (mut total, mut grads, mut du) = (0.0, None::<GradStore>, Vec::new());
         for start in (0..b).step_by(MICRO_BATCH) {
@@ -296,7 +296,7 @@ pub fn outputs_in_batches(net: &SideNet, x: &Tensor, batch: usize) -> Result<Ten
 pub trait TrainingInputs {
     fn dims(&self) -> Vec<usize>;
     /// Rows `idx` as a float tensor `[B, T, d]`.
-    fn rows(&self, idx: &Tensor) -> Result<Tensor>;
+    fn rows(&self, idx: &[u32]) -> Result<Tensor>;
     fn check_finite(&self) -> Result<()>;
 }
 
@@ -305,8 +305,8 @@ impl TrainingInputs for Tensor {
         Tensor::dims(self).to_vec()
     }
 
-    fn rows(&self, idx: &Tensor) -> Result<Tensor> {
-        Ok(self.index_select(idx, 0)?)
+    fn rows(&self, idx: &[u32]) -> Result<Tensor> {
+        Ok(self.index_select(&Tensor::from_slice(idx, idx.len(), self.device())?, 0)?)
     }
 
     fn check_finite(&self) -> Result<()> {
