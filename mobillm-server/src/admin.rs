@@ -41,8 +41,9 @@ pub async fn metrics(
     let m = &state.metrics;
     m.sessions.set(usage.sessions as i64);
     m.stored_bytes.set(usage.bytes as i64);
-    m.queued_jobs.set(state.scheduler.queued() as i64);
-    m.running_jobs.set(state.scheduler.running() as i64);
+    let (queued, running) = state.blocking(|s| s.job_counts()).await?;
+    m.queued_jobs.set(queued as i64);
+    m.running_jobs.set(running as i64);
     m.live_trainers.set(state.trainers.loaded() as i64);
     m.memory_reserved_bytes.set(state.budget.used() as i64);
     m.memory_budget_bytes.set(state.budget.total() as i64);
@@ -62,13 +63,14 @@ struct Usage {
 
 async fn usage(State(state): State<Arc<AppState>>, _: Admin) -> Result<Json<Usage>, ApiError> {
     let u = state.blocking(|s| Ok(s.store.usage()?)).await?;
+    let (queued_jobs, running_jobs) = state.blocking(|s| s.job_counts()).await?;
     Ok(Json(Usage {
         sessions: u.sessions,
         stored_bytes: u.bytes,
         memory_budget_bytes: state.budget.total(),
         memory_reserved_bytes: state.budget.used(),
-        queued_jobs: state.scheduler.queued(),
-        running_jobs: state.scheduler.running(),
+        queued_jobs,
+        running_jobs,
         live_trainers: state.trainers.loaded(),
     }))
 }

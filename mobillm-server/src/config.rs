@@ -16,9 +16,29 @@ pub struct ServerConfig {
     /// Address of the admin listener (health, metrics, session list and deletion; needs the admin token).
     #[arg(long, env = "MOBILLM_ADMIN_BIND", default_value = "127.0.0.1:8788")]
     pub admin_bind: SocketAddr,
-    /// Directory of the durable store.
+    /// What this process does: `all` serves the API and trains (the only role of the embedded store); `serve`
+    /// only the API and `work` only training, any number of each on one cluster store; `migrate` brings the
+    /// cluster store's database to this version and exits.
+    #[arg(long, env = "MOBILLM_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
+    /// Directory of the embedded store (used when no --database-url is given).
     #[arg(long, env = "MOBILLM_DATA_DIR", default_value = "mobillm-data")]
     pub data_dir: PathBuf,
+    /// PostgreSQL of the cluster store, e.g. `postgres://mobillm@db.internal/mobillm` (a password belongs in the
+    /// environment variable or in PGPASSFILE's file, not on a command line).
+    #[arg(long, env = "MOBILLM_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Object store of the cluster store: `s3://bucket[/prefix]` (credentials, region and endpoint from the
+    /// `AWS_*` environment variables) or `file:///directory`.
+    #[arg(long, env = "MOBILLM_OBJECT_STORE")]
+    pub object_store: Option<String>,
+    /// PostgreSQL connections this process may open.
+    #[arg(long, env = "MOBILLM_DATABASE_CONNECTIONS", default_value_t = 16)]
+    pub database_connections: usize,
+    /// Seconds a worker's claim on a job lasts without a heartbeat (cluster store): a job whose worker died is
+    /// claimed again after this long and resumes from its last checkpoint.
+    #[arg(long, env = "MOBILLM_LEASE_SECS", default_value_t = 30)]
+    pub lease_secs: u64,
     /// File of API keys allowed to create sessions, one per line (or set MOBILLM_API_KEYS, comma-separated).
     #[arg(long, env = "MOBILLM_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
@@ -146,6 +166,11 @@ impl ServerConfig {
         Duration::from_secs(self.idle_ttl_secs.max(1))
     }
 
+    /// Seconds a job's lease lasts (at least 3, so a heartbeat every third of it has room).
+    pub fn lease_secs(&self) -> u64 {
+        self.lease_secs.max(3)
+    }
+
     pub fn workers(&self) -> usize {
         self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
     }
@@ -170,6 +195,25 @@ impl ServerConfig {
 
     pub fn min_free_disk_bytes(&self) -> u64 {
         self.min_free_disk_mb.saturating_mul(MIB)
+    }
+}
+
+/// What a server process does (see `--role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    All,
+    Serve,
+    Work,
+    Migrate,
+}
+
+impl Role {
+    pub fn serves_api(self) -> bool {
+        matches!(self, Role::All | Role::Serve)
+    }
+
+    pub fn trains(self) -> bool {
+        matches!(self, Role::All | Role::Work)
     }
 }
 

@@ -3,9 +3,14 @@
 //! in one transaction, so a restarted server resumes from the last finished epoch. The optimiser's moments are not
 //! checkpointed: a resumed job restarts AdamW's running averages, which costs a little progress, never
 //! correctness. A job that stops the process twice before its first checkpoint is failed, not retried.
+//!
+//! With the cluster store a worker holds the job under a lease, renewed by a heartbeat every third of its length;
+//! every write of the job checks the lease is still this worker's, so a worker that stalled past its lease (and
+//! whose job another worker has claimed) stops at its next epoch without writing anything.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -15,7 +20,7 @@ use mobillm_core::side::{weights_file, Objective, SideTrainer};
 use crate::budget::Cost;
 use crate::scheduler::JobControl;
 use crate::state::AppState;
-use crate::store::{Refusal, SessionRecord};
+use crate::store::{now_unix, Refusal, SessionRecord};
 
 /// Start-ups without a checkpoint after which a job is failed instead of run again.
 const MAX_START_ATTEMPTS: u32 = 2;
@@ -28,9 +33,15 @@ pub fn run(state: &AppState, id: &str, control: &JobControl) {
         Err(e) => return tracing::error!(session = %id, error = %e, "cannot read a queued job"),
     };
     if rec.start_attempts >= MAX_START_ATTEMPTS {
-        return fail(state, id, "the job stopped the server while starting, twice; it is not run again".into());
+        return fail(
+            state,
+            id,
+            control.worker(),
+            "the job stopped the server while starting, twice; it is not run again".into(),
+        );
     }
     let started = state.store.update(id, |r| {
+        holds_lease(r, control.worker())?;
         r.job.status = JobStatus::Running;
         r.start_attempts += 1;
         Ok(r.clone())
@@ -38,25 +49,82 @@ pub fn run(state: &AppState, id: &str, control: &JobControl) {
     let rec = match started {
         Ok(Ok(rec)) => rec,
         Ok(Err(_)) => return,
-        Err(e) => return fail(state, id, e.to_string()),
+        Err(e) => return fail(state, id, control.worker(), e.to_string()),
     };
-    match train(state, rec, control) {
+    match with_heartbeat(state, id, control, || train(state, rec, control)) {
         Ok(()) => {}
-        Err(message) if !control.should_stop() => fail(state, id, message),
+        Err(message) if !control.should_stop() => fail(state, id, control.worker(), message),
         Err(message) => {
-            // Stopped on purpose (deleted, or the server is stopping): this start did not crash anything.
+            // Stopped on purpose (deleted, lease lost, or the worker is stopping): this start did not crash
+            // anything, and the job is free for the next worker at once.
             tracing::info!(session = %id, %message, "training stopped");
             let _ = state.store.update(id, |r| {
+                holds_lease(r, control.worker())?;
                 r.start_attempts = r.start_attempts.saturating_sub(1);
+                r.lease = None;
                 Ok(())
             });
         }
     }
 }
 
-fn fail(state: &AppState, id: &str, message: String) {
+/// Refuses a write by a worker that no longer holds the job's lease (there are no leases in the embedded store).
+fn holds_lease(r: &SessionRecord, worker: Option<&str>) -> Result<(), Refusal> {
+    match worker {
+        Some(worker) if r.lease.as_ref().is_none_or(|l| l.worker != worker) => {
+            Err(Refusal::Conflict("another worker holds this job now".into()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs `f` while a heartbeat renews the job's lease (cluster store); a heartbeat that finds the session gone or
+/// the lease taken stops the job.
+fn with_heartbeat<R>(state: &AppState, id: &str, control: &JobControl, f: impl FnOnce() -> R) -> R {
+    if control.worker().is_none() {
+        return f();
+    }
+    let lease = state.config.lease_secs();
+    let period = Duration::from_secs(lease) / 3;
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut renewed = Instant::now();
+            while !done.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                if renewed.elapsed() < period {
+                    continue;
+                }
+                renewed = Instant::now();
+                let renewal = state.store.update(id, |r| {
+                    holds_lease(r, control.worker())?;
+                    if let Some(l) = &mut r.lease {
+                        l.until_unix = now_unix() + lease;
+                    }
+                    Ok(())
+                });
+                match renewal {
+                    Ok(Ok(())) => {}
+                    Ok(Err(refusal)) => {
+                        tracing::warn!(session = %id, ?refusal, "the job's lease is lost; stopping it");
+                        control.cancel();
+                        return;
+                    }
+                    // The database may be back before the lease passes; if not, another worker takes over.
+                    Err(e) => tracing::warn!(session = %id, error = %e, "cannot renew the job's lease"),
+                }
+            }
+        });
+        let out = f();
+        done.store(true, Ordering::SeqCst);
+        out
+    })
+}
+
+fn fail(state: &AppState, id: &str, worker: Option<&str>, message: String) {
     tracing::warn!(session = %id, %message, "training failed");
     let _ = state.store.update(id, |r| {
+        holds_lease(r, worker)?;
         r.job.status = JobStatus::Failed;
         r.job.message = Some(message);
         Ok(())
@@ -105,6 +173,7 @@ fn train(state: &AppState, rec: SessionRecord, control: &JobControl) -> Result<(
             let saved =
                 weights_file::to_bytes(&net.tensors(), HashMap::new()).map_err(|e| e.to_string()).and_then(|w| {
                     let update = |r: &mut SessionRecord| {
+                        holds_lease(r, control.worker())?;
                         r.job.epochs_done = epochs_done;
                         r.job.loss = Some(report.loss);
                         r.start_attempts = 0;
@@ -115,7 +184,11 @@ fn train(state: &AppState, rec: SessionRecord, control: &JobControl) -> Result<(
                     };
                     match state.store.checkpoint(&rec.id, Some(&w), update) {
                         Ok(Ok(())) => Ok(()),
-                        Ok(Err(_)) => Err("the session was deleted".to_string()),
+                        Ok(Err(Refusal::Gone)) => Err("the session was deleted".to_string()),
+                        Ok(Err(refusal)) => {
+                            control.cancel();
+                            Err(format!("{refusal:?}"))
+                        }
                         Err(e) => Err(e.to_string()),
                     }
                 });
@@ -163,7 +236,7 @@ pub fn resume_all(state: &AppState) -> Result<usize, String> {
     let mut n = 0;
     for rec in resumed {
         if rec.start_attempts >= MAX_START_ATTEMPTS {
-            fail(state, &rec.id, "the job stopped the server while starting, twice; it is not run again".into());
+            fail(state, &rec.id, None, "the job stopped the server while starting, twice; it is not run again".into());
             continue;
         }
         tracing::info!(session = %rec.id, done = rec.job.epochs_done, total = rec.job.epochs_total, "resuming training");

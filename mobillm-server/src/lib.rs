@@ -21,9 +21,11 @@
 //! - [`config`]: flags, limits, quotas; [`state`]: what the handlers share;
 //! - [`auth`] and [`body`]: credentials and bodies as extractors (credentials first);
 //! - `routes`: the `/v1` handlers per resource; [`admin`]: the admin listener;
-//! - [`store`]: redb, with counts and quotas in the same transactions as the data;
+//! - [`store`]: the embedded store (redb) or the cluster store (PostgreSQL and an object store), with counts and
+//!   quotas in the same transactions as the data;
 //! - [`budget`]: the memory budget and what each kind of work costs;
-//! - [`scheduler`], [`jobs`], [`trainers`]: the training queue and workers, one job, live `mobillm` trainers;
+//! - [`scheduler`], [`jobs`], [`trainers`]: the training workers and their queue (this process's, or the
+//!   database's), one job, live `mobillm` trainers;
 //! - [`reaper`]: idle expiry; [`serve`]: listeners, TLS, connection limits and timeouts; [`metrics`].
 
 pub mod admin;
@@ -51,20 +53,36 @@ use axum::Router;
 pub use config::ServerConfig;
 pub use state::AppState;
 
-/// Opens the server's state: the store, the training workers (which hold the state weakly, so dropping it stops
-/// them), and the jobs a previous process left unfinished, queued again.
+/// Opens the server's state: the store and, when the role trains, the training workers (which hold the state
+/// weakly, so dropping it stops them). With the embedded store, the jobs a previous process left unfinished are
+/// queued again; with the cluster store, workers claim them from the database once their leases pass.
 pub fn open(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
-    let workers = config.workers();
+    let (workers, role) = (config.workers(), config.role);
     let state = AppState::new(config)?;
+    if !role.trains() {
+        return Ok(state);
+    }
     let weak = Arc::downgrade(&state);
-    state.scheduler.start(
-        Arc::new(move |id: &str, control: &scheduler::JobControl| {
-            if let Some(state) = weak.upgrade() {
-                jobs::run(&state, id, control);
-            }
-        }),
-        workers,
-    );
+    let run: scheduler::JobRunner = Arc::new(move |id: &str, control: &scheduler::JobControl| {
+        if let Some(state) = weak.upgrade() {
+            jobs::run(&state, id, control);
+        }
+    });
+    if state.store.is_shared() {
+        let weak = Arc::downgrade(&state);
+        let lease = state.config.lease_secs();
+        let claim: scheduler::JobClaimer = Arc::new(move |worker: &str| match weak.upgrade() {
+            Some(state) => match &state.store {
+                store::Store::Cluster(c) => c.claim_job(worker, lease).map_err(|e| e.to_string()),
+                store::Store::Embedded(_) => Ok(None),
+            },
+            None => Ok(None),
+        });
+        let process = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+        state.scheduler.start_claiming(&process, claim, run, workers);
+        return Ok(state);
+    }
+    state.scheduler.start(run, workers);
     let resumed = jobs::resume_all(&state).map_err(anyhow::Error::msg)?;
     if resumed > 0 {
         tracing::info!(resumed, "training jobs resumed");

@@ -1,7 +1,9 @@
 use std::time::Duration;
 
 use clap::Parser;
+use mobillm_server::config::Role;
 use mobillm_server::serve::{serve, tls_config, ConnectionPolicy};
+use mobillm_server::store::Store;
 use mobillm_server::{admin, app, reaper, ServerConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -34,6 +36,15 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let mut config = ServerConfig::parse();
+    if config.role == Role::Migrate {
+        anyhow::ensure!(
+            config.database_url.is_some(),
+            "--role migrate needs --database-url: only the cluster store has a schema to migrate"
+        );
+        Store::open(&config)?;
+        tracing::info!("the database is at this version's schema");
+        return Ok(());
+    }
     config.load_secrets()?;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
@@ -72,9 +83,14 @@ async fn run(
     max_connections: usize,
 ) -> anyhow::Result<()> {
     let header_timeout = config.header_timeout();
-    let (bind, admin_bind) = (config.bind, config.admin_bind);
-    let state = mobillm_server::open(config)?;
-    let api = tokio::net::TcpListener::bind(bind).await.map_err(|e| anyhow::anyhow!("binding {bind}: {e}"))?;
+    let (bind, admin_bind, role) = (config.bind, config.admin_bind, config.role);
+    // Opening the cluster store connects and migrates: blocking work, off the async workers.
+    let state = tokio::task::spawn_blocking(move || mobillm_server::open(config)).await??;
+    // A `work` process has no API listener: its admin listener serves health and metrics.
+    let api = match role.serves_api() {
+        true => Some(tokio::net::TcpListener::bind(bind).await.map_err(|e| anyhow::anyhow!("binding {bind}: {e}"))?),
+        false => None,
+    };
     let admin_listener =
         tokio::net::TcpListener::bind(admin_bind).await.map_err(|e| anyhow::anyhow!("binding {admin_bind}: {e}"))?;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -83,12 +99,17 @@ async fn run(
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let _ =
-            write!(out, "listening on {}\nadmin listening on {}\n", api.local_addr()?, admin_listener.local_addr()?);
+        if let Some(api) = &api {
+            let _ = writeln!(out, "listening on {}", api.local_addr()?);
+        }
+        let _ = writeln!(out, "admin listening on {}", admin_listener.local_addr()?);
         let _ = out.flush();
     }
-    tracing::info!(addr = %api.local_addr()?, admin = %admin_listener.local_addr()?, scheme, max_connections, "serving");
-    tokio::spawn(reaper::run(std::sync::Arc::downgrade(&state)));
+    tracing::info!(api = ?api.as_ref().map(|a| a.local_addr()), admin = %admin_listener.local_addr()?, scheme, ?role,
+        max_connections, "serving");
+    if role.serves_api() {
+        tokio::spawn(reaper::run(std::sync::Arc::downgrade(&state)));
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -102,7 +123,12 @@ async fn run(
         evicted: m.connections_evicted.clone(),
         refused: m.connections_refused.clone(),
     };
-    let api_server = serve(api, tls.clone(), app(state.clone()), policy, stopped(stop_rx.clone()), GRACE);
+    let (api_tls, api_stop, api_state) = (tls.clone(), stopped(stop_rx.clone()), state.clone());
+    let api_server = async move {
+        if let Some(api) = api {
+            serve(api, api_tls, app(api_state), policy, api_stop, GRACE).await;
+        }
+    };
     let admin_server = serve(
         admin_listener,
         tls,

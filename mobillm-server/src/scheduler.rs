@@ -1,7 +1,12 @@
-//! The training queue: a bounded queue of jobs, fair between API keys (round-robin over the keys with work
-//! waiting, FIFO within a key), served by a fixed set of worker threads (CPU-bound work never runs on the async
-//! runtime). Jobs resumed after a restart go through the same queue. Shutdown stops the workers between epochs
-//! and joins them; an interrupted job keeps its state and resumes at the next start.
+//! The training workers: a fixed set of threads (CPU-bound work never runs on the async runtime) that take jobs
+//! from one of two queues:
+//! - the embedded store's, in this process: bounded, fair between API keys (round-robin over the keys with work
+//!   waiting, FIFO within a key); jobs resumed after a restart go through it too;
+//! - the cluster store's, in PostgreSQL: each worker claims jobs from the database (see
+//!   `store::cluster::Cluster::claim_job`), polling while there are none.
+//!
+//! Shutdown stops the workers between epochs and joins them; an interrupted job keeps its state and resumes at
+//! the next start (embedded) or once its lease passes (cluster).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,16 +39,34 @@ struct Queue {
 /// What a worker does with a session's job (the queue knows ids, not what training is).
 pub type JobRunner = Arc<dyn Fn(&str, &JobControl) + Send + Sync>;
 
+/// How a cluster worker claims its next job: `Ok(None)` when there is none; its argument is the worker's name.
+pub type JobClaimer = Arc<dyn Fn(&str) -> Result<Option<String>, String> + Send + Sync>;
+
+/// How long a cluster worker waits before asking for a job again when there was none (or the claim failed).
+const CLAIM_POLL: Duration = Duration::from_millis(500);
+
 /// What a worker needs to know while it runs a job.
 pub struct JobControl {
     cancelled: Arc<AtomicBool>,
     inner: Arc<Inner>,
+    /// The worker's name when it holds the job under a lease (cluster store).
+    worker: Option<String>,
 }
 
 impl JobControl {
-    /// The session was deleted, or the server is stopping: leave the job as it stands.
+    /// The session was deleted, the lease lost, or the server is stopping: leave the job as it stands.
     pub fn should_stop(&self) -> bool {
         self.cancelled.load(Ordering::SeqCst) || self.inner.stop.load(Ordering::SeqCst)
+    }
+
+    /// Stops the job at its next epoch (its session is gone, or another worker holds it now).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// The lease holder's name, which every write of the job must match; `None` in the embedded store.
+    pub fn worker(&self) -> Option<&str> {
+        self.worker.as_deref()
     }
 }
 
@@ -61,14 +84,28 @@ impl Scheduler {
         }
     }
 
-    /// Starts `n` workers, each running the jobs it pops with `run`.
+    /// Starts `n` workers, each running the jobs it pops from this process's queue with `run`.
     pub fn start(&self, run: JobRunner, n: usize) {
+        self.spawn(n, |inner, _| {
+            let run = run.clone();
+            move || worker(inner, run)
+        });
+    }
+
+    /// Starts `n` workers named `{process}-{i}`, each running the jobs it claims with `claim` (cluster store).
+    pub fn start_claiming(&self, process: &str, claim: JobClaimer, run: JobRunner, n: usize) {
+        self.spawn(n, |inner, i| {
+            let (name, claim, run) = (format!("{process}-{i}"), claim.clone(), run.clone());
+            move || claiming_worker(inner, name, claim, run)
+        });
+    }
+
+    fn spawn<F: FnOnce() + Send + 'static>(&self, n: usize, body: impl Fn(Arc<Inner>, usize) -> F) {
         let mut workers = self.inner.workers.lock().expect("workers");
         for i in 0..n {
-            let (inner, run) = (self.inner.clone(), run.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("trainer-{i}"))
-                .spawn(move || worker(inner, run))
+                .spawn(body(self.inner.clone(), i))
                 .expect("spawning a training worker");
             workers.push(handle);
         }
@@ -159,6 +196,14 @@ impl Drop for Scheduler {
 }
 
 impl Inner {
+    /// Waits `timeout`, or until the workers are told to stop.
+    fn idle(&self, timeout: Duration) {
+        let q = self.queue.lock().expect("queue");
+        if !self.stop.load(Ordering::SeqCst) {
+            let _ = self.wake.wait_timeout(q, timeout);
+        }
+    }
+
     /// The next job, round-robin over keys; `None` once stopping.
     fn pop(&self) -> Option<(String, Arc<AtomicBool>)> {
         let mut q = self.queue.lock().expect("queue");
@@ -186,9 +231,28 @@ impl Inner {
 
 fn worker(inner: Arc<Inner>, run: JobRunner) {
     while let Some((id, cancelled)) = inner.pop() {
-        let control = JobControl { cancelled, inner: inner.clone() };
+        let control = JobControl { cancelled, inner: inner.clone(), worker: None };
         run(&id, &control);
         inner.running.lock().expect("running").remove(&id);
+    }
+}
+
+fn claiming_worker(inner: Arc<Inner>, name: String, claim: JobClaimer, run: JobRunner) {
+    while !inner.stop.load(Ordering::SeqCst) {
+        match claim(&name) {
+            Ok(Some(id)) => {
+                let cancelled = Arc::new(AtomicBool::new(false));
+                inner.running.lock().expect("running").insert(id.clone(), cancelled.clone());
+                let control = JobControl { cancelled, inner: inner.clone(), worker: Some(name.clone()) };
+                run(&id, &control);
+                inner.running.lock().expect("running").remove(&id);
+            }
+            Ok(None) => inner.idle(CLAIM_POLL),
+            Err(e) => {
+                tracing::error!(worker = %name, error = %e, "cannot claim a training job");
+                inner.idle(CLAIM_POLL);
+            }
+        }
     }
 }
 

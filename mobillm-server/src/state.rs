@@ -44,7 +44,13 @@ impl AppState {
     /// Opens the store; the training workers are started by [`crate::open`].
     pub(crate) fn new(mut config: ServerConfig) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(!config.api_keys.is_empty(), "no API key configured");
-        let store = Store::open(&config.data_dir, config.store_cache_bytes())?;
+        let store = Store::open(&config)?;
+        anyhow::ensure!(
+            store.is_shared() || config.role == crate::config::Role::All,
+            "--role {:?} needs the cluster store (--database-url and --object-store): the embedded store belongs to \
+             one process, which serves and trains",
+            config.role
+        );
         let api_keys = config.api_keys.iter().map(|k| sha256(k.as_bytes())).collect();
         let admin_token = config.admin_token.as_deref().map(|t| sha256(t.as_bytes()));
         // The plain secrets are not needed past this point.
@@ -130,8 +136,38 @@ impl AppState {
         self.budget.reserve_within(bytes, timeout)
     }
 
-    /// Refuses writes when the data directory's disk is nearly full.
+    /// Whether a training job may be queued now (the queue is bounded: a full one answers 503).
+    pub fn queue_has_room(&self) -> Result<bool, ApiError> {
+        let queued = match &self.store {
+            Store::Embedded(_) => self.scheduler.queued(),
+            Store::Cluster(c) => c.queued_jobs()?,
+        };
+        Ok(queued < self.config.max_queued_jobs)
+    }
+
+    /// Hands a session whose job was just set to queued to the workers: the embedded store's go through this
+    /// process's queue (`false` when it is full); the cluster store's record is the queue entry already.
+    pub fn enqueue(&self, id: &str, key_hash: &str) -> bool {
+        match &self.store {
+            Store::Embedded(_) => self.scheduler.enqueue(id, key_hash),
+            Store::Cluster(_) => true,
+        }
+    }
+
+    /// Training jobs waiting, and on a worker: this process's, or the whole cluster's.
+    pub fn job_counts(&self) -> Result<(usize, usize), ApiError> {
+        Ok(match &self.store {
+            Store::Embedded(_) => (self.scheduler.queued(), self.scheduler.running()),
+            Store::Cluster(c) => (c.queued_jobs()?, c.running_jobs()?),
+        })
+    }
+
+    /// Refuses writes when the data directory's disk is nearly full (the embedded store's; the cluster store's
+    /// capacity is its database's and object store's).
     pub fn check_disk(&self) -> Result<(), ApiError> {
+        if self.store.is_shared() {
+            return Ok(());
+        }
         let free = fs4::available_space(&self.config.data_dir).map_err(ApiError::internal)?;
         if free < self.config.min_free_disk_bytes() {
             return Err(ApiError::insufficient_storage(format!(

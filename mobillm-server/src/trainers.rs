@@ -2,7 +2,8 @@
 //! memory from the budget. A session has one slot: a step takes it before decoding anything, so concurrent steps
 //! of one session are refused rather than stacked. When the budget runs short, idle trainers are evicted,
 //! least recently used first; an evicted trainer is rebuilt from the session's checkpoint (every answered step
-//! is checkpointed), losing only AdamW's moments.
+//! is checkpointed), losing only AdamW's moments. So is a trainer whose session another replica has stepped since
+//! (behind a load balancer without session affinity): the record's step count tells.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,9 +25,10 @@ pub struct Slot {
     last_used: AtomicU64,
 }
 
-/// A loaded trainer and the memory it holds.
+/// A loaded trainer, the session's step count it has trained to, and the memory it holds.
 pub struct Live {
     pub trainer: SideTrainer,
+    pub steps: usize,
     pub _reservation: Reservation,
 }
 

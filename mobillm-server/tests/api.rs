@@ -1,23 +1,44 @@
-//! The HTTP API through `oneshot` on the real router and a real redb store in a temporary directory, plus the
-//! real binary on 127.0.0.1 killed with SIGKILL mid-session.
+//! The HTTP API through `oneshot` on the real router, on the embedded store in a temporary directory and (the
+//! scenarios that hold for any store) on the cluster store, plus the real binary on 127.0.0.1 killed with SIGKILL
+//! mid-session.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use mobillm_core::side::SampleId;
 use mobillm_core::wire::{Frame, FrameKind, Quant};
-use mobillm_server::{app, AppState, ServerConfig};
+use mobillm_server::{app, ServerConfig};
 use tower::ServiceExt;
 
-const KEY: &str = "test-api-key";
-const LAYERS: usize = 2;
-const DIM: usize = 8;
-const OUTPUTS: usize = 4;
+mod common;
+use common::*;
 
-const ADMIN: &str = "test-admin-token";
+// The scenarios that hold for any store run on both: the embedded store, and PostgreSQL with S3.
+macro_rules! on_both_backends {
+    ($($name:ident),*) => {
+        mod embedded {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Embedded).await
+            })*
+        }
+        mod cluster {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Backend::Cluster).await
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    sessions_uploads_are_idempotent_and_deletion_erases,
+    bad_requests_get_the_right_status_and_change_nothing,
+    training_outputs_targets_and_adapter,
+    mobillm_mode_trains_step_by_step_and_keeps_modes_apart
+);
 
 fn config(dir: &std::path::Path) -> ServerConfig {
     let mut cfg = ServerConfig::new(dir, vec![KEY.into()]);
@@ -32,53 +53,12 @@ fn config(dir: &std::path::Path) -> ServerConfig {
     cfg
 }
 
-async fn call(
-    state: &Arc<AppState>,
-    method: &str,
-    uri: &str,
-    token: Option<&str>,
-    body: Vec<u8>,
-) -> (StatusCode, serde_json::Value) {
-    let mut req = Request::builder().method(method).uri(uri);
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let resp = app(state.clone()).oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
-}
-
 type BadUpload<'a> = (&'a str, Option<&'a str>, Vec<u8>, StatusCode, &'a str);
 
-fn session_json() -> Vec<u8> {
-    serde_json::json!({"layers": LAYERS, "dim": DIM, "outputs": OUTPUTS, "backbone": "f00d"}).to_string().into_bytes()
-}
-
-async fn create(state: &Arc<AppState>) -> (String, String) {
-    let (status, body) = call(state, "POST", "/v1/sessions", Some(KEY), session_json()).await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    (body["session_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string())
-}
-
-fn frame(n: usize, seed: u32) -> (Vec<SampleId>, Vec<u8>) {
-    let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random().unwrap()).collect();
-    let acts: Vec<f32> = (0..n * LAYERS * DIM).map(|i| ((i as u32 * 7 + seed) % 13) as f32 / 6.5 - 1.0).collect();
-    let targets: Vec<f32> = (0..n * OUTPUTS).map(|i| i as f32 / 10.0).collect();
-    let bytes = Frame::samples(ids.clone(), LAYERS, DIM, acts, OUTPUTS, targets).encode(Quant::Int8).unwrap();
-    (ids, bytes)
-}
-
-async fn count(state: &Arc<AppState>, id: &str, token: &str) -> u64 {
-    let (status, body) = call(state, "GET", &format!("/v1/sessions/{id}"), Some(token), vec![]).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    body["samples"].as_u64().unwrap()
-}
-
-#[tokio::test]
-async fn sessions_uploads_are_idempotent_and_deletion_erases() {
+async fn sessions_uploads_are_idempotent_and_deletion_erases(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let state = mobillm_server::open(config(dir.path())).unwrap();
+    let Some(cfg) = backend.config(config(dir.path())).await else { return };
+    let state = open(cfg.clone()).await;
     let (id, token) = create(&state).await;
     let uri = format!("/v1/sessions/{id}/samples");
     let (_, bytes) = frame(4, 1);
@@ -98,7 +78,7 @@ async fn sessions_uploads_are_idempotent_and_deletion_erases() {
 
     // Reopening the store on the same directory keeps everything acknowledged.
     drop(state);
-    let state = mobillm_server::open(config(dir.path())).unwrap();
+    let state = open(cfg.clone()).await;
     assert_eq!(count(&state, &id, &token).await, 4);
 
     let (status, _) = call(&state, "DELETE", &format!("/v1/sessions/{id}"), Some(&token), vec![]).await;
@@ -131,10 +111,10 @@ async fn a_disk_below_the_watermark_refuses_writes_and_keeps_what_is_stored() {
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
 
-#[tokio::test]
-async fn bad_requests_get_the_right_status_and_change_nothing() {
+async fn bad_requests_get_the_right_status_and_change_nothing(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let state = mobillm_server::open(config(dir.path())).unwrap();
+    let Some(cfg) = backend.config(config(dir.path())).await else { return };
+    let state = open(cfg.clone()).await;
     let (id, token) = create(&state).await;
     let (other_id, other_token) = create(&state).await;
     let uri = format!("/v1/sessions/{id}/samples");
@@ -270,21 +250,10 @@ fn acknowledged_uploads_survive_kill_9() {
     server.wait().unwrap();
 }
 
-async fn wait_done(state: &Arc<AppState>, id: &str, token: &str) -> serde_json::Value {
-    for _ in 0..600 {
-        let (_, body) = call(state, "GET", &format!("/v1/sessions/{id}"), Some(token), vec![]).await;
-        match body["job"]["status"].as_str() {
-            Some("done") | Some("failed") => return body,
-            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-        }
-    }
-    panic!("training did not finish");
-}
-
-#[tokio::test]
-async fn training_outputs_targets_and_adapter() {
+async fn training_outputs_targets_and_adapter(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let state = mobillm_server::open(config(dir.path())).unwrap();
+    let Some(cfg) = backend.config(config(dir.path())).await else { return };
+    let state = open(cfg.clone()).await;
     let req = serde_json::json!({"layers": LAYERS, "dim": DIM, "outputs": OUTPUTS, "backbone": "f00d",
                                  "width": 8, "rank": 2, "batch_size": 4, "lr": 0.02});
     let (status, body) = call(&state, "POST", "/v1/sessions", Some(KEY), req.to_string().into_bytes()).await;
@@ -341,15 +310,8 @@ async fn training_outputs_targets_and_adapter() {
         Frame::rows(FrameKind::Targets, with_unknown, OUTPUTS, vec![9.0; 3 * OUTPUTS]).encode(Quant::F16).unwrap();
     let (status, body) = call(&state, "PUT", &format!("/v1/sessions/{id}/targets"), Some(&token), bad).await;
     assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("unknown_sample")));
-    let set = state.store.training_set(&state.store.session(&id).unwrap().unwrap()).unwrap();
+    let set = blocking(&state, move |s| s.store.training_set(&s.store.session(&id).unwrap().unwrap()).unwrap()).await;
     assert!(set.targets.iter().all(|&t| t == 1.0), "the refused update left every target as it was");
-}
-
-async fn raw_get(state: &Arc<AppState>, uri: &str, token: &str) -> Vec<u8> {
-    let req = Request::builder().method("GET").uri(uri).header("authorization", format!("Bearer {token}"));
-    let resp = app(state.clone()).oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    resp.into_body().collect().await.unwrap().to_bytes().to_vec()
 }
 
 #[test]
@@ -398,30 +360,10 @@ fn training_resumes_after_kill_9() {
     server.wait().unwrap();
 }
 
-/// A `mobillm`-mode batch: `n` samples of 1–4 tokens, labelled by the sign of the pivot token's first value (the
-/// rule the server must learn), backbone label logits zero.
-fn sequences(n: usize, seed: u32, bad_label: bool) -> Vec<u8> {
-    let mut acts = Vec::new();
-    let (mut lens, mut labels) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let len = 1 + (i + seed as usize) % 4;
-        for t in 0..len {
-            for j in 0..LAYERS * DIM {
-                acts.push((((i * 31 + t * 7 + j * 3) as u32 + seed) % 17) as f32 / 8.0 - 1.0);
-            }
-        }
-        let pivot_first = acts[acts.len() - LAYERS * DIM];
-        lens.push(len as u32);
-        labels.push(if bad_label && i == 0 { 5 } else { u32::from(pivot_first > 0.0) });
-    }
-    let ids = (0..n).map(|_| SampleId::random().unwrap()).collect();
-    Frame::sequences(ids, LAYERS, DIM, acts, lens, labels, 2, vec![0.0; n * 2]).encode(Quant::Int8).unwrap()
-}
-
-#[tokio::test]
-async fn mobillm_mode_trains_step_by_step_and_keeps_modes_apart() {
+async fn mobillm_mode_trains_step_by_step_and_keeps_modes_apart(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
-    let state = mobillm_server::open(config(dir.path())).unwrap();
+    let Some(cfg) = backend.config(config(dir.path())).await else { return };
+    let state = open(cfg.clone()).await;
     let body = |v: serde_json::Value| v.to_string().into_bytes();
     let base = serde_json::json!({"layers": LAYERS, "dim": DIM, "outputs": OUTPUTS, "backbone": "f00d"});
     let with = |extra: serde_json::Value| {
@@ -473,7 +415,7 @@ async fn mobillm_mode_trains_step_by_step_and_keeps_modes_apart() {
 
     // A restart continues from the last acknowledged step, not from scratch.
     drop(state);
-    let state = mobillm_server::open(config(dir.path())).unwrap();
+    let state = open(cfg.clone()).await;
     let (status, resp) = call(&state, "POST", &steps, Some(&token), batch).await;
     assert_eq!(status, StatusCode::OK, "{resp}");
     assert!(resp["loss"].as_f64().unwrap() < 0.5 * losses[0], "{resp}");

@@ -211,11 +211,17 @@ fn on_path(tool: &str) -> bool {
 
 /// The Debian packages the tests need: a JVM and JNA for the Kotlin tests, and the font the privacy frontier's plot
 /// draws its text with (the plot's test in mobillm-lab).
-const TEST_PACKAGES: [&str; 3] = ["default-jdk-headless", "libjna-java", "fonts-dejavu-core"];
+/// Debian packages the tests need: a JVM and JNA (Kotlin tests), a font (the frontier plot), PostgreSQL and nginx
+/// (the cluster store's tests and `cargo xtask cluster`).
+const TEST_PACKAGES: [&str; 5] = ["default-jdk-headless", "libjna-java", "fonts-dejavu-core", "postgresql", "nginx"];
 const PLOT_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
 fn test_packages_installed() -> bool {
-    on_path("java") && Path::new(JNA).exists() && Path::new(PLOT_FONT).exists()
+    on_path("java")
+        && Path::new(JNA).exists()
+        && Path::new(PLOT_FONT).exists()
+        && xtask::services::postgres_installed()
+        && Path::new("/usr/sbin/nginx").exists()
 }
 
 /// Makes sure the [`TEST_PACKAGES`] are installed: as root it installs them through apt-get (as `.ci/run` does);
@@ -224,16 +230,15 @@ pub fn ensure_test_packages() -> Result<()> {
     if test_packages_installed() {
         return Ok(());
     }
-    let is_root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
     ensure!(
-        is_root && on_path("apt-get"),
-        "the tests need a JVM, JNA and a font; install them with: sudo apt-get install -y {}",
+        xtask::services::is_root() && on_path("apt-get"),
+        "the tests need a JVM, JNA, a font, PostgreSQL and nginx; install them with: sudo apt-get install -y {}",
         TEST_PACKAGES.join(" ")
     );
     eprintln!("test: installing {} (apt-get)…", TEST_PACKAGES.join(" "));
     run(Command::new("apt-get").args(["update", "-q"]), "apt-get update")?;
     run(Command::new("apt-get").args(["install", "-y", "-q"]).args(TEST_PACKAGES), "apt-get install")?;
-    ensure!(test_packages_installed(), "apt-get did not install java, {JNA} and {PLOT_FONT}");
+    ensure!(test_packages_installed(), "apt-get did not install java, {JNA}, {PLOT_FONT}, PostgreSQL and nginx");
     Ok(())
 }
 

@@ -7,4 +7,5 @@ pub mod fetch;
 pub mod paths;
 pub mod processes;
 pub mod report;
+pub mod services;
 pub mod tasks;

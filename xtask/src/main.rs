@@ -56,6 +56,9 @@ enum Cmd {
     /// schemathesis (PyPI) against the server's OpenAPI document: a short seeded run of every phase; fails on
     /// any failed check.
     ApiCheck,
+    /// Start PostgreSQL and an S3-compatible server (s3s-fs) on 127.0.0.1 for the cluster store, print the
+    /// variables that point the server and its tests at them, and keep them up until Ctrl-C.
+    Services,
     /// (lab) Zero-shot accuracy of the frozen backbone on a held-out split.
     #[command(disable_help_flag = true)]
     Zeroshot(LabArgs),
@@ -84,6 +87,18 @@ enum Cmd {
     Load(LabArgs),
 }
 
+fn services() -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("mobillm-services").tempdir()?;
+    let services = xtask::services::ClusterServices::start(dir.path())?;
+    for (k, v) in services.test_env() {
+        println!("export {k}={v}");
+    }
+    println!("# up until Ctrl-C");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::FetchModel => println!("{}", fetch::model()?.display()),
@@ -96,6 +111,7 @@ fn main() -> Result<()> {
         Cmd::Android => bindings::android()?,
         Cmd::Ios => bindings::ios()?,
         Cmd::ApiCheck => api_check::run()?,
+        Cmd::Services => services()?,
         Cmd::Zeroshot(a) => lab::run("zeroshot", &a.args)?,
         Cmd::SideEval(a) => lab::run("side-eval", &a.args)?,
         Cmd::BenchForward(a) => lab::run("bench-forward", &a.args)?,

@@ -3,7 +3,7 @@
 //! privacy audit.
 
 use anyhow::Result;
-use xtask::{demo, fetch, paths};
+use xtask::{demo, fetch, paths, services};
 
 use crate::{api_check, bindings, lab};
 
@@ -15,10 +15,17 @@ pub fn run(args: &[String]) -> Result<()> {
     // The Kotlin tests need a JVM and JNA, the frontier plot's test a font; find out now rather than after half an
     // hour of tests.
     bindings::ensure_test_packages()?;
+    // The cluster store's tests run against PostgreSQL and an S3 server started here, on 127.0.0.1; each test
+    // makes a database and an object prefix of its own. `MOBILLM_REQUIRE_CLUSTER=1` turns a missing service
+    // into a failure rather than a skip.
+    let services_dir = tempfile::Builder::new().prefix("mobillm-test-services").tempdir()?;
+    let services = services::ClusterServices::start(services_dir.path())?;
     paths::run(
         paths::cargo()
             .args(["test", "--release", "--workspace"])
             .args(args)
+            .envs(services.test_env())
+            .env("MOBILLM_REQUIRE_CLUSTER", "1")
             .env("MOBILLM_MODEL", &model)
             .env("MOBILLM_REQUIRE_MODEL", "1")
             // The servers the tests start write megabytes at most; the production watermark (1 GiB free) would
@@ -26,6 +33,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .env("MOBILLM_MIN_FREE_DISK_MB", "64"),
         "cargo test",
     )?;
+    drop(services);
     if !args.is_empty() {
         return Ok(()); // a filtered run: only the tests asked for
     }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use mobillm_core::side::whitening::{self, Whitening};
 use mobillm_core::side::{SampleId, Secrets, SideConfig};
 use mobillm_core::wire::{Frame, Limits, Quant};
-use mobillm_server::store::Store;
+use mobillm_server::store::embedded::Embedded;
 use xtask::paths;
 
 use super::acts::Acts;
@@ -28,7 +28,7 @@ pub struct ServerView {
 
 /// Reads the one kept session from the server's data dir (`work/data`) and log (`work/server.log`).
 pub fn read_server_view(work: &Path) -> Result<ServerView> {
-    let store = Store::open(&work.join("data"), 64 << 20).map_err(|e| anyhow!("opening the server's store: {e}"))?;
+    let store = Embedded::open(&work.join("data"), 64 << 20).map_err(|e| anyhow!("opening the server's store: {e}"))?;
     let sessions = store.sessions(None, 2).map_err(|e| anyhow!("{e}"))?;
     let [rec] = sessions.as_slice() else {
         anyhow::bail!("expected the one kept session in the server's store, found {}", sessions.len());

@@ -114,6 +114,7 @@ pub async fn create(
         create_request: idempotency.map(|k| (k, body_hash)),
         train_request: None,
         last_step: None,
+        lease: None,
     };
     let id = state
         .blocking(move |s| {

@@ -50,6 +50,17 @@ pub async fn start(
     let key = idempotency_key(&headers, &rec.id)?;
     let job = state
         .blocking(move |s| {
+            let queue_full = || {
+                ApiError::busy(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue_full",
+                    "the training queue is full; retry shortly",
+                    5,
+                )
+            };
+            if !s.queue_has_room()? && rec.train_request != key {
+                return Err(queue_full());
+            }
             let started = s.store.update(&rec.id, |r| {
                 if key.is_some() && r.train_request == key {
                     return Ok(Start::Replayed(r.job.clone()));
@@ -74,7 +85,7 @@ pub async fn start(
             match started {
                 Start::Replayed(job) => Ok(job),
                 Start::Queued(job, before) => {
-                    if s.scheduler.enqueue(&rec.id, &rec.key_hash) {
+                    if s.enqueue(&rec.id, &rec.key_hash) {
                         return Ok(job);
                     }
                     let _ = s.store.update(&rec.id, |r| {
@@ -82,12 +93,7 @@ pub async fn start(
                         r.train_request = None;
                         Ok(())
                     });
-                    Err(ApiError::busy(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "queue_full",
-                        "the training queue is full; retry shortly",
-                        5,
-                    ))
+                    Err(queue_full())
                 }
             }
         })
@@ -158,18 +164,30 @@ pub async fn step(
             let x = normalize_taps(&x)?;
             let labels = Tensor::from_slice(&frame.labels, n, &device).map_err(ApiError::internal)?;
             let prior = Tensor::from_vec(frame.values, (n, k), &device).map_err(ApiError::internal)?;
+            // Another replica may have trained steps since this one last did: the record's count says, and a
+            // trainer behind it is reloaded from the checkpoint.
+            let steps = s.store.session(&rec.id)?.ok_or(Refusal::Gone)?.job.steps;
+            if live.as_ref().is_some_and(|l| l.steps != steps) {
+                *live = None;
+            }
             if live.is_none() {
                 let reservation = s.reserve(cost.trainer)?;
                 let trainer = crate::jobs::load_trainer(s, &rec).map_err(ApiError::internal)?;
-                *live = Some(Live { trainer, _reservation: reservation });
+                *live = Some(Live { trainer, steps, _reservation: reservation });
             }
-            let trainer = &mut live.as_mut().expect("loaded above").trainer;
+            let live = live.as_mut().expect("loaded above");
+            let trainer = &mut live.trainer;
             let started = std::time::Instant::now();
             let objective = Objective::CrossEntropy { labels, prior };
             let reports = trainer.fit(&x, &objective, 1, |_, _| std::ops::ControlFlow::Continue(()))?;
             let loss = reports.last().map_or(f64::NAN, |r| r.loss);
             let weights = weights_file::to_bytes(&trainer.tensors(), Default::default())?;
             let ack = s.store.checkpoint(&rec.id, Some(&weights), |r| {
+                if r.job.steps != steps {
+                    return Err(Refusal::Conflict(
+                        "another step of this session was trained meanwhile; send steps one at a time".into(),
+                    ));
+                }
                 r.job.steps += 1;
                 r.job.loss = Some(loss);
                 r.last_used_unix = now_unix();
@@ -177,6 +195,7 @@ pub async fn step(
                 r.last_step = key.map(|k| (k, ack));
                 Ok(ack)
             })??;
+            live.steps = ack.steps;
             s.metrics.trained_samples.inc_by(n as u64);
             s.metrics.training_seconds.inc_by(started.elapsed().as_secs_f64());
             Ok(ack)

@@ -55,6 +55,17 @@ pub struct SessionRecord {
     pub train_request: Option<String>,
     /// `mobillm` mode: the last step's idempotency key (hashed) and answer, for a retry of it.
     pub last_step: Option<(String, StepAck)>,
+    /// Cluster store: the worker that claimed the current job, until when. Another worker may claim the job once
+    /// the lease has passed, and a worker whose lease has passed may no longer write the session.
+    #[serde(default)]
+    pub lease: Option<Lease>,
+}
+
+/// A worker's claim on a session's job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub worker: String,
+    pub until_unix: u64,
 }
 
 /// Sessions and stored bytes, per API key and for the whole store.

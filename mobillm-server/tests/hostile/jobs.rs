@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use mobillm_core::protocol::JobStatus;
 use mobillm_core::wire::Quant;
+use mobillm_server::store::embedded::Embedded;
 use mobillm_server::store::{Refusal, Store};
 
 use super::support::*;
@@ -19,7 +20,7 @@ fn status(server: &Server, id: &str, token: &str) -> serde_json::Value {
 /// it would have left it (the server is stopped while the store is opened here).
 fn mark_started(server: &mut Server, id: &str, attempts: u32) {
     server.kill();
-    let store = Store::open(&server.data, 16 << 20).unwrap();
+    let store = Store::Embedded(Embedded::open(&server.data, 16 << 20).unwrap());
     store
         .update(id, |r| {
             r.job.status = JobStatus::Running;
