@@ -34,15 +34,15 @@ pub struct Args {
     pub server_args: Vec<String>,
 }
 
-const TAPS: usize = 30;
-const DIM: usize = 576;
-const OUTPUTS: usize = 8;
+pub(crate) const TAPS: usize = 30;
+pub(crate) const DIM: usize = 576;
+pub(crate) const OUTPUTS: usize = 8;
 /// How long one device may take in all before it counts as an error.
 const DEVICE_DEADLINE: Duration = Duration::from_secs(900);
 
 /// Activations as the device uploads them: per layer unit RMS, Gaussian with a few large outlier dimensions
 /// (as real pivots have), so frames compress as real ones do.
-fn activations(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn activations(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = mobillm_core::testkit::Rng::new(seed);
     let mut out = Vec::with_capacity(n * TAPS * DIM);
     for _ in 0..n * TAPS {
@@ -69,9 +69,9 @@ struct Tally {
     first_error: Mutex<Option<String>>,
 }
 
-fn device(client: &AssistClient, key: &str, i: usize, args: &Args, tally: &Tally) -> Result<()> {
-    let started = Instant::now();
-    let request = CreateSession {
+/// A `pae` session shaped like SmolLM2-135M's, for simulated device `i` uploading `samples` samples.
+pub(crate) fn session_request(i: usize, samples: usize) -> CreateSession {
+    CreateSession {
         mode: Default::default(),
         labels: None,
         layers: TAPS,
@@ -83,21 +83,31 @@ fn device(client: &AssistClient, key: &str, i: usize, args: &Args, tally: &Tally
         activation: None,
         alpha0: None,
         lr: None,
-        batch_size: Some((args.samples / 8).clamp(16, 128)),
+        batch_size: Some((samples / 8).clamp(16, 128)),
         weight_decay: None,
         seed: Some(i as u64),
-    };
+    }
+}
+
+/// A frame of `n` samples with realistic activations and arbitrary targets: its ids and encoded bytes.
+pub(crate) fn samples_frame(n: usize, seed: u64) -> Result<(Vec<SampleId>, Vec<u8>)> {
+    let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_, _>>()?;
+    let targets: Vec<f32> = (0..n * OUTPUTS).map(|k| ((k as u64 * 7 + seed) % 13) as f32 / 13.0 - 0.5).collect();
+    let bytes = Frame::samples(ids.clone(), TAPS, DIM, activations(n, seed), OUTPUTS, targets).encode(Quant::Int8)?;
+    Ok((ids, bytes))
+}
+
+fn device(client: &AssistClient, key: &str, i: usize, args: &Args, tally: &Tally) -> Result<()> {
+    let started = Instant::now();
+    let request = session_request(i, args.samples);
     let count = |n: usize| tally.requests.fetch_add(n, Ordering::Relaxed);
     let session = client.create_session(key, &request)?;
     count(1);
     let mut ids = Vec::with_capacity(args.samples);
     for start in (0..args.samples).step_by(args.chunk.max(1)) {
         let n = args.chunk.min(args.samples - start);
-        let frame_ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_, _>>()?;
+        let (frame_ids, bytes) = samples_frame(n, (i * 7919 + start) as u64)?;
         ids.extend_from_slice(&frame_ids);
-        let targets: Vec<f32> = (0..n * OUTPUTS).map(|k| ((k * 7 + i) % 13) as f32 / 13.0 - 0.5).collect();
-        let bytes = Frame::samples(frame_ids, TAPS, DIM, activations(n, (i * 7919 + start) as u64), OUTPUTS, targets)
-            .encode(Quant::Int8)?;
         let sent = Instant::now();
         client.upload_frame(&session, &bytes)?;
         tally.uploads_ms.lock().expect("uploads").push(sent.elapsed().as_secs_f64() * 1e3);
@@ -118,7 +128,7 @@ fn device(client: &AssistClient, key: &str, i: usize, args: &Args, tally: &Tally
     Ok(())
 }
 
-fn percentile(values: &mut [f64], p: f64) -> f64 {
+pub(crate) fn percentile(values: &mut [f64], p: f64) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }

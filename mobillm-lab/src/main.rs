@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use mobillm_lab::{audit, bench, bench_forward, frontier, load, lora, side_eval, zeroshot};
+use mobillm_lab::{audit, bench, bench_forward, cluster, frontier, load, lora, side_eval, zeroshot};
 
 #[derive(Parser)]
 #[command(name = "mobillm-lab", about = "MobiLLM research: audit, evaluations, benchmarks, load test")]
@@ -35,6 +35,9 @@ enum Cmd {
     /// Load test: N simulated devices fine-tune against one server at once; prints one JSON line (upload and
     /// health latency percentiles, errors, the server's peak RSS).
     Load(load::Args),
+    /// The server as a cluster (PostgreSQL, S3, nginx, two API replicas, two workers) with simulated devices, a
+    /// worker and a replica killed mid-run; prints one JSON line. `--scaling` measures workers and replicas 1 → 2.
+    Cluster(cluster::Args),
     /// (internal) one benchmark variant, run in its own process so its peak RSS is its own.
     #[command(hide = true)]
     BenchForwardWorker(bench_forward::WorkerArgs),
@@ -57,6 +60,7 @@ fn main() -> Result<()> {
         Cmd::Audit(args) => audit::run(args)?,
         Cmd::Frontier(args) => frontier::run(args)?,
         Cmd::Load(args) => println!("{}", load::run(args)?),
+        Cmd::Cluster(args) => println!("{}", cluster::run(args)?),
     }
     Ok(())
 }

@@ -73,7 +73,13 @@ pub fn open(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
         let lease = state.config.lease_secs();
         let claim: scheduler::JobClaimer = Arc::new(move |worker: &str| match weak.upgrade() {
             Some(state) => match &state.store {
-                store::Store::Cluster(c) => c.claim_job(worker, lease).map_err(|e| e.to_string()),
+                store::Store::Cluster(c) => {
+                    let claim = c.claim_job(worker, lease).map_err(|e| e.to_string())?;
+                    if claim.as_ref().is_some_and(|c| c.reclaimed) {
+                        state.metrics.jobs_reclaimed.inc();
+                    }
+                    Ok(claim.map(|c| c.session))
+                }
                 store::Store::Embedded(_) => Ok(None),
             },
             None => Ok(None),

@@ -29,6 +29,8 @@ pub struct Metrics {
     /// Requests refused because the memory budget was in use.
     pub overloaded: Counter,
     pub sessions_reaped: Counter,
+    /// Cluster store: jobs this process's workers claimed after another worker's lease on them passed.
+    pub jobs_reclaimed: Counter,
     pub connections_open: Gauge,
     /// Idle connections closed to make room for a new one, and new ones refused for want of room.
     pub connections_evicted: Counter,
@@ -53,6 +55,7 @@ impl Default for Metrics {
             training_seconds: Counter::default(),
             overloaded: Counter::default(),
             sessions_reaped: Counter::default(),
+            jobs_reclaimed: Counter::default(),
             connections_open: Gauge::default(),
             connections_evicted: Counter::default(),
             connections_refused: Counter::default(),
@@ -72,6 +75,11 @@ impl Default for Metrics {
         r.register("training_seconds", "Wall seconds spent training", m.training_seconds.clone());
         r.register("overloaded", "Requests refused with 503: memory budget in use", m.overloaded.clone());
         r.register("sessions_reaped", "Sessions deleted after their idle TTL", m.sessions_reaped.clone());
+        r.register(
+            "jobs_reclaimed",
+            "Jobs claimed after the lease of the worker that held them passed",
+            m.jobs_reclaimed.clone(),
+        );
         r.register("connections_open", "Open API connections", m.connections_open.clone());
         r.register(
             "connections_evicted",

@@ -97,8 +97,8 @@ async fn a_job_whose_worker_dies_is_claimed_again_and_the_dead_worker_can_no_lon
     assert_eq!(status, StatusCode::ACCEPTED);
 
     // A worker claims the job and dies at once: no heartbeat, no checkpoint.
-    let claimed = blocking(&api, |s| cluster_store(s).claim_job("dead-worker", 2).unwrap()).await;
-    assert_eq!(claimed.as_deref(), Some(id.as_str()));
+    let claimed = blocking(&api, |s| cluster_store(s).claim_job("dead-worker", 2).unwrap()).await.unwrap();
+    assert_eq!((claimed.session.as_str(), claimed.reclaimed), (id.as_str(), false));
     let again = blocking(&api, |s| cluster_store(s).claim_job("other", 2).unwrap()).await;
     assert_eq!(again, None, "a job under a live lease is nobody else's");
 
@@ -114,6 +114,7 @@ async fn a_job_whose_worker_dies_is_claimed_again_and_the_dead_worker_can_no_lon
     let rec = blocking(&api, move |s| s.store.session(&id2).unwrap().unwrap()).await;
     let holder = rec.lease.as_ref().map(|l| l.worker.clone()).unwrap();
     assert_ne!(holder, "dead-worker", "the job was claimed again");
+    assert_eq!(worker.metrics.jobs_reclaimed.get(), 1, "and counted as reclaimed");
 
     // The dead worker, back, finds its lease gone: the check every job write makes refuses it.
     let id2 = id.clone();
@@ -151,6 +152,38 @@ async fn mobillm_steps_alternate_between_api_replicas_without_affinity() {
     }
     // Each replica reloads the checkpoint the other wrote, so training continues rather than restarting.
     assert!(losses[29] < 0.5 * losses[0], "the loss must fall across replicas: {losses:?}");
+}
+
+#[tokio::test]
+async fn workers_claim_jobs_in_turn_between_api_keys_and_objects_may_live_in_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cfgs) = cluster(dir.path(), &[Role::Serve]).await else { return };
+    // Objects in a directory (`file://`) rather than S3: the same store otherwise.
+    let mut cfg = cfgs[0].clone();
+    cfg.object_store = Some(format!("file://{}", dir.path().join("objects").display()));
+    cfg.api_keys = vec![KEY.into(), "second-key".into()];
+    let api = open(cfg).await;
+    let mut queued = Vec::new();
+    for key in [KEY, KEY, KEY, "second-key"] {
+        let (status, body) = call(&api, "POST", "/v1/sessions", Some(key), train_request()).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (id, token) =
+            (body["session_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string());
+        call(&api, "PUT", &format!("/v1/sessions/{id}/samples"), Some(&token), frame(4, 1).1).await;
+        let train = serde_json::json!({"epochs": 1}).to_string().into_bytes();
+        let (status, _) = call(&api, "POST", &format!("/v1/sessions/{id}/train"), Some(&token), train).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        queued.push(id);
+    }
+    assert!(dir.path().join("objects").read_dir().unwrap().next().is_some(), "the uploads are files");
+    let claims = blocking(&api, |s| {
+        (0..5).map(|i| cluster_store(s).claim_job(&format!("w{i}"), 30).unwrap().map(|c| c.session)).collect::<Vec<_>>()
+    })
+    .await;
+    // The second key's one job goes second, not after the first key's three; each key first come first served.
+    let expected = [&queued[0], &queued[3], &queued[1], &queued[2]].map(|id| Some(id.clone()));
+    assert_eq!(claims[..4], expected, "{claims:?}");
+    assert_eq!(claims[4], None, "every job is claimed, once");
 }
 
 #[tokio::test]

@@ -85,6 +85,10 @@ enum Cmd {
     /// (lab) Load test: N simulated devices against one server; prints one JSON line.
     #[command(disable_help_flag = true)]
     Load(LabArgs),
+    /// (lab) The server as a cluster on real components (PostgreSQL, S3, nginx, two API replicas, two workers),
+    /// a worker and a replica killed mid-run; prints one JSON line. `--scaling`: workers and replicas 1 → 2.
+    #[command(disable_help_flag = true)]
+    Cluster(LabArgs),
 }
 
 fn services() -> Result<()> {
@@ -120,6 +124,7 @@ fn main() -> Result<()> {
         Cmd::Audit(a) => lab::run("audit", &a.args)?,
         Cmd::Frontier(a) => lab::run("frontier", &a.args)?,
         Cmd::Load(a) => lab::run("load", &a.args)?,
+        Cmd::Cluster(a) => lab::run("cluster", &a.args)?,
     }
     Ok(())
 }

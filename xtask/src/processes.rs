@@ -69,8 +69,32 @@ pub fn start_server_with(
     log: &Path,
     extra: &[String],
 ) -> Result<Server> {
+    launch_server(bin_dir, data_dir, api_key, log, &Launch { extra: extra.to_vec(), ..Launch::default() })
+}
+
+/// How to start one `mobillm-server` beyond the defaults: more flags, environment variables (a cluster store's
+/// settings), and a CPU to pin it to.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    pub extra: Vec<String>,
+    pub env: Vec<(&'static str, String)>,
+    /// Run under `taskset -c CPU` (which execs the server: the pid stays the server's).
+    pub cpu: Option<usize>,
+}
+
+/// Starts `mobillm-server` on 127.0.0.1 port 0 as [`start_server`] does, as `launch` says. A `--role work`
+/// process has no API listener: its [`Server::url`] is empty.
+pub fn launch_server(bin_dir: &Path, data_dir: &Path, api_key: &str, log: &Path, launch: &Launch) -> Result<Server> {
     let admin_token = format!("admin-{}", std::process::id());
-    let mut command = Command::new(bin_dir.join("mobillm-server"));
+    let server = bin_dir.join("mobillm-server");
+    let mut command = match launch.cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu.to_string()]).arg(&server);
+            c
+        }
+        None => Command::new(&server),
+    };
     // These servers write under 100 MB to a temporary directory: a production watermark (1 GiB free) would stop
     // a demo or test on a nearly full disk for no reason. An explicit setting still wins.
     if std::env::var_os("MOBILLM_MIN_FREE_DISK_MB").is_none() {
@@ -79,7 +103,8 @@ pub fn start_server_with(
     let mut child = command
         .args(["--bind", "127.0.0.1:0", "--admin-bind", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
-        .args(extra)
+        .args(&launch.extra)
+        .envs(launch.env.iter().map(|(k, v)| (*k, v)))
         .env("MOBILLM_API_KEYS", api_key)
         .env("MOBILLM_ADMIN_TOKEN", &admin_token)
         .stdout(Stdio::piped())
@@ -87,16 +112,28 @@ pub fn start_server_with(
         .spawn()
         .context("starting mobillm-server")?;
     let mut stdout = BufReader::new(child.stdout.take().context("server stdout")?);
-    let (mut line, mut admin_line) = (String::new(), String::new());
-    stdout.read_line(&mut line)?;
-    stdout.read_line(&mut admin_line)?;
     let process = ServerProcess(child);
-    let (Some(addr), Some(admin)) =
-        (line.trim().strip_prefix("listening on "), admin_line.trim().strip_prefix("admin listening on "))
-    else {
+    let (mut api, mut admin) = (None, None);
+    for _ in 0..2 {
+        let mut line = String::new();
+        if stdout.read_line(&mut line)? == 0 {
+            break;
+        }
+        if let Some(a) = line.trim().strip_prefix("admin listening on ") {
+            admin = Some(a.to_string());
+            break; // the last line the server prints
+        }
+        api = line.trim().strip_prefix("listening on ").map(str::to_string);
+    }
+    let Some(admin) = admin else {
         bail!("mobillm-server did not start; its log:\n{}", std::fs::read_to_string(log).unwrap_or_default());
     };
-    Ok(Server { url: format!("http://{addr}"), admin_url: format!("http://{admin}"), admin_token, _process: process })
+    Ok(Server {
+        url: api.map(|a| format!("http://{a}")).unwrap_or_default(),
+        admin_url: format!("http://{admin}"),
+        admin_token,
+        _process: process,
+    })
 }
 
 /// A plain HTTP/1.1 GET on loopback, with a bearer token if given (the servers started here speak plain HTTP);

@@ -12,10 +12,12 @@ use anyhow::{bail, Context, Result};
 /// How long a service may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A child process killed (and reaped) when dropped.
+/// A child process stopped (and reaped) when dropped: with `stop_signal` and up to 5 s to exit, then SIGKILL.
 pub struct Service {
     child: Child,
     name: &'static str,
+    /// nginx's master must pass the signal on to its workers: SIGKILL would leave them holding the port.
+    stop_signal: Option<&'static str>,
 }
 
 impl Service {
@@ -26,6 +28,13 @@ impl Service {
 
 impl Drop for Service {
     fn drop(&mut self) {
+        if let Some(signal) = self.stop_signal {
+            let _ = Command::new("kill").args([signal, &self.child.id().to_string()]).status();
+            let asked = Instant::now();
+            while asked.elapsed() < Duration::from_secs(5) && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         eprintln!("stopped {}", self.name);
@@ -116,15 +125,23 @@ pub fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// As root, runs `program` as the `postgres` user (Debian's package creates it); otherwise as ourselves.
-fn as_unprivileged(program: &Path) -> Command {
+/// As root, runs `program` as the `postgres` user (Debian's package creates it), with no wrapper process in
+/// between, so signals reach it; otherwise as ourselves.
+fn as_unprivileged(program: &Path) -> Result<Command> {
+    let mut c = Command::new(program);
     if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
+        use std::os::unix::process::CommandExt;
+        let id = |flag: &str| -> Result<u32> {
+            let out = Command::new("id").args([flag, "postgres"]).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "no `postgres` user to run PostgreSQL as (Debian's package makes it)"
+            );
+            Ok(String::from_utf8(out.stdout)?.trim().parse()?)
+        };
+        c.uid(id("-u")?).gid(id("-g")?);
     }
+    Ok(c)
 }
 
 impl Postgres {
@@ -137,7 +154,7 @@ impl Postgres {
             anyhow::ensure!(status.success(), "chown of {} to postgres failed", dir.display());
         }
         let log = dir.join("postgres.log");
-        let status = as_unprivileged(&pg_bin("initdb")?)
+        let status = as_unprivileged(&pg_bin("initdb")?)?
             .arg("-D")
             .arg(&data)
             .args(["-U", "mobillm", "--auth=trust", "-E", "UTF8", "--no-instructions"])
@@ -147,7 +164,7 @@ impl Postgres {
             .context("running initdb")?;
         anyhow::ensure!(status.success(), "initdb failed; see {}", log.display());
         let port = free_port()?;
-        let child = as_unprivileged(&pg_bin("postgres")?)
+        let child = as_unprivileged(&pg_bin("postgres")?)?
             .arg("-D")
             .arg(&data)
             .args(["-c", "listen_addresses=127.0.0.1", "-c", &format!("port={port}")])
@@ -158,7 +175,7 @@ impl Postgres {
             .stderr(std::fs::OpenOptions::new().append(true).open(&log)?)
             .spawn()
             .context("starting postgres")?;
-        let mut service = Service { child, name: "postgres" };
+        let mut service = Service { child, name: "postgres", stop_signal: Some("-INT") };
         wait_for_port(port, &mut service, &log)?;
         // Accepting TCP is not yet accepting queries: ask pg_isready.
         let started = Instant::now();
@@ -193,7 +210,7 @@ impl S3 {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting s3s-fs")?;
-        let mut service = Service { child, name: "s3s-fs" };
+        let mut service = Service { child, name: "s3s-fs", stop_signal: None };
         wait_for_port(port, &mut service, &log)?;
         eprintln!("s3s-fs on 127.0.0.1:{port} (objects in {})", dir.display());
         Ok(Self {
@@ -236,5 +253,86 @@ impl ClusterServices {
         env.push(("MOBILLM_TEST_DATABASE_URL", self.postgres.url.clone()));
         env.push(("MOBILLM_TEST_S3_BUCKET", self.s3.bucket.clone()));
         env
+    }
+}
+
+/// nginx on 127.0.0.1 in front of API replicas: round-robin, and a request whose replica fails (connection
+/// refused or reset: a replica killed) goes to the next one. Requests that are not idempotent in HTTP's sense
+/// are retried too: ours carry idempotency keys, so a retry is answered, not applied twice.
+pub struct Nginx {
+    _service: Service,
+    pub url: String,
+}
+
+impl Nginx {
+    /// Starts nginx with its configuration, logs and temporary files in `dir`, in front of `upstreams`
+    /// (`http://127.0.0.1:PORT` each).
+    pub fn start(dir: &Path, upstreams: &[String]) -> Result<Self> {
+        std::fs::create_dir_all(dir.join("tmp"))?;
+        if is_root() {
+            // nginx's workers run as `nobody`: they must reach the directory and write its temporary files.
+            use std::os::unix::fs::PermissionsExt;
+            let mut d = dir.to_path_buf();
+            while d.pop() && d.starts_with(std::env::temp_dir()) && d != std::env::temp_dir() {
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))?;
+            }
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+            std::fs::set_permissions(dir.join("tmp"), std::fs::Permissions::from_mode(0o777))?;
+        }
+        let port = free_port()?;
+        let servers: String = upstreams
+            .iter()
+            .map(|u| format!("        server {} max_fails=1 fail_timeout=10s;\n", u.trim_start_matches("http://")))
+            .collect();
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    client_max_body_size 64m;
+    client_body_buffer_size 1m;
+    upstream api {{
+{servers}        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_next_upstream error timeout http_502 non_idempotent;
+            proxy_next_upstream_tries 3;
+            proxy_connect_timeout 2s;
+            proxy_read_timeout 120s;
+        }}
+    }}
+}}
+"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let log = dir.join("error.log");
+        let child = Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("stderr.log"))?)
+            .spawn()
+            .context("starting nginx (Debian's nginx package)")?;
+        let mut service = Service { child, name: "nginx", stop_signal: Some("-QUIT") };
+        wait_for_port(port, &mut service, &log)?;
+        eprintln!("nginx on 127.0.0.1:{port} in front of {}", upstreams.join(", "));
+        Ok(Self { _service: service, url: format!("http://127.0.0.1:{port}") })
     }
 }

@@ -1,6 +1,6 @@
 //! `cargo xtask test`, the README's test command: fetches what the tests need, then runs every test of the
-//! workspace in release mode, the API check, the SDK's checks, a small demo in `pae` and in `local` mode and a small
-//! privacy audit.
+//! workspace in release mode (the cluster store's tests against PostgreSQL and S3 started here), the API check, the
+//! SDK's checks, a small demo in `pae` and in `local` mode, a small cluster run and a small privacy audit.
 
 use anyhow::Result;
 use xtask::{demo, fetch, paths, services};
@@ -50,9 +50,31 @@ pub fn run(args: &[String]) -> Result<()> {
     anyhow::ensure!(per_sample <= 20_000.0, "the demo uploaded {per_sample} bytes per sample (goal ≤ 20 KB)");
     let local = demo_smoke("local")?;
     anyhow::ensure!(local["upload_bytes"].as_u64() == Some(0), "a local fine-tune sent bytes: {local}");
+    // The server as a cluster, small: PostgreSQL, S3, nginx, two API replicas and two workers, one replica and
+    // one worker killed with SIGKILL mid-run.
+    cluster_smoke()?;
     // The privacy audit, small: the attacks still work with the secrets off, and the default holds its goals.
     eprintln!("test: quick privacy audit (400 training sentences, 200 attacked)");
     lab::run("audit", &["--quick".to_string()])?;
+    Ok(())
+}
+
+/// `cargo xtask cluster`, small: every session completes, no acknowledged sample is lost, the killed worker's
+/// job is claimed again, and the cluster's tiny fine-tunes are as accurate as one node's (within the run-to-run
+/// noise of a 40-example held-out set).
+fn cluster_smoke() -> Result<()> {
+    eprintln!("test: cluster smoke run (6 upload devices, 5 tiny fine-tunes, a worker and a replica killed)");
+    let r = lab::run_json("cluster", &["--devices", "6", "--samples", "96", "--fine-tunes", "5"])?;
+    println!("{r}");
+    let (single, cluster) = (r["accuracy_single_node"].as_f64(), r["accuracy_cluster"].as_f64());
+    anyhow::ensure!(
+        r["sessions_failed"] == 0
+            && r["acknowledged_samples_lost"] == 0
+            && r["jobs_reclaimed"].as_f64().is_some_and(|n| n >= 1.0)
+            && matches!((single, cluster), (Some(s), Some(c)) if c >= s - 0.15 && c >= 0.65),
+        "the cluster smoke run failed its goals: {r}"
+    );
+    eprintln!("test: cluster smoke run passed");
     Ok(())
 }
 

@@ -79,6 +79,7 @@ pub async fn start(
                     steps: r.job.steps,
                 };
                 r.train_request = key.clone();
+                r.lease = None;
                 r.last_used_unix = now_unix();
                 Ok(Start::Queued(r.job.clone(), before))
             })??;

@@ -20,6 +20,7 @@ use std::future::Future;
 
 use deadpool_postgres::{Pool, Transaction};
 use futures_util::StreamExt;
+use mobillm_core::protocol::JobStatus;
 use mobillm_core::side::SampleId;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
@@ -32,6 +33,14 @@ const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_clu
 
 /// Serialises migrations between processes starting at once (an arbitrary, fixed advisory-lock id).
 const MIGRATION_LOCK: i64 = 0x6d6f_6269_6c6c_6d01;
+
+/// A job a worker claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub session: String,
+    /// Another worker held it before, and its lease passed (that worker died or stalled).
+    pub reclaimed: bool,
+}
 
 pub struct Cluster {
     runtime: Option<tokio::runtime::Runtime>,
@@ -528,8 +537,7 @@ impl Cluster {
 
     /// Claims the next training job for `worker` until `lease_secs` from now: the queued job (or the job whose
     /// worker's lease has passed) of the API key served longest ago, first come first served within a key.
-    /// Returns its session id.
-    pub fn claim_job(&self, worker: &str, lease_secs: u64) -> Result<Option<String>, StoreError> {
+    pub fn claim_job(&self, worker: &str, lease_secs: u64) -> Result<Option<Claim>, StoreError> {
         self.block_on(async {
             let mut client = self.client().await?;
             let txn = client.transaction().await.map_err(pg)?;
@@ -545,16 +553,20 @@ impl Cluster {
                 .map_err(pg)?;
             let Some(row) = row else { return Ok(None) };
             let mut rec = parse_record(row.get(0))?;
-            if let Some(earlier) = &rec.lease {
+            // A job left running under a lease: its worker died or stalled (one that stops on purpose, or a job
+            // queued anew, has none).
+            let reclaimed = rec.job.status == JobStatus::Running && rec.lease.is_some();
+            if let Some(earlier) = rec.lease.as_ref().filter(|_| reclaimed) {
                 tracing::warn!(session = %rec.id, worker = %earlier.worker, "reclaiming a job whose worker's lease passed");
             }
             rec.lease = Some(Lease { worker: worker.to_string(), until_unix: now as u64 + lease_secs });
+            rec.job.status = JobStatus::Running;
             write_record(&txn, &rec, None).await?;
             txn.execute("UPDATE api_keys SET served_turn = nextval('turns') WHERE key_hash = $1", &[&rec.key_hash])
                 .await
                 .map_err(pg)?;
             txn.commit().await.map_err(pg)?;
-            Ok(Some(rec.id))
+            Ok(Some(Claim { session: rec.id, reclaimed }))
         })
     }
 
