@@ -18,7 +18,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::{GenericClient, Pool, Transaction};
 use futures_util::StreamExt;
 use mobillm_core::protocol::JobStatus;
 use mobillm_core::side::SampleId;
@@ -173,17 +173,7 @@ impl Cluster {
     }
 
     pub fn key_usage(&self, key_hash: &str) -> Result<Usage, StoreError> {
-        self.block_on(async {
-            let client = self.client().await?;
-            let row = client
-                .query_opt("SELECT sessions, bytes FROM api_keys WHERE key_hash = $1", &[&key_hash])
-                .await
-                .map_err(pg)?;
-            Ok(row.map_or(Usage::default(), |r| Usage {
-                sessions: r.get::<_, i64>(0) as u64,
-                bytes: r.get::<_, i64>(1) as u64,
-            }))
-        })
+        self.block_on(async { key_usage_of(&self.client().await?, key_hash).await })
     }
 
     pub fn create_session(&self, rec: &SessionRecord, quotas: &Quotas) -> Result<Result<Created, Refusal>, StoreError> {
@@ -219,7 +209,7 @@ impl Cluster {
                 .await
                 .map_err(pg)?;
             if counted == 0 {
-                let had = self.key_usage_in(&txn, &rec.key_hash).await?.sessions;
+                let had = key_usage_of(&txn, &rec.key_hash).await?.sessions;
                 return Ok(Err(Refusal::Quota(format!("this API key already has {had} sessions"))));
             }
             txn.execute(
@@ -235,17 +225,6 @@ impl Cluster {
             txn.commit().await.map_err(pg)?;
             Ok(Ok(Created::New))
         })
-    }
-
-    async fn key_usage_in(&self, txn: &Transaction<'_>, key_hash: &str) -> Result<Usage, StoreError> {
-        let row = txn
-            .query_opt("SELECT sessions, bytes FROM api_keys WHERE key_hash = $1", &[&key_hash])
-            .await
-            .map_err(pg)?;
-        Ok(row.map_or(Usage::default(), |r| Usage {
-            sessions: r.get::<_, i64>(0) as u64,
-            bytes: r.get::<_, i64>(1) as u64,
-        }))
     }
 
     pub fn checkpoint<R>(
@@ -640,6 +619,13 @@ fn open_objects(url: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), StoreEr
         }
         other => Err(StoreError(format!("--object-store {url}: unknown scheme {other} (s3:// or file://)"))),
     }
+}
+
+async fn key_usage_of(client: &impl GenericClient, key_hash: &str) -> Result<Usage, StoreError> {
+    let row =
+        client.query_opt("SELECT sessions, bytes FROM api_keys WHERE key_hash = $1", &[&key_hash]).await.map_err(pg)?;
+    Ok(row
+        .map_or(Usage::default(), |r| Usage { sessions: r.get::<_, i64>(0) as u64, bytes: r.get::<_, i64>(1) as u64 }))
 }
 
 async fn lock_record(txn: &Transaction<'_>, id: &str) -> Result<Option<SessionRecord>, StoreError> {
