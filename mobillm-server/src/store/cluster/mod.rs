@@ -18,36 +18,29 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 
+mod objects;
+mod queue;
+
 use deadpool_postgres::{GenericClient, Pool, Transaction};
-use futures_util::StreamExt;
-use mobillm_core::protocol::JobStatus;
 use mobillm_core::side::SampleId;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutPayload};
 
-use super::{now_unix, se, Created, Lease, Refusal, SessionRecord, StoreError, TrainingSet, Usage, SAMPLE_KEY_BYTES};
+pub use objects::Objects;
+pub use queue::Claim;
+
+use super::{now_unix, se, Created, Refusal, SessionRecord, StoreError, TrainingSet, Usage, SAMPLE_KEY_BYTES};
 use crate::config::Quotas;
 
 /// The migrations, in order; each is applied once, in a transaction, and recorded in `schema_migrations`.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_cluster_store.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../../migrations/0001_cluster_store.sql"))];
 
 /// Serialises migrations between processes starting at once (an arbitrary, fixed advisory-lock id).
 const MIGRATION_LOCK: i64 = 0x6d6f_6269_6c6c_6d01;
 
-/// A job a worker claimed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
-    pub session: String,
-    /// Another worker held it before, and its lease passed (that worker died or stalled).
-    pub reclaimed: bool,
-}
-
 pub struct Cluster {
     runtime: Option<tokio::runtime::Runtime>,
     pool: Pool,
-    objects: Box<dyn ObjectStore>,
-    /// Prefix of every object this store writes.
-    prefix: ObjectPath,
+    objects: Objects,
 }
 
 impl Drop for Cluster {
@@ -85,17 +78,17 @@ impl Cluster {
                 .build()
                 .map_err(se)?
         };
-        let (objects, prefix) = open_objects(objects)?;
-        let store = Self { runtime: Some(runtime), pool, objects, prefix };
+        let objects = Objects::open(objects)?;
+        let store = Self { runtime: Some(runtime), pool, objects };
         store.block_on(store.migrate())?;
         Ok(store)
     }
 
-    fn block_on<F: Future>(&self, f: F) -> F::Output {
+    pub(crate) fn block_on<F: Future>(&self, f: F) -> F::Output {
         self.runtime.as_ref().expect("the runtime lives as long as the store").block_on(f)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(|e| StoreError(format!("PostgreSQL: {e}")))
     }
 
@@ -132,15 +125,6 @@ impl Cluster {
             }
         }
         txn.commit().await.map_err(pg)
-    }
-
-    fn object(&self, session: &str, kind: &str) -> Result<ObjectPath, StoreError> {
-        let name = format!("{:032x}", rand::random::<u128>());
-        Ok(self.session_prefix(session).child(kind).child(name))
-    }
-
-    fn session_prefix(&self, session: &str) -> ObjectPath {
-        self.prefix.child("sessions").child(session)
     }
 
     pub fn session(&self, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -250,8 +234,8 @@ impl Cluster {
             };
             let mut new_weights = None;
             if let Some(w) = weights {
-                let path = self.object(id, "weights")?;
-                self.put(&path, w.to_vec()).await?;
+                let path = self.objects.new_key(id, "weights");
+                self.objects.put(&path, w.to_vec()).await?;
                 written = Some(path.clone());
                 let delta = w.len() as i64 - old_bytes;
                 rec.stored_bytes = rec.stored_bytes.saturating_add_signed(delta);
@@ -262,12 +246,12 @@ impl Cluster {
             txn.commit().await.map_err(pg)?;
             written = None; // committed: the new object is the checkpoint, the old one is garbage
             if let (Some(old), Some(_)) = (old_key, weights) {
-                self.delete_object(&ObjectPath::from(old)).await;
+                self.objects.delete_unreferenced(&ObjectPath::from(old)).await;
             }
             Ok(Ok(r))
         });
         if let Some(orphan) = written {
-            self.block_on(self.delete_object(&orphan));
+            self.block_on(self.objects.delete_unreferenced(&orphan));
         }
         outcome
     }
@@ -316,8 +300,8 @@ impl Cluster {
                     .try_reserve_exact(fresh.len() * acts_len)
                     .map_err(|_| StoreError("no memory for a chunk".into()))?;
                 fresh.iter().for_each(|(_, b)| chunk.extend_from_slice(&b[..acts_len]));
-                let path = self.object(session, "chunks")?;
-                self.put(&path, chunk).await?;
+                let path = self.objects.new_key(session, "chunks");
+                self.objects.put(&path, chunk).await?;
                 written = Some(path.clone());
                 let chunk_key = path.to_string();
                 let fresh_ids: Vec<&[u8]> = fresh.iter().map(|(id, _)| &id.0[..]).collect();
@@ -366,7 +350,7 @@ impl Cluster {
             Ok(Ok((fresh.len(), rows.len() - fresh.len(), rec.samples)))
         });
         if let Some(orphan) = written {
-            self.block_on(self.delete_object(&orphan));
+            self.block_on(self.objects.delete_unreferenced(&orphan));
         }
         outcome
     }
@@ -396,22 +380,13 @@ impl Cluster {
             Ok::<_, StoreError>(Some(rec))
         })?;
         // The rows are gone (and with them every reference to the objects): now the objects.
-        self.block_on(self.delete_prefix(&self.session_prefix(id)))?;
+        self.block_on(self.objects.delete_session(id))?;
         Ok(rec)
     }
 
-    /// Objects under a session's prefix (0 once it is deleted).
+    /// How many objects a session has (none once it is deleted).
     pub fn session_objects(&self, id: &str) -> Result<usize, StoreError> {
-        self.block_on(async {
-            let prefix = self.session_prefix(id);
-            let mut listed = self.objects.list(Some(&prefix));
-            let mut n = 0;
-            while let Some(meta) = listed.next().await {
-                meta.map_err(obj)?;
-                n += 1;
-            }
-            Ok(n)
-        })
+        self.block_on(self.objects.count_session(id))
     }
 
     pub fn training_set(&self, rec: &SessionRecord) -> Result<TrainingSet, StoreError> {
@@ -434,7 +409,7 @@ impl Cluster {
                 let (id, chunk, index, target): (&[u8], String, i32, &[u8]) =
                     (row.get(0), row.get(1), row.get(2), row.get(3));
                 if current.as_ref().is_none_or(|(c, _)| *c != chunk) {
-                    let bytes = self.get(&ObjectPath::from(chunk.as_str())).await?;
+                    let bytes = self.objects.get(&ObjectPath::from(chunk.as_str())).await?;
                     current = Some((chunk, bytes));
                 }
                 let (name, bytes) = current.as_ref().expect("fetched above");
@@ -508,116 +483,10 @@ impl Cluster {
             let row =
                 client.query_opt("SELECT weights_key FROM sessions WHERE id = $1", &[&session]).await.map_err(pg)?;
             match row.and_then(|r| r.get::<_, Option<String>>(0)) {
-                Some(key) => Ok(Some(self.get(&ObjectPath::from(key)).await?.to_vec())),
+                Some(key) => Ok(Some(self.objects.get(&ObjectPath::from(key)).await?.to_vec())),
                 None => Ok(None),
             }
         })
-    }
-
-    /// Claims the next training job for `worker` until `lease_secs` from now: the queued job (or the job whose
-    /// worker's lease has passed) of the API key served longest ago, first come first served within a key.
-    pub fn claim_job(&self, worker: &str, lease_secs: u64) -> Result<Option<Claim>, StoreError> {
-        self.block_on(async {
-            let mut client = self.client().await?;
-            let txn = client.transaction().await.map_err(pg)?;
-            let now = now_unix() as i64;
-            let row = txn
-                .query_opt(
-                    "SELECT s.record FROM sessions s JOIN api_keys k ON k.key_hash = s.key_hash \
-                     WHERE s.job_active AND s.lease_until < $1 \
-                     ORDER BY k.served_turn, s.queued_turn LIMIT 1 FOR UPDATE OF s SKIP LOCKED",
-                    &[&now],
-                )
-                .await
-                .map_err(pg)?;
-            let Some(row) = row else { return Ok(None) };
-            let mut rec = parse_record(row.get(0))?;
-            // A job left running under a lease: its worker died or stalled (one that stops on purpose, or a job
-            // queued anew, has none).
-            let reclaimed = rec.job.status == JobStatus::Running && rec.lease.is_some();
-            if let Some(earlier) = rec.lease.as_ref().filter(|_| reclaimed) {
-                tracing::warn!(session = %rec.id, worker = %earlier.worker, "reclaiming a job whose worker's lease passed");
-            }
-            rec.lease = Some(Lease { worker: worker.to_string(), until_unix: now as u64 + lease_secs });
-            rec.job.status = JobStatus::Running;
-            write_record(&txn, &rec, None).await?;
-            txn.execute("UPDATE api_keys SET served_turn = nextval('turns') WHERE key_hash = $1", &[&rec.key_hash])
-                .await
-                .map_err(pg)?;
-            txn.commit().await.map_err(pg)?;
-            Ok(Some(Claim { session: rec.id, reclaimed }))
-        })
-    }
-
-    /// Jobs waiting for a worker (queued, or whose worker's lease has passed).
-    pub fn queued_jobs(&self) -> Result<usize, StoreError> {
-        self.count("SELECT count(*) FROM sessions WHERE job_active AND lease_until < $1")
-    }
-
-    /// Jobs a worker holds a lease on.
-    pub fn running_jobs(&self) -> Result<usize, StoreError> {
-        self.count("SELECT count(*) FROM sessions WHERE job_active AND lease_until >= $1")
-    }
-
-    fn count(&self, sql: &str) -> Result<usize, StoreError> {
-        self.block_on(async {
-            let row = self.client().await?.query_one(sql, &[&(now_unix() as i64)]).await.map_err(pg)?;
-            Ok(row.get::<_, i64>(0) as usize)
-        })
-    }
-
-    async fn put(&self, path: &ObjectPath, bytes: Vec<u8>) -> Result<(), StoreError> {
-        self.objects.put(path, PutPayload::from(bytes)).await.map_err(obj)?;
-        Ok(())
-    }
-
-    async fn get(&self, path: &ObjectPath) -> Result<bytes::Bytes, StoreError> {
-        let got = self.objects.get(path).await.map_err(obj)?;
-        got.bytes().await.map_err(obj)
-    }
-
-    /// Deletes an object nothing refers to; a failure leaves garbage under the session's prefix, which goes
-    /// with the session.
-    async fn delete_object(&self, path: &ObjectPath) {
-        if let Err(e) = self.objects.delete(path).await {
-            tracing::warn!(object = %path, error = %e, "cannot delete an unreferenced object");
-        }
-    }
-
-    async fn delete_prefix(&self, prefix: &ObjectPath) -> Result<(), StoreError> {
-        let listed = self.objects.list(Some(prefix)).map(|m| m.map(|m| m.location)).boxed();
-        let mut deleted = self.objects.delete_stream(listed);
-        while let Some(result) = deleted.next().await {
-            match result {
-                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(obj(e)),
-            }
-        }
-        Ok(())
-    }
-}
-
-fn open_objects(url: &str) -> Result<(Box<dyn ObjectStore>, ObjectPath), StoreError> {
-    let parsed = url::Url::parse(url).map_err(|e| StoreError(format!("bad --object-store {url}: {e}")))?;
-    let prefix = ObjectPath::from(parsed.path().trim_matches('/'));
-    match parsed.scheme() {
-        "s3" => {
-            let bucket =
-                parsed.host_str().ok_or_else(|| StoreError(format!("--object-store {url} names no bucket")))?;
-            let store = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .build()
-                .map_err(|e| StoreError(format!("object store {url}: {e}")))?;
-            Ok((Box::new(store), prefix))
-        }
-        "file" => {
-            let dir = parsed.to_file_path().map_err(|_| StoreError(format!("bad --object-store {url}")))?;
-            std::fs::create_dir_all(&dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
-            let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|e| StoreError(format!("object store {url}: {e}")))?;
-            Ok((Box::new(store), ObjectPath::from("")))
-        }
-        other => Err(StoreError(format!("--object-store {url}: unknown scheme {other} (s3:// or file://)"))),
     }
 }
 
@@ -634,7 +503,7 @@ async fn lock_record(txn: &Transaction<'_>, id: &str) -> Result<Option<SessionRe
 }
 
 /// Writes the record and the columns derived from it; `weights` switches the checkpoint object.
-async fn write_record(
+pub(crate) async fn write_record(
     txn: &Transaction<'_>,
     rec: &SessionRecord,
     weights: Option<(String, i64)>,
@@ -663,7 +532,7 @@ async fn charge(txn: &Transaction<'_>, key_hash: &str, delta: i64) -> Result<(),
     Ok(())
 }
 
-fn parse_record(json: &str) -> Result<SessionRecord, StoreError> {
+pub(crate) fn parse_record(json: &str) -> Result<SessionRecord, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError(format!("a session record does not parse: {e}")))
 }
 
@@ -671,10 +540,6 @@ fn to_json(rec: &SessionRecord) -> Result<String, StoreError> {
     serde_json::to_string(rec).map_err(se)
 }
 
-fn pg(e: tokio_postgres::Error) -> StoreError {
+pub(crate) fn pg(e: tokio_postgres::Error) -> StoreError {
     StoreError(format!("PostgreSQL: {e}"))
-}
-
-fn obj(e: object_store::Error) -> StoreError {
-    StoreError(format!("object store: {e}"))
 }
