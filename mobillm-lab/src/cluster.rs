@@ -53,6 +53,9 @@ pub struct Args {
     /// Also one fine-tune of the real model on each (SmolLM2-135M, 160 train / 100 held-out UCI sentences).
     #[arg(long)]
     pub real_model: bool,
+    /// Kill nothing (to compare accuracy and latency with a run that kills).
+    #[arg(long)]
+    pub no_kill: bool,
     /// Seconds a worker's lease lasts (a killed worker's job is claimed again after this).
     #[arg(long, default_value_t = 5)]
     pub lease_secs: u64,
@@ -309,7 +312,7 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
         // worker and API replica 0.
         s.spawn(|| {
             let third = args.devices * args.samples / 3;
-            while !done.load(Ordering::SeqCst) && started.elapsed() < DEADLINE {
+            while !args.no_kill && !done.load(Ordering::SeqCst) && started.elapsed() < DEADLINE {
                 if tally.acknowledged.load(Ordering::Relaxed) < third {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
@@ -382,6 +385,8 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
         "accuracy_cluster": mean(&cluster_accs),
         "accuracy_single_node_range": range(&single_accs),
         "accuracy_cluster_range": range(&cluster_accs),
+        "accuracy_single_node_each": single_accs,
+        "accuracy_cluster_each": cluster_accs,
         "real_model_accuracy_single_node": real_acc(&single_real),
         "real_model_accuracy_cluster": real_acc(&cluster_real),
         "wall_s": started.elapsed().as_secs_f64(),

@@ -199,6 +199,14 @@ async fn migrations_apply_once_and_roles_need_the_cluster_store() {
     assert!(err.contains("needs the cluster store"), "{err}");
 
     let Some(cfgs) = cluster(dir.path(), &[Role::All, Role::Serve]).await else { return };
+    // A database that is not there is named at start, not met at the first request.
+    let mut down = cfgs[0].clone();
+    down.database_url = Some("postgres://mobillm@127.0.0.1:9/nowhere".into());
+    let err = tokio::task::spawn_blocking(move || mobillm_server::open(down).err().expect("refused").to_string())
+        .await
+        .unwrap();
+    assert!(err.contains("PostgreSQL"), "{err}");
+
     let first = open(cfgs[0].clone()).await;
     let (status, _) = call(&first, "POST", "/v1/sessions", Some(KEY), session_json()).await;
     assert_eq!(status, StatusCode::CREATED);

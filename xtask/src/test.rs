@@ -61,10 +61,10 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// `cargo xtask cluster`, small: every session completes, no acknowledged sample is lost, the killed worker's
 /// job is claimed again, and the cluster's tiny fine-tunes are as accurate as one node's (within the run-to-run
-/// noise of a 40-example held-out set).
+/// noise of an 80-example held-out set).
 fn cluster_smoke() -> Result<()> {
-    eprintln!("test: cluster smoke run (6 upload devices, 5 tiny fine-tunes, a worker and a replica killed)");
-    let r = lab::run_json("cluster", &["--devices", "6", "--samples", "96", "--fine-tunes", "5"])?;
+    eprintln!("test: cluster smoke run (6 upload devices, 8 tiny fine-tunes, a worker and a replica killed)");
+    let r = lab::run_json("cluster", &["--devices", "6", "--samples", "96", "--fine-tunes", "8"])?;
     println!("{r}");
     let (single, cluster) = (r["accuracy_single_node"].as_f64(), r["accuracy_cluster"].as_f64());
     anyhow::ensure!(

@@ -34,6 +34,9 @@ use crate::config::Quotas;
 /// The migrations, in order; each is applied once, in a transaction, and recorded in `schema_migrations`.
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../../migrations/0001_cluster_store.sql"))];
 
+/// How long a connection may take to open, and a request may wait for a free one.
+const DATABASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serialises migrations between processes starting at once (an arbitrary, fixed advisory-lock id).
 const MIGRATION_LOCK: i64 = 0x6d6f_6269_6c6c_6d01;
 
@@ -63,8 +66,11 @@ impl Cluster {
             .enable_all()
             .build()
             .map_err(|e| StoreError(format!("cannot start the store's runtime: {e}")))?;
-        let pg: tokio_postgres::Config =
+        let mut pg: tokio_postgres::Config =
             database_url.parse().map_err(|e| StoreError(format!("bad --database-url: {e}")))?;
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(DATABASE_TIMEOUT);
+        }
         let manager = deadpool_postgres::Manager::from_config(
             pg,
             tokio_postgres::NoTls,
@@ -75,6 +81,10 @@ impl Cluster {
             Pool::builder(manager)
                 .max_size(connections.max(2))
                 .runtime(deadpool_postgres::Runtime::Tokio1)
+                // A database that does not answer fails requests with a 500 rather than holding them forever.
+                .wait_timeout(Some(DATABASE_TIMEOUT))
+                .create_timeout(Some(DATABASE_TIMEOUT))
+                .recycle_timeout(Some(DATABASE_TIMEOUT))
                 .build()
                 .map_err(se)?
         };
