@@ -37,11 +37,10 @@ pub async fn metrics(
     State(state): State<Arc<AppState>>,
     _: Admin,
 ) -> Result<([(header::HeaderName, &'static str); 1], String), ApiError> {
-    let usage = state.blocking(|s| Ok(s.store.usage()?)).await?;
+    let (usage, (queued, running)) = state.blocking(|s| Ok((s.store.usage()?, s.job_counts()?))).await?;
     let m = &state.metrics;
     m.sessions.set(usage.sessions as i64);
     m.stored_bytes.set(usage.bytes as i64);
-    let (queued, running) = state.blocking(|s| s.job_counts()).await?;
     m.queued_jobs.set(queued as i64);
     m.running_jobs.set(running as i64);
     m.live_trainers.set(state.trainers.loaded() as i64);
@@ -62,8 +61,7 @@ struct Usage {
 }
 
 async fn usage(State(state): State<Arc<AppState>>, _: Admin) -> Result<Json<Usage>, ApiError> {
-    let u = state.blocking(|s| Ok(s.store.usage()?)).await?;
-    let (queued_jobs, running_jobs) = state.blocking(|s| s.job_counts()).await?;
+    let (u, (queued_jobs, running_jobs)) = state.blocking(|s| Ok((s.store.usage()?, s.job_counts()?))).await?;
     Ok(Json(Usage {
         sessions: u.sessions,
         stored_bytes: u.bytes,

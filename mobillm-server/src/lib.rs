@@ -70,20 +70,8 @@ pub fn open(config: ServerConfig) -> anyhow::Result<Arc<AppState>> {
     });
     if state.store.is_shared() {
         let weak = Arc::downgrade(&state);
-        let lease = state.config.lease_secs();
-        let claim: scheduler::JobClaimer = Arc::new(move |worker: &str| match weak.upgrade() {
-            Some(state) => match &state.store {
-                store::Store::Cluster(c) => {
-                    let claim = c.claim_job(worker, lease).map_err(|e| e.to_string())?;
-                    if claim.as_ref().is_some_and(|c| c.reclaimed) {
-                        state.metrics.jobs_reclaimed.inc();
-                    }
-                    Ok(claim.map(|c| c.session))
-                }
-                store::Store::Embedded(_) => Ok(None),
-            },
-            None => Ok(None),
-        });
+        let claim: scheduler::JobClaimer =
+            Arc::new(move |worker: &str| weak.upgrade().map_or(Ok(None), |state| state.claim_job(worker)));
         let process = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
         state.scheduler.start_claiming(&process, claim, run, workers);
         return Ok(state);

@@ -154,6 +154,17 @@ impl AppState {
         }
     }
 
+    /// Claims the next job of the cluster's queue for `worker` under a lease (the embedded store's jobs come
+    /// from this process's queue instead: none to claim). Returns its session id.
+    pub fn claim_job(&self, worker: &str) -> Result<Option<String>, String> {
+        let Store::Cluster(c) = &self.store else { return Ok(None) };
+        let claim = c.claim_job(worker, self.config.lease_secs()).map_err(|e| e.to_string())?;
+        if claim.as_ref().is_some_and(|c| c.reclaimed) {
+            self.metrics.jobs_reclaimed.inc();
+        }
+        Ok(claim.map(|c| c.session))
+    }
+
     /// Training jobs waiting, and on a worker: this process's, or the whole cluster's.
     pub fn job_counts(&self) -> Result<(usize, usize), ApiError> {
         Ok(match &self.store {

@@ -131,18 +131,16 @@ impl Embedded {
             };
             if let Some(id) = earlier {
                 let Some(mut first) = read_record(&sessions, &id)? else { return Ok(Err(Refusal::Gone)) };
-                if first.create_request != rec.create_request {
-                    return Ok(Err(Refusal::IdempotencyMismatch));
+                if let Err(refusal) = first.replay(rec) {
+                    return Ok(Err(refusal));
                 }
-                first.token_hash = rec.token_hash.clone();
-                first.last_used_unix = rec.last_used_unix;
                 sessions.insert(id.as_str(), serde_json::to_vec(&first).map_err(se)?.as_slice()).map_err(se)?;
                 Ok(Created::Replayed(id))
             } else {
                 let mut keys = txn.open_table(KEYS).map_err(se)?;
                 let mut key_usage = read_usage(&keys, &rec.key_hash)?;
                 if key_usage.sessions >= quotas.max_sessions_per_key as u64 {
-                    Err(Refusal::Quota(format!("this API key already has {} sessions", key_usage.sessions)))
+                    Err(Refusal::key_sessions(key_usage.sessions))
                 } else {
                     let mut usage_t = txn.open_table(USAGE).map_err(se)?;
                     let mut all = read_usage(&usage_t, "all")?;
@@ -232,25 +230,18 @@ impl Embedded {
             let key_usage = read_usage(&keys, &rec.key_hash)?;
             drop(keys);
             let all = read_usage(&txn.open_table(USAGE).map_err(se)?, "all")?;
-            let over = if rec.samples + fresh.len() > rec.max_samples {
-                Some(format!(
-                    "the session holds {} samples; {} more would pass its limit of {}",
-                    rec.samples,
-                    fresh.len(),
-                    rec.max_samples
-                ))
-            } else if rec.stored_bytes + added > quotas.session_bytes {
-                Some(format!("{added} more bytes would pass the session's quota of {} bytes", quotas.session_bytes))
-            } else if key_usage.bytes + added > quotas.key_bytes {
-                Some(format!("{added} more bytes would pass this API key's quota of {} bytes", quotas.key_bytes))
-            } else if all.bytes + added > quotas.global_bytes {
-                Some(format!("{added} more bytes would pass the server's quota of {} bytes", quotas.global_bytes))
-            } else {
-                None
-            };
-            match over {
-                Some(message) => Err(Refusal::Quota(message)),
-                None => {
+            let room = rec.room_for(fresh.len(), added, quotas).and_then(|()| {
+                if key_usage.bytes + added > quotas.key_bytes {
+                    Err(Refusal::bytes_over(added, "this API key's", quotas.key_bytes))
+                } else if all.bytes + added > quotas.global_bytes {
+                    Err(Refusal::bytes_over(added, "the server's", quotas.global_bytes))
+                } else {
+                    Ok(())
+                }
+            });
+            match room {
+                Err(refusal) => Err(refusal),
+                Ok(()) => {
                     for (id, bytes) in &fresh {
                         samples.insert((session, &id.0[..]), bytes.as_slice()).map_err(se)?;
                     }

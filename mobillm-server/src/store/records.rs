@@ -4,6 +4,8 @@ use mobillm_core::protocol::{JobState, Mode, StepAck};
 use mobillm_core::side::{SideConfig, TrainConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Quotas;
+
 /// What a session's creator declared, fixed for its lifetime.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionShape {
@@ -61,6 +63,34 @@ pub struct SessionRecord {
     pub lease: Option<Lease>,
 }
 
+impl SessionRecord {
+    /// Answers a retried create request (same idempotency key) with this session: the same request gets it back
+    /// under the retry's new token; a different request under the same key is refused.
+    pub fn replay(&mut self, retry: &SessionRecord) -> Result<(), Refusal> {
+        if self.create_request != retry.create_request {
+            return Err(Refusal::IdempotencyMismatch);
+        }
+        self.token_hash = retry.token_hash.clone();
+        self.last_used_unix = retry.last_used_unix;
+        Ok(())
+    }
+
+    /// Refuses `samples` more samples of `bytes` bytes that the session itself has no room for: its sample cap
+    /// and its byte quota (the key's and the server's quotas are each store's to check).
+    pub fn room_for(&self, samples: usize, bytes: u64, quotas: &Quotas) -> Result<(), Refusal> {
+        if self.samples + samples > self.max_samples {
+            return Err(Refusal::Quota(format!(
+                "the session holds {} samples; {samples} more would pass its limit of {}",
+                self.samples, self.max_samples
+            )));
+        }
+        if self.stored_bytes + bytes > quotas.session_bytes {
+            return Err(Refusal::bytes_over(bytes, "the session's", quotas.session_bytes));
+        }
+        Ok(())
+    }
+}
+
 /// A worker's claim on a session's job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -86,6 +116,18 @@ pub enum Refusal {
     IdempotencyMismatch,
     /// The session's state does not allow it now (a job is queued or running, say).
     Conflict(String),
+}
+
+impl Refusal {
+    /// `bytes` more would pass `whose` (`"this API key's"`, `"the server's"`) byte quota.
+    pub fn bytes_over(bytes: u64, whose: &str, quota: u64) -> Self {
+        Refusal::Quota(format!("{bytes} more bytes would pass {whose} quota of {quota} bytes"))
+    }
+
+    /// The API key has as many sessions as it may.
+    pub fn key_sessions(sessions: u64) -> Self {
+        Refusal::Quota(format!("this API key already has {sessions} sessions"))
+    }
 }
 
 pub fn now_unix() -> u64 {

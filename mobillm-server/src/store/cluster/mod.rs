@@ -162,7 +162,7 @@ impl Cluster {
     pub fn usage(&self) -> Result<Usage, StoreError> {
         self.block_on(async {
             let row = self.client().await?.query_one("SELECT sessions, bytes FROM usage", &[]).await.map_err(pg)?;
-            Ok(Usage { sessions: row.get::<_, i64>(0) as u64, bytes: row.get::<_, i64>(1) as u64 })
+            Ok(usage_of(&row))
         })
     }
 
@@ -182,11 +182,9 @@ impl Cluster {
                     .map(|r| r.get::<_, String>(0));
                 if let Some(id) = earlier {
                     let Some(mut first) = lock_record(&txn, &id).await? else { return Ok(Err(Refusal::Gone)) };
-                    if first.create_request != rec.create_request {
-                        return Ok(Err(Refusal::IdempotencyMismatch));
+                    if let Err(refusal) = first.replay(rec) {
+                        return Ok(Err(refusal));
                     }
-                    first.token_hash = rec.token_hash.clone();
-                    first.last_used_unix = rec.last_used_unix;
                     write_record(&txn, &first, None).await?;
                     txn.commit().await.map_err(pg)?;
                     return Ok(Ok(Created::Replayed(id)));
@@ -203,8 +201,7 @@ impl Cluster {
                 .await
                 .map_err(pg)?;
             if counted == 0 {
-                let had = key_usage_of(&txn, &rec.key_hash).await?.sessions;
-                return Ok(Err(Refusal::Quota(format!("this API key already has {had} sessions"))));
+                return Ok(Err(Refusal::key_sessions(key_usage_of(&txn, &rec.key_hash).await?.sessions)));
             }
             txn.execute(
                 "INSERT INTO sessions (id, key_hash, record) VALUES ($1, $2, $3)",
@@ -289,19 +286,8 @@ impl Cluster {
             let fresh: Vec<_> =
                 rows.iter().filter(|(id, _)| !present.contains(&id.0[..]) && seen.insert(id.0)).collect();
             let added: u64 = fresh.iter().map(|(_, b)| b.len() as u64 + SAMPLE_KEY_BYTES).sum();
-            if rec.samples + fresh.len() > rec.max_samples {
-                return Ok(Err(Refusal::Quota(format!(
-                    "the session holds {} samples; {} more would pass its limit of {}",
-                    rec.samples,
-                    fresh.len(),
-                    rec.max_samples
-                ))));
-            }
-            if rec.stored_bytes + added > quotas.session_bytes {
-                return Ok(Err(Refusal::Quota(format!(
-                    "{added} more bytes would pass the session's quota of {} bytes",
-                    quotas.session_bytes
-                ))));
+            if let Err(refusal) = rec.room_for(fresh.len(), added, quotas) {
+                return Ok(Err(refusal));
             }
             if !fresh.is_empty() {
                 let acts_len = 2 * rec.shape.layers * rec.shape.dim;
@@ -332,10 +318,7 @@ impl Cluster {
                     .await
                     .map_err(pg)?;
                 if key_ok == 0 {
-                    return Ok(Err(Refusal::Quota(format!(
-                        "{added} more bytes would pass this API key's quota of {} bytes",
-                        quotas.key_bytes
-                    ))));
+                    return Ok(Err(Refusal::bytes_over(added, "this API key's", quotas.key_bytes)));
                 }
                 let all_ok = txn
                     .execute(
@@ -345,10 +328,7 @@ impl Cluster {
                     .await
                     .map_err(pg)?;
                 if all_ok == 0 {
-                    return Ok(Err(Refusal::Quota(format!(
-                        "{added} more bytes would pass the server's quota of {} bytes",
-                        quotas.global_bytes
-                    ))));
+                    return Ok(Err(Refusal::bytes_over(added, "the server's", quotas.global_bytes)));
                 }
             }
             rec.samples += fresh.len();
@@ -503,8 +483,12 @@ impl Cluster {
 async fn key_usage_of(client: &impl GenericClient, key_hash: &str) -> Result<Usage, StoreError> {
     let row =
         client.query_opt("SELECT sessions, bytes FROM api_keys WHERE key_hash = $1", &[&key_hash]).await.map_err(pg)?;
-    Ok(row
-        .map_or(Usage::default(), |r| Usage { sessions: r.get::<_, i64>(0) as u64, bytes: r.get::<_, i64>(1) as u64 }))
+    Ok(row.as_ref().map_or(Usage::default(), usage_of))
+}
+
+/// A `(sessions, bytes)` row of `usage` or `api_keys`.
+fn usage_of(row: &tokio_postgres::Row) -> Usage {
+    Usage { sessions: row.get::<_, i64>(0) as u64, bytes: row.get::<_, i64>(1) as u64 }
 }
 
 async fn lock_record(txn: &Transaction<'_>, id: &str) -> Result<Option<SessionRecord>, StoreError> {
