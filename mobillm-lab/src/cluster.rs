@@ -104,7 +104,7 @@ impl Cluster {
 
     fn env(&self) -> Vec<(&'static str, String)> {
         let mut env = self.s3.env();
-        env.push(("MOBILLM_DATABASE_URL", self.postgres.url.replace("/postgres", "/mobillm")));
+        env.push(("MOBILLM_DATABASE_URL", self.database()));
         env.push(("MOBILLM_OBJECT_STORE", format!("s3://{}/cluster", self.s3.bucket)));
         env
     }
@@ -128,30 +128,31 @@ impl Cluster {
             .with_context(|| format!("starting {role} {n} (log: {})", log.display()))
     }
 
+    /// The cluster's database (made by [`create_database`] beside PostgreSQL's maintenance database).
     fn database(&self) -> String {
-        self.env().into_iter().find(|(k, _)| *k == "MOBILLM_DATABASE_URL").map(|(_, v)| v).unwrap_or_default()
-    }
-
-    /// One SQL query through `psql`, its rows as text.
-    fn sql(&self, query: &str) -> Result<String> {
-        let out = Command::new("psql").args([&self.database(), "-tAc", query]).output().context("psql")?;
-        anyhow::ensure!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8(out.stdout)?)
+        self.postgres.url.replace("/postgres", "/mobillm")
     }
 
     /// The pid of a worker process that holds a job's lease now, if any (workers are named `pid-…-i`).
     fn worker_holding_a_job(&self) -> Result<Option<u32>> {
-        let holders =
-            self.sql("SELECT (record::jsonb)->'lease'->>'worker' FROM sessions WHERE job_active AND lease_until > 0")?;
+        let holders = psql(
+            &self.database(),
+            "SELECT (record::jsonb)->'lease'->>'worker' FROM sessions WHERE job_active AND lease_until > 0",
+        )?;
         Ok(holders.lines().find_map(|w| w.split('-').next()?.parse().ok()))
     }
 }
 
 /// Creates the database the cluster's processes use (PostgreSQL's maintenance database stays untouched).
 fn create_database(postgres: &Postgres) -> Result<()> {
-    let out = Command::new("psql").args([&postgres.url, "-tAc", "CREATE DATABASE mobillm"]).output()?;
-    anyhow::ensure!(out.status.success(), "CREATE DATABASE: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
+    psql(&postgres.url, "CREATE DATABASE mobillm").map(drop)
+}
+
+/// One SQL statement through `psql` on the database at `url`: its rows as text.
+fn psql(url: &str, sql: &str) -> Result<String> {
+    let out = Command::new("psql").args([url, "-tAc", sql]).output().context("psql")?;
+    anyhow::ensure!(out.status.success(), "psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 /// A two-label task the tiny backbone can learn: the label is carried by the words.
@@ -210,31 +211,23 @@ fn tiny_fine_tunes(backbone: &Backbone, url: &str, n: usize) -> Vec<Result<f64>>
     })
 }
 
-/// One fine-tune of the real model through the device binary: its JSON result.
-fn real_fine_tune(bin_dir: &Path, url: &str) -> Result<serde_json::Value> {
-    let model = xtask::fetch::model()?;
-    let data = xtask::fetch::uci_data()?;
-    let out = Command::new(bin_dir.join("mobillm-device"))
-        .arg("fine-tune")
-        .arg("--model")
-        .arg(&model)
-        .arg("--uci")
-        .arg(&data)
-        .args(["--server", url, "--mode", "pae", "--train", "160", "--test", "100", "--epochs", "5"])
-        .env("MOBILLM_API_KEY", KEY)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running mobillm-device")?;
-    anyhow::ensure!(out.status.success(), "the real-model fine-tune failed ({})", out.status);
-    let text = String::from_utf8(out.stdout)?;
-    Ok(serde_json::from_str(text.lines().last().context("no result")?)?)
+/// One fine-tune of the real model (the demo's device program, small) against the server at `url`: its JSON
+/// result.
+fn real_fine_tune(url: &str) -> Result<serde_json::Value> {
+    xtask::demo::run(xtask::demo::Args {
+        mode: "pae".into(),
+        train: Some(160),
+        test: Some(100),
+        epochs: Some(5),
+        server: Some((url.into(), KEY.into())),
+        ..Default::default()
+    })
 }
 
 struct Tally {
     uploads_ms: Mutex<Vec<f64>>,
     acknowledged: AtomicUsize,
     lost: AtomicUsize,
-    errors: Mutex<Vec<String>>,
 }
 
 /// An upload device: uploads, trains, and checks every acknowledged sample is in the outputs.
@@ -281,7 +274,7 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
     eprintln!("cluster: {} tiny fine-tunes against one node ({})", args.fine_tunes, single.url);
     let single_accs: Vec<f64> =
         tiny_fine_tunes(&backbone, &single.url, args.fine_tunes).into_iter().collect::<Result<_>>()?;
-    let single_real = if args.real_model { Some(real_fine_tune(&bin_dir, &single.url)?) } else { None };
+    let single_real = if args.real_model { Some(real_fine_tune(&single.url)?) } else { None };
     drop(single);
 
     // The cluster.
@@ -297,12 +290,8 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
         args.devices, args.samples, args.fine_tunes, nginx.url
     );
     let client = AssistClient::new(&nginx.url)?;
-    let tally = Tally {
-        uploads_ms: Mutex::new(Vec::new()),
-        acknowledged: AtomicUsize::new(0),
-        lost: AtomicUsize::new(0),
-        errors: Mutex::new(Vec::new()),
-    };
+    let tally =
+        Tally { uploads_ms: Mutex::new(Vec::new()), acknowledged: AtomicUsize::new(0), lost: AtomicUsize::new(0) };
     let started = Instant::now();
     let done = AtomicBool::new(false);
     let killed = Mutex::new(None::<(f64, u32)>);
@@ -348,14 +337,14 @@ pub fn run(args: Args) -> Result<serde_json::Value> {
         done.store(true, Ordering::SeqCst);
         (devices, tiny)
     });
-    let cluster_real = if args.real_model { Some(real_fine_tune(&bin_dir, &nginx.url)?) } else { None };
+    let cluster_real = if args.real_model { Some(real_fine_tune(&nginx.url)?) } else { None };
 
     let mut jobs_reclaimed = 0.0;
     for w in cluster.workers.iter().flatten() {
         let metrics = w.admin_get("/metrics").unwrap_or_default();
         jobs_reclaimed += processes::metric(&metrics, "mobillm_jobs_reclaimed_total").unwrap_or(0.0);
     }
-    let mut errors = tally.errors.into_inner().expect("errors");
+    let mut errors: Vec<String> = Vec::new();
     errors.extend(device_results.iter().filter_map(|r| r.as_ref().err().map(|e| format!("device: {e:#}"))));
     errors.extend(tiny_results.iter().filter_map(|r| r.as_ref().err().map(|e| format!("fine-tune: {e:#}"))));
     for e in errors.iter().take(5) {

@@ -258,7 +258,7 @@ async fn training_outputs_targets_and_adapter(backend: Backend) {
                                  "width": 8, "rank": 2, "batch_size": 4, "lr": 0.02});
     let (status, body) = call(&state, "POST", "/v1/sessions", Some(KEY), req.to_string().into_bytes()).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (id, token) = (body["session_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string());
+    let (id, token) = session_of(&body);
     let (ids, bytes) = frame(8, 5);
     call(&state, "PUT", &format!("/v1/sessions/{id}/samples"), Some(&token), bytes).await;
 
@@ -386,7 +386,7 @@ async fn mobillm_mode_trains_step_by_step_and_keeps_modes_apart(backend: Backend
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{resp}");
-    let (id, token) = (resp["session_id"].as_str().unwrap().to_string(), resp["token"].as_str().unwrap().to_string());
+    let (id, token) = session_of(&resp);
     let steps = format!("/v1/sessions/{id}/steps");
 
     let batch = sequences(32, 3, false);

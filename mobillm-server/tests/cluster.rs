@@ -41,7 +41,7 @@ async fn an_api_replica_takes_uploads_a_worker_trains_and_deletion_removes_every
     let api = open(cfgs[0].clone()).await;
     let (status, body) = call(&api, "POST", "/v1/sessions", Some(KEY), train_request()).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
-    let (id, token) = (body["session_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string());
+    let (id, token) = session_of(&body);
     let (_, bytes) = frame(8, 5);
     let uri = format!("/v1/sessions/{id}/samples");
     let (status, body) = call(&api, "PUT", &uri, Some(&token), bytes.clone()).await;
@@ -90,7 +90,7 @@ async fn a_job_whose_worker_dies_is_claimed_again_and_the_dead_worker_can_no_lon
     let Some(cfgs) = cluster(dir.path(), &[Role::Serve, Role::Work]).await else { return };
     let api = open(cfgs[0].clone()).await;
     let (_, body) = call(&api, "POST", "/v1/sessions", Some(KEY), train_request()).await;
-    let (id, token) = (body["session_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string());
+    let (id, token) = session_of(&body);
     call(&api, "PUT", &format!("/v1/sessions/{id}/samples"), Some(&token), frame(8, 5).1).await;
     let train = serde_json::json!({"epochs": 10}).to_string().into_bytes();
     let (status, _) = call(&api, "POST", &format!("/v1/sessions/{id}/train"), Some(&token), train).await;
@@ -139,7 +139,7 @@ async fn mobillm_steps_alternate_between_api_replicas_without_affinity() {
                                  "mode": "mobillm", "labels": 2, "lr": 0.01, "batch_size": 32});
     let (status, resp) = call(&a, "POST", "/v1/sessions", Some(KEY), req.to_string().into_bytes()).await;
     assert_eq!(status, StatusCode::CREATED, "{resp}");
-    let (id, token) = (resp["session_id"].as_str().unwrap().to_string(), resp["token"].as_str().unwrap().to_string());
+    let (id, token) = session_of(&resp);
     let steps = format!("/v1/sessions/{id}/steps");
     let batch = sequences(32, 3, false);
     let mut losses = Vec::new();
@@ -167,8 +167,7 @@ async fn workers_claim_jobs_in_turn_between_api_keys_and_objects_may_live_in_a_d
     for key in [KEY, KEY, KEY, "second-key"] {
         let (status, body) = call(&api, "POST", "/v1/sessions", Some(key), train_request()).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
-        let (id, token) =
-            (body["session_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string());
+        let (id, token) = session_of(&body);
         call(&api, "PUT", &format!("/v1/sessions/{id}/samples"), Some(&token), frame(4, 1).1).await;
         let train = serde_json::json!({"epochs": 1}).to_string().into_bytes();
         let (status, _) = call(&api, "POST", &format!("/v1/sessions/{id}/train"), Some(&token), train).await;

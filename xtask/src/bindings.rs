@@ -209,8 +209,6 @@ fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
-/// The Debian packages the tests need: a JVM and JNA for the Kotlin tests, and the font the privacy frontier's plot
-/// draws its text with (the plot's test in mobillm-lab).
 /// Debian packages the tests need: a JVM and JNA (Kotlin tests), a font (the frontier plot), PostgreSQL and nginx
 /// (the cluster store's tests and `cargo xtask cluster`).
 const TEST_PACKAGES: [&str; 5] = ["default-jdk-headless", "libjna-java", "fonts-dejavu-core", "postgresql", "nginx"];

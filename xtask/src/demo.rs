@@ -35,6 +35,9 @@ pub struct Args {
     /// Further arguments for `mobillm-device fine-tune` (after `--`).
     #[arg(last = true)]
     pub device_args: Vec<String>,
+    /// A running assist server to fine-tune against (its URL and an API key) instead of starting one.
+    #[arg(skip)]
+    pub server: Option<(String, String)>,
 }
 
 /// Runs the demo; returns the device's JSON result (also printed by `cargo xtask demo`).
@@ -70,6 +73,10 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
     let log = work.join("server.log");
     let server = if args.mode == "local" {
         eprintln!("demo: local mode, no assist server");
+        None
+    } else if let Some((url, api_key)) = &args.server {
+        eprintln!("demo: assist server at {url}");
+        device.args(["--server", url]).env("MOBILLM_API_KEY", api_key);
         None
     } else {
         let api_key = format!("demo-{}", std::process::id());

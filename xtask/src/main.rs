@@ -32,7 +32,7 @@ enum Cmd {
     FetchData,
     /// The main job: an end-to-end fine-tune (device process + assist server on loopback) on the default model
     /// and the UCI sentences; prints one JSON line.
-    Demo(demo::Args),
+    Demo(Box<demo::Args>),
     /// Fetch the model and data, then run every test of the workspace in release mode (the README's test command).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -107,7 +107,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::FetchModel => println!("{}", fetch::model()?.display()),
         Cmd::FetchData => println!("{}", fetch::uci_data()?.display()),
-        Cmd::Demo(args) => println!("{}", demo::run(args)?),
+        Cmd::Demo(args) => println!("{}", demo::run(*args)?),
         Cmd::Test { args } => test::run(&args)?,
         Cmd::Bindings { check } => bindings::bindings(check)?,
         Cmd::KotlinTest => bindings::kotlin_test()?,

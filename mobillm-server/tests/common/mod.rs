@@ -43,6 +43,11 @@ pub fn session_json() -> Vec<u8> {
 pub async fn create(state: &Arc<AppState>) -> (String, String) {
     let (status, body) = call(state, "POST", "/v1/sessions", Some(KEY), session_json()).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    session_of(&body)
+}
+
+/// The session id and token of a `201 SessionCreated` body.
+pub fn session_of(body: &serde_json::Value) -> (String, String) {
     (body["session_id"].as_str().unwrap().to_string(), body["token"].as_str().unwrap().to_string())
 }
 
