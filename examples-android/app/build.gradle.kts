@@ -29,4 +29,6 @@ dependencies {
     implementation("androidx.activity:activity-ktx:1.9.3")
     implementation("androidx.lifecycle:lifecycle-runtime-ktx:2.8.7")
     implementation("androidx.appcompat:appcompat:1.7.0")
+    // WorkManager runs the resumable fine-tune (FineTuneWorker); its manifest brings the permissions it needs.
+    implementation("androidx.work:work-runtime-ktx:2.10.0")
 }

@@ -1,85 +1,45 @@
 // Pick a GGUF model and a JSONL file of {"text","label"} lines, fine-tune through an assist server with a
-// progress bar, then classify new text. Texts and labels never leave the phone.
+// progress bar, then classify new text. Texts and labels never leave the phone. The fine-tune itself is
+// `FineTuneJob`: it outlives the app's visits to the background.
 
 import MobiLLM
 import SwiftUI
 import UniformTypeIdentifiers
 
-/// Receives progress on the fine-tune's own thread and republishes it on the main actor.
-final class ProgressRelay: ProgressListener, @unchecked Sendable {
-    let onUpdate: @Sendable (FineTuneProgress) -> Void
-    init(onUpdate: @escaping @Sendable (FineTuneProgress) -> Void) { self.onUpdate = onUpdate }
-    func onProgress(progress: FineTuneProgress) { onUpdate(progress) }
-}
-
 @MainActor
 final class Model: ObservableObject {
     @Published var status = "Pick a model"
-    @Published var fraction = 0.0
-    @Published var running = false
     @Published var prediction = ""
-    var backbone: Backbone?
-    var adapter: Adapter?
-    var cancel: CancelHandle?
+    @Published private(set) var backbone: Backbone?
 
-    private var adapterURL: URL {
-        FileManager.default.urls(for: .applicationSupportDirectory, in: .userDomainMask)[0]
-            .appendingPathComponent("adapter.safetensors")
+    init() {
+        // The model of an earlier run.
+        if FileManager.default.fileExists(atPath: Files.model.path) {
+            Swift.Task { await load { } }
+        }
     }
 
     func loadModel(_ url: URL) async {
+        // The backbone is memory-mapped from a file: copy the picked one into Application Support, where the
+        // fine-tune loads it too (also when it resumes after a relaunch).
+        await load { try Files.copy(picked: url, to: Files.model) }
+    }
+
+    private func load(after prepare: @escaping @Sendable () throws -> Void) async {
         status = "Loading the model…"
         do {
-            let path = url.path
-            backbone = try await Swift.Task.detached { try Backbone.load(path: path) }.value
-            adapter = try? Adapter.load(path: adapterURL.path)
+            let path = Files.model.path
+            backbone = try await Swift.Task.detached {
+                try prepare()
+                return try Backbone.load(path: path)
+            }.value
             status = "Model loaded"
         } catch {
             status = "Cannot load the model: \(error)"
         }
     }
 
-    func fineTune(data url: URL, server: String, apiKey: String, template: String) async {
-        guard let backbone else { status = "Pick the model first"; return }
-        do {
-            let lines = try String(contentsOf: url, encoding: .utf8).split(separator: "\n")
-            let examples: [LabeledText] = try lines.map { line in
-                let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
-                return LabeledText(text: object?["text"] as? String ?? "", label: object?["label"] as? String ?? "")
-            }
-            var labels: [String] = []
-            for e in examples where !labels.contains(e.label) { labels.append(e.label) }
-            let session = FineTuneSession(
-                backbone: backbone, task: try MobiLLM.Task(backbone: backbone, template: template, labels: labels))
-            _ = try session.addExamples(examples: examples.enumerated().filter { $0.offset % 5 != 0 }.map(\.element))
-            _ = try session.addHeldOut(examples: examples.enumerated().filter { $0.offset % 5 == 0 }.map(\.element))
-            cancel = session.cancelHandle()
-            running = true
-            let relay = ProgressRelay { progress in
-                Swift.Task { @MainActor in
-                    self.fraction = progress.total > 0 ? Double(progress.done) / Double(progress.total) : 0
-                    self.status = "\(progress.phase) \(progress.done)/\(progress.total)"
-                }
-            }
-            let result = try await session.fineTune(
-                options: FineTuneOptions(
-                    serverUrl: server, apiKey: apiKey, caPem: nil, mode: nil, epochs: nil, maxRounds: nil,
-                    learningRate: nil, quantization: nil, width: nil, rank: nil, forwardBatch: nil, pollMillis: nil),
-                listener: relay)
-            try FileManager.default.createDirectory(
-                at: adapterURL.deletingLastPathComponent(), withIntermediateDirectories: true)
-            try result.adapter.save(path: adapterURL.path)
-            adapter = result.adapter
-            status = "Held-out accuracy \(result.zeroShotAccuracy ?? 0) → \(result.finetunedAccuracy ?? 0)"
-        } catch MobiLlmError.Cancelled {
-            status = "Cancelled"
-        } catch {
-            status = "Fine-tuning failed: \(error)"
-        }
-        running = false
-    }
-
-    func predict(_ text: String) async {
+    func predict(_ text: String, adapter: Adapter?) async {
         guard let backbone, let adapter else { return }
         do {
             let p = try await Swift.Task.detached { try adapter.predict(backbone: backbone, text: text) }.value
@@ -91,14 +51,20 @@ final class Model: ObservableObject {
 }
 
 struct ContentView: View {
+    @ObservedObject var job: FineTuneJob
     @StateObject private var model = Model()
-    @State private var server = "https://"
+    @State private var server = UserDefaults.standard.string(forKey: "server") ?? "https://"
     @State private var apiKey = ""
-    @State private var template = "Review: {text}\nSentiment (positive or negative):"
+    @State private var template = UserDefaults.standard.string(forKey: "template")
+        ?? "Review: {text}\nSentiment (positive or negative):"
     @State private var input = ""
     @State private var picking: Picking?
 
     enum Picking { case model, data }
+
+    init(job: FineTuneJob) {
+        _job = ObservedObject(wrappedValue: job)
+    }
 
     var body: some View {
         Form {
@@ -108,26 +74,29 @@ struct ContentView: View {
             }
             Section("Fine-tune") {
                 TextField("Prompt template", text: $template, axis: .vertical)
-                Button("1. Pick the model (.gguf)") { picking = .model }
-                Button("2. Pick labelled texts (.jsonl) and fine-tune") { picking = .data }.disabled(model.running)
-                ProgressView(value: model.fraction)
+                // The model and the examples are the fine-tune's files: not replaced while it runs.
+                Button("1. Pick the model (.gguf)") { picking = .model }.disabled(job.running)
+                Button("2. Pick labelled texts (.jsonl) and fine-tune") { picking = .data }
+                    .disabled(job.running || model.backbone == nil)
                 Text(model.status)
-                Button("Cancel") { model.cancel?.cancel() }.disabled(!model.running)
+                ProgressView(value: job.fraction)
+                Text(job.status)
+                Button("Cancel") { job.cancel() }.disabled(!job.running)
             }
             Section("Predict") {
                 TextField("Text to classify", text: $input)
-                Button("3. Predict") { Swift.Task { await model.predict(input) } }
+                Button("3. Predict") { Swift.Task { await model.predict(input, adapter: job.adapter) } }
                 Text(model.prediction)
             }
         }
         .fileImporter(isPresented: Binding(get: { picking != nil }, set: { if !$0 { picking = nil } }),
                       allowedContentTypes: [.data]) { result in
             guard case .success(let url) = result, let what = picking else { return }
-            Swift.Task {
-                switch what {
-                case .model: await model.loadModel(url)
-                case .data: await model.fineTune(data: url, server: server, apiKey: apiKey, template: template)
-                }
+            switch what {
+            case .model:
+                Swift.Task { await model.loadModel(url) }
+            case .data:
+                job.start(data: url, settings: JobSettings(server: server, apiKey: apiKey, template: template))
             }
         }
     }

@@ -33,12 +33,14 @@ const MAX_ADAPTER_BYTES: u64 = 256 << 20;
 const ATTEMPTS: usize = 6;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// A session on the assist server: its id, bearer token (never printed by `Debug`) and the samples it may hold.
+/// A session on the assist server: its id, bearer token (never printed by `Debug`), the samples it may hold and
+/// the seconds without a request after which the server deletes it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Session {
     pub session_id: String,
     pub token: String,
     pub max_samples: usize,
+    pub idle_ttl_s: u64,
 }
 
 impl std::fmt::Debug for Session {
@@ -47,6 +49,7 @@ impl std::fmt::Debug for Session {
             .field("session_id", &self.session_id)
             .field("token", &"<redacted>")
             .field("max_samples", &self.max_samples)
+            .field("idle_ttl_s", &self.idle_ttl_s)
             .finish()
     }
 }
@@ -153,7 +156,12 @@ impl AssistClient {
             self.http.post(self.url("/v1/sessions")).bearer_auth(api_key).header(IDEMPOTENCY_KEY, &key).json(req)
         })?;
         let created: SessionCreated = self.json(resp, "session")?;
-        Ok(Session { session_id: created.session_id, token: created.token, max_samples: created.max_samples })
+        Ok(Session {
+            session_id: created.session_id,
+            token: created.token,
+            max_samples: created.max_samples,
+            idle_ttl_s: created.idle_ttl_s,
+        })
     }
 
     pub fn upload_frame(&self, s: &Session, bytes: &[u8]) -> Result<UploadAck> {
@@ -227,10 +235,15 @@ impl AssistClient {
 
     /// Asks the server to train `epochs` more epochs from the current weights (the job is queued, then runs).
     pub fn train(&self, s: &Session, epochs: usize) -> Result<JobState> {
+        self.train_keyed(s, epochs, &idempotency_key()?)
+    }
+
+    /// [`AssistClient::train`] with the caller's idempotency key: asked again with the same key (after a crash,
+    /// say), the server answers with the job that key started instead of starting another.
+    pub fn train_keyed(&self, s: &Session, epochs: usize, key: &str) -> Result<JobState> {
         let url = self.session_url(s, "/train");
-        let key = idempotency_key()?;
         let req = TrainRequest { epochs };
-        let resp = self.send(|| self.http.post(&url).bearer_auth(&s.token).header(IDEMPOTENCY_KEY, &key).json(&req))?;
+        let resp = self.send(|| self.http.post(&url).bearer_auth(&s.token).header(IDEMPOTENCY_KEY, key).json(&req))?;
         Ok(self.json::<crate::protocol::TrainAccepted>(resp, "train")?.job)
     }
 
@@ -327,7 +340,7 @@ fn is_loopback(url: &reqwest::Url) -> bool {
 }
 
 /// A fresh random key for one logical request, reused by its retries.
-fn idempotency_key() -> Result<String> {
+pub fn idempotency_key() -> Result<String> {
     let mut b = [0u8; 16];
     rand::rngs::OsRng.try_fill_bytes(&mut b).map_err(|e| Error::InvalidInput(format!("OS RNG: {e}")))?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())

@@ -83,6 +83,17 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
 
+    /// The caller detached a resumable fine-tune (`fine_tune::CancelToken::detach`): its state file and server
+    /// session are kept, and `fine_tune::resume` continues it while the server session lives (it is deleted after
+    /// `idle_ttl_s` seconds without a request, never while it trains).
+    #[error("detached: resume the fine-tune from {path} within {idle_ttl_s} s")]
+    Detached { path: PathBuf, idle_ttl_s: u64 },
+
+    /// A fine-tune cannot continue from its state file: the server session expired, the backbone, the training
+    /// examples or the options differ from the recorded ones, or the file is damaged or sealed with another key.
+    #[error("cannot resume the fine-tune recorded in {path}: {reason}")]
+    CannotResume { path: PathBuf, reason: String },
+
     /// A bug of ours (a broken invariant, a worker thread that panicked): please report it with the message.
     #[error("internal error: {0}")]
     Internal(String),

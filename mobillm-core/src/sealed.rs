@@ -7,7 +7,7 @@
 //!
 //! Opening checks the tag: a wrong key, a damaged or truncated file, or a file of another format is an error
 //! naming the file, never garbage. The device adapter uses this (it holds the session's secret seed), as does
-//! anything else of the device's worth keeping private.
+//! a resumable fine-tune's record (`fine_tune::state`). [`write_atomically`] writes either kind crash-safely.
 
 use std::path::Path;
 
@@ -64,6 +64,21 @@ pub fn open(key: &[u8], bytes: &[u8], path: &Path) -> Result<Vec<u8>> {
     cipher
         .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: MAGIC })
         .map_err(|_| invalid("does not open with this key (a wrong key, or the file was changed)"))
+}
+
+/// Writes `bytes` to `path` so that a crash at any instant leaves either the old file or the new one, whole: a
+/// temporary file in the same directory, fsync, rename over `path`, fsync of the directory (the rename itself is
+/// then durable too).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
+    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, e))?;
+    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    // Directories cannot be opened for syncing everywhere (Windows); where they can, a failure is real.
+    #[cfg(unix)]
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))?;
+    Ok(())
 }
 
 #[cfg(test)]

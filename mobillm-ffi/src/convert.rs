@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use mobillm_core::fine_tune::Mode;
-use mobillm_core::fine_tune::{FineTuneConfig, Outcome, Phase, Progress};
+use mobillm_core::fine_tune::{FineTuneConfig, Outcome, Phase, Progress, StateFile};
 use mobillm_core::side::Summary;
 use mobillm_core::wire::Quant;
 
@@ -34,6 +34,10 @@ impl From<mobillm_core::Error> for MobiLlmError {
             E::TrainingFailed(message) => Self::Server { status: 500, code: "training_failed".into(), reason: message },
             E::Network(_) | E::Frame(_) | E::Protocol(_) => Self::Network { reason },
             E::Cancelled => Self::Cancelled,
+            E::Detached { path, idle_ttl_s } => {
+                Self::Detached { state_path: path.display().to_string(), expires_in_seconds: idle_ttl_s, reason }
+            }
+            E::CannotResume { .. } => Self::CannotResume { reason },
             E::Internal(_) | E::Compute(_) => Self::Internal { reason },
         }
     }
@@ -134,6 +138,7 @@ impl From<&FineTuneOptions> for FineTuneConfig {
         if let Some(v) = o.summary {
             c.summary = v.into();
         }
+        c.state = o.state_path.as_ref().map(|path| StateFile { path: path.into(), key: o.state_key.clone() });
         c
     }
 }
@@ -155,6 +160,7 @@ impl From<Outcome> for FineTuneResult {
             device_train_seconds: o.device_train_s,
             server_train_seconds: o.server_train_s,
             wall_seconds: o.wall_s,
+            resumes: o.resumes as u32,
         }
     }
 }
@@ -189,6 +195,8 @@ mod tests {
             label_epsilon: None,
             decoys: None,
             summary: None,
+            state_path: None,
+            state_key: None,
         }
     }
 
@@ -248,6 +256,8 @@ mod tests {
             label_epsilon: Some(2.5),
             decoys: Some(3),
             summary: Some(LayerSummary::PivotAndMean),
+            state_path: Some("/data/ft.state".into()),
+            state_key: Some(vec![3; 32]),
             ..options(Some(FineTuneMode::Mobillm))
         };
         let c = FineTuneConfig::from(&o);
@@ -256,7 +266,10 @@ mod tests {
         assert_eq!((c.epochs, c.max_rounds, c.lr, c.width, c.rank, c.forward_batch), (7, 5, 0.01, 64, 8, 4));
         assert_eq!((c.quant, c.poll, c.mode), (Quant::Int4, Duration::from_millis(50), Mode::Mobillm));
         assert_eq!((c.label_epsilon, c.decoys, c.summary), (Some(2.5), 3, Summary::PivotAndMean));
+        let state = c.state.as_ref().unwrap();
+        assert_eq!((state.path.to_str(), state.key.as_deref()), (Some("/data/ft.state"), Some([3u8; 32].as_slice())));
         assert!(!format!("{o:?}").contains("\"k\""), "Debug hides the key");
+        assert!(FineTuneConfig::from(&options(None)).state.is_none(), "no state file unless asked");
     }
 
     #[test]
@@ -277,6 +290,8 @@ mod tests {
             (E::Frame("f".into()), "Network"),
             (E::Protocol("p".into()), "Network"),
             (E::Cancelled, "Cancelled"),
+            (E::Detached { path: "/s".into(), idle_ttl_s: 60 }, "Detached"),
+            (E::CannotResume { path: "/s".into(), reason: "expired".into() }, "CannotResume"),
             (E::Internal("bug".into()), "Internal"),
         ];
         for (core, want) in cases {

@@ -27,6 +27,16 @@ pub enum MobiLlmError {
     /// The operation was cancelled through its [`crate::CancelHandle`].
     #[error("cancelled")]
     Cancelled,
+    /// A resumable fine-tune was detached through [`crate::CancelHandle::detach`]: its state file and server
+    /// session are kept; [`crate::FineTuneSession::resume`] continues it within `expires_in_seconds` (the server
+    /// deletes a session after that long without a request, never while it trains).
+    #[error("{reason}")]
+    Detached { state_path: String, expires_in_seconds: u64, reason: String },
+    /// A fine-tune cannot be resumed from its state file: the server session expired or was deleted, the backbone,
+    /// the examples or the options differ from the recorded ones, or the file is damaged or needs another key.
+    /// Delete the file and start a new fine-tune.
+    #[error("{reason}")]
+    CannotResume { reason: String },
     /// A bug: please report it with the message.
     #[error("{reason}")]
     Internal { reason: String },

@@ -92,6 +92,15 @@ pub struct FineTuneOptions {
     /// `pae`, `local`: what is kept of each tapped layer (default: its pivot).
     #[uniffi(default = None)]
     pub summary: Option<LayerSummary>,
+    /// `pae`: make the fine-tune resumable. Every acknowledged step is recorded in this file (in the app's
+    /// private storage; it holds the server session's token and the secret seed, never text or activations), so
+    /// that after the app is killed, the network fails or [`CancelHandle::detach`], [`FineTuneSession::resume`]
+    /// continues it. Deleted when the fine-tune ends or is cancelled. Unset: the fine-tune runs in one go.
+    #[uniffi(default = None)]
+    pub state_path: Option<String>,
+    /// Seal the state file with this 32-byte key (from the platform's keystore).
+    #[uniffi(default = None)]
+    pub state_key: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for FineTuneOptions {
@@ -105,6 +114,7 @@ impl std::fmt::Debug for FineTuneOptions {
             .field("label_epsilon", &self.label_epsilon)
             .field("decoys", &self.decoys)
             .field("summary", &self.summary)
+            .field("state_path", &self.state_path)
             .finish_non_exhaustive()
     }
 }
@@ -135,7 +145,7 @@ pub trait ProgressListener: Send + Sync {
     fn on_progress(&self, progress: FineTuneProgress);
 }
 
-/// Cancels the fine-tune of the session that handed it out; usable from any thread.
+/// Stops the fine-tune of the session that handed it out; usable from any thread.
 #[derive(uniffi::Object)]
 pub struct CancelHandle {
     token: CancelToken,
@@ -143,8 +153,16 @@ pub struct CancelHandle {
 
 #[uniffi::export]
 impl CancelHandle {
+    /// Ends the fine-tune with [`MobiLlmError::Cancelled`]: its server session and state file are deleted.
     pub fn cancel(&self) {
         self.token.cancel();
+    }
+
+    /// Puts a resumable fine-tune down (one with a `state_path`): it ends with [`MobiLlmError::Detached`] within
+    /// one batch or one server poll, keeping its state file and server session, and the server goes on training.
+    /// [`FineTuneSession::resume`] picks it up later, in this process or another. Without a state file, a cancel.
+    pub fn detach(&self) {
+        self.token.detach();
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -173,6 +191,8 @@ pub struct FineTuneResult {
     pub device_train_seconds: f64,
     pub server_train_seconds: f64,
     pub wall_seconds: f64,
+    /// Times the fine-tune was resumed (0: it ran in one go); the figures above add up every run's share.
+    pub resumes: u32,
 }
 
 #[derive(Debug, Clone, uniffi::Record)]
@@ -221,17 +241,67 @@ impl FineTuneSession {
         }
     }
 
-    fn run(&self, options: &FineTuneOptions, listener: Option<&dyn ProgressListener>) -> Result<FineTuneResult> {
+    fn run(
+        &self,
+        options: &FineTuneOptions,
+        listener: Option<&dyn ProgressListener>,
+        resume: bool,
+    ) -> Result<FineTuneResult> {
         let train = self.examples.lock().map_err(poisoned)?.clone();
         let test = self.held_out.lock().map_err(poisoned)?.clone();
         let config = FineTuneConfig::from(options);
-        let outcome =
-            fine_tune::fine_tune(&self.backbone, self.spec.clone(), &train, &test, &config, &self.cancel, &mut |p| {
-                if let Some(l) = listener {
-                    l.on_progress(FineTuneProgress::from(p));
-                }
-            })?;
+        let run = if resume { fine_tune::resume } else { fine_tune::fine_tune };
+        let outcome = run(&self.backbone, self.spec.clone(), &train, &test, &config, &self.cancel, &mut |p| {
+            if let Some(l) = listener {
+                l.on_progress(FineTuneProgress::from(p));
+            }
+        })?;
         Ok(FineTuneResult::from(outcome))
+    }
+
+    /// Runs the fine-tune (or its resume) on a thread of its own; one at a time per session.
+    async fn spawn(
+        self: Arc<Self>,
+        options: FineTuneOptions,
+        listener: Option<Arc<dyn ProgressListener>>,
+        resume: bool,
+    ) -> Result<FineTuneResult> {
+        {
+            let mut running = self.running.lock().map_err(poisoned)?;
+            if *running {
+                return Err(MobiLlmError::InvalidInput { reason: "this session is already fine-tuning".into() });
+            }
+            *running = true;
+        }
+        // A detach or cancel of an earlier run does not stop this one.
+        self.cancel.reset();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        let session = self.clone();
+        let spawned = std::thread::Builder::new().name("mobillm-fine-tune".into()).spawn(move || {
+            let result = guarded(|| session.run(&options, listener.as_deref(), resume));
+            session.set_running(false);
+            let _ = tx.send(result);
+        });
+        if let Err(e) = spawned {
+            self.set_running(false);
+            return Err(MobiLlmError::internal(format!("cannot start a thread: {e}")));
+        }
+        let mut caller_gone = StopWhenDropped(Some(self.cancel.clone()));
+        let result = rx.await.unwrap_or_else(|_| Err(MobiLlmError::internal("the fine-tune thread vanished")));
+        caller_gone.0 = None;
+        result
+    }
+}
+
+/// Stops the fine-tune's thread when its caller stops awaiting it (a cancelled Kotlin coroutine or Swift task drops
+/// the future): a resumable fine-tune is detached, any other cancelled, as the cancel handle would.
+struct StopWhenDropped(Option<CancelToken>);
+
+impl Drop for StopWhenDropped {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.take() {
+            token.detach();
+        }
     }
 }
 
@@ -274,30 +344,29 @@ impl FineTuneSession {
     }
 
     /// Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
-    /// awaits. One fine-tune at a time per session.
+    /// awaits. One fine-tune at a time per session. Cancelling the awaiting coroutine or task stops it as
+    /// [`CancelHandle::detach`] does (a resumable fine-tune is kept for `resume`, any other cancelled). With `options.state_path`, no state may be there yet
+    /// ([`FineTuneSession::resume`] it, or delete it).
     pub async fn fine_tune(
         self: Arc<Self>,
         options: FineTuneOptions,
         listener: Option<Arc<dyn ProgressListener>>,
     ) -> Result<FineTuneResult> {
-        {
-            let mut running = self.running.lock().map_err(poisoned)?;
-            if *running {
-                return Err(MobiLlmError::InvalidInput { reason: "this session is already fine-tuning".into() });
-            }
-            *running = true;
-        }
-        let (tx, rx) = futures_channel::oneshot::channel();
-        let session = self.clone();
-        let spawned = std::thread::Builder::new().name("mobillm-fine-tune".into()).spawn(move || {
-            let result = guarded(|| session.run(&options, listener.as_deref()));
-            session.set_running(false);
-            let _ = tx.send(result);
-        });
-        if let Err(e) = spawned {
-            self.set_running(false);
-            return Err(MobiLlmError::internal(format!("cannot start a thread: {e}")));
-        }
-        rx.await.unwrap_or_else(|_| Err(MobiLlmError::internal("the fine-tune thread vanished")))
+        self.spawn(options, listener, false).await
+    }
+
+    /// Continues the `pae` fine-tune recorded in `state_path` (after the app was killed, the network failed or
+    /// the fine-tune was detached) from its last acknowledged step: examples the server holds are neither
+    /// forwarded nor sent again, the secrets and the server session are the same. Add the same training examples
+    /// first and give the same options (`state_key` too); anything else, or a server session that expired, is
+    /// [`MobiLlmError::CannotResume`] naming what differs.
+    pub async fn resume(
+        self: Arc<Self>,
+        state_path: String,
+        options: FineTuneOptions,
+        listener: Option<Arc<dyn ProgressListener>>,
+    ) -> Result<FineTuneResult> {
+        let options = FineTuneOptions { state_path: Some(state_path), ..options };
+        self.spawn(options, listener, true).await
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! - [`Backbone`] (a loaded model) and [`Task`] (prompt template and labels, checked against the backbone's
 //!   tokenizer): `backbone.rs`;
-//! - [`FineTuneSession`] (collects labelled examples, fine-tunes against an assist server), its options, progress
-//!   listener and cancel handle: `fine_tune.rs`;
+//! - [`FineTuneSession`] (collects labelled examples, fine-tunes against an assist server or on the device, and
+//!   resumes a fine-tune recorded in a state file), its options, progress listener and cancel handle (cancel or
+//!   detach): `fine_tune.rs`;
 //! - [`Adapter`] (the result: saved, loaded — sealed with an app key if given — and predicting): `adapter.rs`;
 //! - one flat error, [`MobiLlmError`] (Kotlin: `MobiLlmException`, Swift: `MobiLlmError`): `error.rs`;
 //! - conversions between these records and the core's types, each one `From`: `convert.rs`.
@@ -13,8 +14,9 @@
 //! from any thread. The long operation, [`FineTuneSession::fine_tune`], is `async` (Kotlin `suspend`, Swift
 //! `async`): it runs on a thread of its own and never blocks the caller's thread; progress arrives on that thread
 //! through [`ProgressListener`] (hop to the UI thread yourself), and [`CancelHandle::cancel`] stops it within one
-//! batch or one server poll, ending with [`MobiLlmError::Cancelled`]. Loading a backbone (≈1 s) and predicting
-//! (≈50 ms per text) are synchronous: call them off the main thread. A panic inside never crosses the boundary: it
+//! batch or one server poll, ending with [`MobiLlmError::Cancelled`] ([`CancelHandle::detach`]: with
+//! [`MobiLlmError::Detached`], to be resumed with [`FineTuneSession::resume`]). Loading a backbone (≈1 s) and
+//! predicting (≈50 ms per text) are synchronous: call them off the main thread. A panic inside never crosses the boundary: it
 //! becomes [`MobiLlmError::Internal`].
 
 mod adapter;

@@ -23,6 +23,8 @@ pub struct Metrics {
     /// Request body bytes actually read.
     pub request_bytes: Counter,
     pub samples_stored: Counter,
+    /// Samples sent again that the session held already (a device resending a frame whose answer it lost).
+    pub samples_duplicate: Counter,
     /// Samples × epochs the trainer went through (`pae` jobs and `mobillm` steps).
     pub trained_samples: Counter,
     pub training_seconds: Counter<f64, AtomicU64>,
@@ -51,6 +53,7 @@ impl Default for Metrics {
             requests: Family::default(),
             request_bytes: Counter::default(),
             samples_stored: Counter::default(),
+            samples_duplicate: Counter::default(),
             trained_samples: Counter::default(),
             training_seconds: Counter::default(),
             overloaded: Counter::default(),
@@ -71,6 +74,11 @@ impl Default for Metrics {
         r.register("http_requests", "HTTP requests by method, route and status", m.requests.clone());
         r.register("request_body_bytes", "Bytes of request bodies read", m.request_bytes.clone());
         r.register("samples_stored", "New samples stored (duplicates excluded)", m.samples_stored.clone());
+        r.register(
+            "samples_duplicate",
+            "Samples received again that their session held already",
+            m.samples_duplicate.clone(),
+        );
         r.register("trained_samples", "Samples processed by training, once per epoch", m.trained_samples.clone());
         r.register("training_seconds", "Wall seconds spent training", m.training_seconds.clone());
         r.register("overloaded", "Requests refused with 503: memory budget in use", m.overloaded.clone());

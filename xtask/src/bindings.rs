@@ -192,6 +192,8 @@ pub fn kotlin_test() -> Result<()> {
         .env("MOBILLM_TEST_OTHER_MODEL", &other)
         .env("MOBILLM_TEST_SERVER", url)
         .env("MOBILLM_TEST_KEY", &key)
+        .env("MOBILLM_TEST_ADMIN_URL", &server.admin_url)
+        .env("MOBILLM_TEST_ADMIN_TOKEN", &server.admin_token)
         .env("MOBILLM_TEST_TMP", &tmp)
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,8 +1,11 @@
 //! `cargo xtask demo`: the main job end to end. Fetches the model and data if needed, builds and starts
 //! `mobillm-server` on a free loopback port with a temporary data dir, runs `mobillm-device fine-tune` against it
 //! in its own process (progress on stderr), and prints the device's JSON result as the last line. With
-//! `--mode local` no server is started: the device trains on its own.
+//! `--mode local` no server is started: the device trains on its own. With `--kill-at`, the device process is
+//! killed with SIGKILL at that point of a resumable fine-tune and a new one resumes it; the result then also says
+//! where it was killed and how many samples the server received twice.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -32,6 +35,11 @@ pub struct Args {
     /// Save the device adapter here.
     #[arg(long)]
     pub save: Option<PathBuf>,
+    /// `pae`: kill the device process (SIGKILL) at this point of a resumable fine-tune, then resume it in a new
+    /// one: `upload:50%` (share of the training examples forwarded), `train:N` (the server training round N) or
+    /// `targets:N` (round N's targets being sent).
+    #[arg(long)]
+    pub kill_at: Option<KillAt>,
     /// Further arguments for `mobillm-device fine-tune` (after `--`).
     #[arg(last = true)]
     pub device_args: Vec<String>,
@@ -95,6 +103,16 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
         device.arg("--save").arg(p);
     }
     device.args(&args.device_args);
+    let killed = match args.kill_at {
+        Some(at) => {
+            device.arg("--state").arg(work.join("fine-tune.state"));
+            let killed = run_until_killed(&device, at)?;
+            device.arg("--resume");
+            eprintln!("demo: resuming in a new device process");
+            Some(killed)
+        }
+        None => None,
+    };
     let out = device.stderr(Stdio::inherit()).output().context("running mobillm-device")?;
     if !out.status.success() {
         let server_log = std::fs::read_to_string(&log).unwrap_or_default();
@@ -116,6 +134,87 @@ pub fn run_in(args: Args, work: &Path) -> Result<serde_json::Value> {
         {
             result["server_train_samples_per_s"] = serde_json::json!(samples / seconds.max(1e-9));
         }
+        if let Some(killed) = killed {
+            result["killed_at"] = killed;
+            result["samples_stored"] = serde_json::json!(metric(&metrics, "mobillm_samples_stored_total"));
+            result["samples_sent_again"] = serde_json::json!(metric(&metrics, "mobillm_samples_duplicate_total"));
+        }
     }
     Ok(result)
+}
+
+/// Where `--kill-at` kills the device process.
+#[derive(Clone, Copy, Debug)]
+pub enum KillAt {
+    /// This share (0–1) of the training examples forwarded.
+    Upload(f64),
+    Train(usize),
+    Targets(usize),
+}
+
+impl std::str::FromStr for KillAt {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (what, at) = s.split_once(':').context("--kill-at upload:P% | train:N | targets:N")?;
+        Ok(match what {
+            "upload" => {
+                let p: f64 = at.trim_end_matches('%').parse().context("upload:P% takes a percentage")?;
+                anyhow::ensure!((0.0..=100.0).contains(&p), "upload:{p}% is not a percentage");
+                KillAt::Upload(p / 100.0)
+            }
+            "train" => KillAt::Train(at.parse().context("train:N takes a round")?),
+            "targets" => KillAt::Targets(at.parse().context("targets:N takes a round")?),
+            other => bail!("--kill-at {other}:…: upload, train or targets"),
+        })
+    }
+}
+
+impl KillAt {
+    fn matches(self, event: &serde_json::Value) -> bool {
+        let (phase, round) = (event["phase"].as_str().unwrap_or(""), event["round"].as_u64().unwrap_or(0) as usize);
+        let (done, total) = (event["done"].as_f64().unwrap_or(0.0), event["total"].as_f64().unwrap_or(0.0));
+        match self {
+            KillAt::Upload(share) => phase == "forward" && total > 0.0 && done >= share * total,
+            KillAt::Train(n) => phase == "train" && round == n,
+            KillAt::Targets(n) => phase == "targets" && round == n,
+        }
+    }
+}
+
+/// Runs (a copy of) the device command with its progress events until `at` comes, and kills it there (SIGKILL);
+/// returns the event it was killed at, with the seconds the process had run. Its other output passes through.
+fn run_until_killed(device: &Command, at: KillAt) -> Result<serde_json::Value> {
+    let mut copy = Command::new(device.get_program());
+    copy.args(device.get_args());
+    for (key, value) in device.get_envs() {
+        match value {
+            Some(v) => copy.env(key, v),
+            None => copy.env_remove(key),
+        };
+    }
+    let started = std::time::Instant::now();
+    let mut child = copy
+        .arg("--progress-events")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running mobillm-device")?;
+    let stderr = BufReader::new(child.stderr.take().context("device stderr")?);
+    for line in stderr.lines() {
+        let line = line?;
+        let Some(event) = line.strip_prefix("progress ") else {
+            eprintln!("{line}");
+            continue;
+        };
+        let mut event: serde_json::Value = serde_json::from_str(event)?;
+        if at.matches(&event) {
+            child.kill()?;
+            child.wait()?;
+            eprintln!("demo: killed the device process (SIGKILL) at {event}");
+            event["after_s"] = serde_json::json!(started.elapsed().as_secs_f64());
+            return Ok(event);
+        }
+    }
+    let status = child.wait()?;
+    bail!("the device process ended ({status}) before --kill-at {at:?} came")
 }

@@ -43,12 +43,17 @@ pub fn run(args: &[String]) -> Result<()> {
     bindings::bindings(true)?;
     bindings::swift_check()?;
     bindings::kotlin_test()?;
-    // The main job, small: the real model, server and device binaries as separate processes, UCI data; then the
-    // same in `local` mode (no server started, nothing sent). Each must beat zero-shot by 5 points.
-    let result = demo_smoke("pae")?;
+    // The main job, small: the real model, server and device binaries as separate processes, UCI data, the device
+    // killed with SIGKILL while the server trains and resumed by a new one; then the same in `local` mode (no
+    // server started, nothing sent). Each must beat zero-shot by 5 points.
+    let result = demo_smoke("pae", Some(demo::KillAt::Train(1)))?;
     let per_sample = result["upload_bytes_per_sample"].as_f64().unwrap_or(f64::INFINITY);
     anyhow::ensure!(per_sample <= 20_000.0, "the demo uploaded {per_sample} bytes per sample (goal ≤ 20 KB)");
-    let local = demo_smoke("local")?;
+    anyhow::ensure!(
+        result["resumes"] == 1 && result["samples_sent_again"] == 0.0,
+        "the resumed demo resumed other than once, or sent samples again: {result}"
+    );
+    let local = demo_smoke("local", None)?;
     anyhow::ensure!(local["upload_bytes"].as_u64() == Some(0), "a local fine-tune sent bytes: {local}");
     // The server as a cluster, small: PostgreSQL, S3, nginx, two API replicas and two workers, one replica and
     // one worker killed with SIGKILL mid-run.
@@ -78,15 +83,16 @@ fn cluster_smoke() -> Result<()> {
     Ok(())
 }
 
-/// A small demo in `mode` (160 training / 100 held-out UCI sentences, 5 epochs): its JSON result, once it has
-/// beaten zero-shot by 5 points.
-fn demo_smoke(mode: &str) -> Result<serde_json::Value> {
-    eprintln!("test: {mode} demo smoke run (160 train / 100 held-out UCI sentences)");
+/// A small demo in `mode` (160 training / 100 held-out UCI sentences, 5 epochs), killed and resumed at `kill_at`:
+/// its JSON result, once it has beaten zero-shot by 5 points.
+fn demo_smoke(mode: &str, kill_at: Option<demo::KillAt>) -> Result<serde_json::Value> {
+    eprintln!("test: {mode} demo smoke run (160 train / 100 held-out UCI sentences, killed at {kill_at:?})");
     let result = demo::run(demo::Args {
         mode: mode.into(),
         train: Some(160),
         test: Some(100),
         epochs: Some(5),
+        kill_at,
         ..Default::default()
     })?;
     println!("{result}");

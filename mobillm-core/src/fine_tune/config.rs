@@ -100,6 +100,9 @@ pub struct FineTuneConfig {
     pub decoys: usize,
     /// Keep the server session after the fine-tune (for inspection); by default it is deleted.
     pub keep_server_session: bool,
+    /// `pae`: record every acknowledged step in this file, so that `fine_tune::resume` continues the fine-tune
+    /// after a kill or a detach (`fine_tune::state`); `None` runs it in one go.
+    pub state: Option<super::StateFile>,
     /// How often to ask the server about training progress.
     pub poll: Duration,
     /// How long one round of server training (queue included) may take before the fine-tune gives up.
@@ -142,6 +145,7 @@ impl FineTuneConfig {
             label_epsilon: None,
             decoys: 0,
             keep_server_session: false,
+            state: None,
             poll: Duration::from_millis(250),
             max_train_wait: Duration::from_secs(3600),
         }
@@ -224,6 +228,7 @@ impl std::fmt::Debug for FineTuneConfig {
             .field("label_epsilon", &self.label_epsilon)
             .field("decoys", &self.decoys)
             .field("keep_server_session", &self.keep_server_session)
+            .field("state", &self.state)
             .field("poll", &self.poll)
             .field("max_train_wait", &self.max_train_wait)
             .finish()

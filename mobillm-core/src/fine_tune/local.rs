@@ -82,9 +82,9 @@ impl Run<'_> {
             trainer = trainer.annealed(0, tc.epochs);
             let reports = trainer.fit(&x, &objective, tc.epochs, |r, _| {
                 progress(&Progress::new(Phase::Train, r.epoch, r.epochs, round, Some(r.loss)));
-                match self.cancel.is_cancelled() {
-                    true => ControlFlow::Break(()),
-                    false => ControlFlow::Continue(()),
+                match self.cancel.check() {
+                    Err(_) => ControlFlow::Break(()),
+                    Ok(()) => ControlFlow::Continue(()),
                 }
             })?;
             self.cancel.check()?;

@@ -6,12 +6,19 @@
 //! - [`progress`]: what a listener hears, and [`CancelToken`];
 //! - [`remote`]: the session on the server — the only way a fine-tune talks to it;
 //! - `pae`, `mobillm` and `local`: the modes' loops; `held_out`: held-out pivots and their scoring;
-//! - `stopping`: the validation split and the rule that ends the rounds of `pae` and `local`.
+//! - `stopping`: the validation split and the rule that ends the rounds of `pae` and `local`;
+//! - [`state`]: a `pae` fine-tune's record on the device, from which [`resume`] continues it.
 //!
 //! The contract: `fine_tune` blocks (call it from a background thread); it returns the folded adapter and the
 //! figures of the run, or an [`Error`] naming what failed. The server session is deleted when the fine-tune ends,
 //! fails or is cancelled (unless asked to keep it), so no activation outlives it. A cancelled fine-tune returns
 //! [`Error::Cancelled`] within one forward batch, one server poll or one epoch of local training.
+//!
+//! A `pae` fine-tune given a state file ([`FineTuneConfig::state`]) is resumable: it records every acknowledged
+//! step there, and when it stops short — the process killed, the network gone, [`CancelToken::detach`] — its
+//! server session is kept (until the server's idle expiry) and [`resume`] continues it from the last
+//! acknowledged step, in this process or another: no acknowledged example is forwarded or sent again and the
+//! secrets stay the same. Only the end of the fine-tune or a cancel deletes the session and the file.
 
 pub mod config;
 mod held_out;
@@ -20,6 +27,7 @@ mod mobillm;
 mod pae;
 pub mod progress;
 pub mod remote;
+pub mod state;
 pub mod stopping;
 
 use std::ops::ControlFlow;
@@ -30,9 +38,11 @@ use rand::TryRngCore;
 
 pub use config::{FineTuneConfig, Mode};
 pub use progress::{CancelToken, Phase, Progress};
+pub use state::StateFile;
 
 use crate::backbone::batching::{Batches, BATCH_TOKENS};
 use crate::backbone::Backbone;
+use crate::client;
 use crate::dataset::Example;
 use crate::error::{Error, Result};
 use crate::side::config::default_outputs;
@@ -40,6 +50,7 @@ use crate::side::{label_noise, DeviceAdapter, Secrets, SideConfig, SideNet, Whit
 use crate::task::{Task, TaskSpec};
 use held_out::Pivots;
 use remote::RemoteSession;
+use state::{Journal, Start};
 
 /// The result of a fine-tune.
 #[derive(Debug, Clone)]
@@ -73,9 +84,12 @@ pub struct Outcome {
     /// Held-out accuracy after each refinement round (`pae`) or pass over the data (`mobillm`), with the time
     /// since the fine-tune started (for time-to-accuracy); empty without held-out examples.
     pub rounds: Vec<RoundReport>,
+    /// Times the fine-tune was resumed from its state file (0: it ran in one go). The figures above add up every
+    /// process's share.
+    pub resumes: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoundReport {
     pub round: usize,
     pub finetuned_acc: f64,
@@ -84,7 +98,8 @@ pub struct RoundReport {
     pub elapsed_s: f64,
 }
 
-/// Runs a whole fine-tune: see the module documentation. `test` may be empty (no evaluation).
+/// Runs a whole fine-tune: see the module documentation. `test` may be empty (no evaluation). With a state file
+/// (`pae` only), none may be there yet: an earlier fine-tune's record is resumed or deleted, never overwritten.
 pub fn fine_tune(
     backbone: &Backbone,
     spec: TaskSpec,
@@ -94,6 +109,53 @@ pub fn fine_tune(
     cancel: &CancelToken,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Outcome> {
+    if let Some(file) = &cfg.state {
+        if cfg.mode != Mode::Pae || cfg.decoys > 0 {
+            return Err(Error::InvalidInput(
+                "a state file (resumable fine-tunes) is for `pae` mode without decoys: `local` and `mobillm` \
+                 fine-tunes start again after a kill"
+                    .into(),
+            ));
+        }
+        if file.exists() {
+            return Err(Error::InvalidInput(format!(
+                "{} holds a fine-tune's state already: resume it, or delete the file to start a new one",
+                file.path.display()
+            )));
+        }
+    }
+    run(backbone, spec, train, test, cfg, cancel, progress, false)
+}
+
+/// Continues the `pae` fine-tune recorded in `cfg.state` from its last acknowledged step, with the same backbone,
+/// task, training examples and options (anything else is [`Error::CannotResume`] naming what differs). `test`
+/// may differ: the held-out set is forwarded again.
+pub fn resume(
+    backbone: &Backbone,
+    spec: TaskSpec,
+    train: &[Example],
+    test: &[Example],
+    cfg: &FineTuneConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Outcome> {
+    if cfg.state.is_none() {
+        return Err(Error::InvalidInput("resuming needs the state file the fine-tune was started with".into()));
+    }
+    run(backbone, spec, train, test, cfg, cancel, progress, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    backbone: &Backbone,
+    spec: TaskSpec,
+    train: &[Example],
+    test: &[Example],
+    cfg: &FineTuneConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+    resuming: bool,
+) -> Result<Outcome> {
     let started = Instant::now();
     let task = Task::new(spec, backbone.tokenizer())?;
     if train.is_empty() {
@@ -101,25 +163,6 @@ pub fn fine_tune(
     }
     cfg.validate()?;
     let all_labels = label_indices(&task, train)?;
-    // The validation split stays on the device, so it keeps its true labels even under label noise.
-    let (held_back, sent) = match cfg.mode {
-        Mode::Pae | Mode::Local => stopping::validation_split(train.len(), cfg.max_rounds),
-        Mode::Mobillm => (Vec::new(), (0..train.len()).collect()),
-    };
-    let validation: Vec<Example> = held_back.iter().map(|&i| train[i].clone()).collect();
-    let validation_labels: Vec<u32> = held_back.iter().map(|&i| all_labels[i]).collect();
-    let fit: Vec<Example> = sent.iter().map(|&i| train[i].clone()).collect();
-    let labels: Vec<u32> = sent.iter().map(|&i| all_labels[i]).collect();
-    // Drawn once: every round trains on the same noisy labels, so each label is released once.
-    let labels = match cfg.label_epsilon {
-        Some(epsilon) => {
-            let mut seed = [0u8; 32];
-            rand::rngs::OsRng.try_fill_bytes(&mut seed).map_err(|e| Error::Internal(format!("OS RNG: {e}")))?;
-            label_noise::randomize(&labels, task.labels().len(), epsilon, seed)?
-        }
-        None => labels,
-    };
-    let test_labels = label_indices(&task, test)?;
     let taps = cfg.taps.clone().unwrap_or_else(|| backbone.all_taps());
     let k = task.labels().len();
     let side = SideConfig {
@@ -135,11 +178,51 @@ pub fn fine_tune(
         ..SideConfig::new(taps.len() * cfg.summary.count(), backbone.config().hidden_size, k)
     };
     side.validate()?;
-    let secrets = if cfg.mode == Mode::Pae && cfg.secrets {
-        progress(&Progress::new(Phase::Secrets, 0, 1, 0, None));
-        Secrets::generate(&side)?
-    } else {
-        Secrets::disabled(&side)?
+    let data = state::data_fingerprint(task.spec(), train);
+    // A resumed fine-tune takes its split, seeds and server session from its record.
+    let journal = match (resuming, &cfg.state) {
+        (true, Some(file)) => Some(Journal::resume(file.clone(), backbone.fingerprint(), &data, cfg, k)?),
+        _ => None,
+    };
+    // The validation split stays on the device, so it keeps its true labels even under label noise.
+    let (held_back, sent) = match (&journal, cfg.mode) {
+        (Some(j), _) => {
+            let held: Vec<usize> = j.record.validation.clone();
+            if held.iter().any(|&i| i >= train.len()) {
+                return Err(Error::Internal("the record's validation split is out of range".into()));
+            }
+            let sent = (0..train.len()).filter(|i| held.binary_search(i).is_err()).collect();
+            (held, sent)
+        }
+        (None, Mode::Pae | Mode::Local) => stopping::validation_split(train.len(), cfg.max_rounds),
+        (None, Mode::Mobillm) => (Vec::new(), (0..train.len()).collect()),
+    };
+    let validation: Vec<Example> = held_back.iter().map(|&i| train[i].clone()).collect();
+    let validation_labels: Vec<u32> = held_back.iter().map(|&i| all_labels[i]).collect();
+    let fit: Vec<Example> = sent.iter().map(|&i| train[i].clone()).collect();
+    let labels: Vec<u32> = sent.iter().map(|&i| all_labels[i]).collect();
+    // Drawn once: every round trains on the same noisy labels, so each label is released once (and a resumed
+    // fine-tune draws the same from its recorded seed).
+    let noise_seed = match (&journal, cfg.label_epsilon) {
+        (Some(j), _) => j.record.noise_seed,
+        (None, Some(_)) => Some(os_seed()?),
+        (None, None) => None,
+    };
+    let labels = match (cfg.label_epsilon, noise_seed) {
+        (Some(epsilon), Some(seed)) => label_noise::randomize(&labels, task.labels().len(), epsilon, seed)?,
+        _ => labels,
+    };
+    let test_labels = label_indices(&task, test)?;
+    let secrets = match (&journal, cfg.mode == Mode::Pae && cfg.secrets) {
+        (Some(j), true) => Secrets::from_seed(
+            &side,
+            j.record.secret_seed.ok_or_else(|| Error::Internal("the record has no secret seed".into()))?,
+        )?,
+        (None, true) => {
+            progress(&Progress::new(Phase::Secrets, 0, 1, 0, None));
+            Secrets::generate(&side)?
+        }
+        (_, false) => Secrets::disabled(&side)?,
     };
     cancel.check()?;
     let run = Run {
@@ -154,15 +237,74 @@ pub fn fine_tune(
         started,
     };
     let validation = (validation.as_slice(), validation_labels.as_slice());
+    let mut resumes = 0;
+    let mut wall_before = 0.0;
     let trained = match cfg.mode {
-        Mode::Local => run.local(&fit, &labels, validation, test, progress)?,
-        Mode::Pae | Mode::Mobillm => {
+        Mode::Local => run.local(&fit, &labels, validation, test, progress).map_err(detach_means_cancel)?,
+        Mode::Mobillm => {
             // Dropping the session deletes it on the server: when its loop ends, fails or is cancelled.
             let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), fit.len())?;
-            if cfg.mode == Mode::Pae {
-                run.pae(&remote, &fit, &labels, validation, test, progress)?
-            } else {
-                run.mobillm(&remote, &fit, &labels, test, progress)?
+            run.mobillm(&remote, &fit, &labels, test, progress).map_err(detach_means_cancel)?
+        }
+        Mode::Pae => {
+            let (remote, mut journal) = match journal {
+                Some(journal) => {
+                    let acked = journal.record.acked.iter().filter(|&&a| a).count();
+                    let session = client::Session::from(&journal.record.server);
+                    let path = journal.path().unwrap_or(std::path::Path::new("")).to_path_buf();
+                    (RemoteSession::reopen(cfg, &side, session, acked, &path)?, journal)
+                }
+                None => {
+                    let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), fit.len())?;
+                    let journal = Journal::start(
+                        cfg.state.clone(),
+                        Start {
+                            backbone: backbone.fingerprint(),
+                            data: data.clone(),
+                            cfg,
+                            session: remote.session(),
+                            secret_seed: secrets.seed(),
+                            noise_seed,
+                            validation: held_back.clone(),
+                            sent: fit.len(),
+                            labels: k,
+                        },
+                    )?;
+                    // Recorded: from here on a stop short of the end keeps the session for `resume`.
+                    remote.keep_on_drop(cfg.keep_server_session || cfg.state.is_some());
+                    (remote, journal)
+                }
+            };
+            resumes = journal.record.resumes;
+            wall_before = journal.record.wall_s;
+            let result = run.pae(&remote, &mut journal, (&fit, &labels), validation, test, progress);
+            match result {
+                Ok(trained) => {
+                    remote.keep_on_drop(cfg.keep_server_session);
+                    journal.remove()?;
+                    trained
+                }
+                Err(Error::Cancelled) => {
+                    remote.keep_on_drop(cfg.keep_server_session);
+                    journal.remove()?;
+                    return Err(Error::Cancelled);
+                }
+                Err(Error::Detached { .. }) if journal.path().is_none() => {
+                    // Nothing to come back to: a detach without a state file is a cancel.
+                    return Err(Error::Cancelled);
+                }
+                Err(e) => {
+                    // Kept for `resume` (its session too); the time spent so far counts in the end.
+                    journal.record.wall_s += started.elapsed().as_secs_f64();
+                    journal.save()?;
+                    return Err(match e {
+                        Error::Detached { .. } => Error::Detached {
+                            path: journal.path().map(|p| p.to_path_buf()).unwrap_or_default(),
+                            idle_ttl_s: remote.session().idle_ttl_s,
+                        },
+                        e => e,
+                    });
+                }
             }
         }
     };
@@ -193,11 +335,27 @@ pub fn fine_tune(
         device_forward_s: trained.device_forward_s,
         device_train_s: trained.device_train_s,
         server_train_s: trained.server_train_s,
-        wall_s: started.elapsed().as_secs_f64(),
+        wall_s: wall_before + started.elapsed().as_secs_f64(),
         rounds_used: trained.rounds.used,
         kept_round: trained.rounds.stopping.best_round().unwrap_or(trained.rounds.used),
         rounds: trained.rounds.reports,
+        resumes,
     })
+}
+
+/// A detach where there is nothing to come back to (`local`, `mobillm`) is a cancel.
+fn detach_means_cancel(e: Error) -> Error {
+    match e {
+        Error::Detached { .. } => Error::Cancelled,
+        e => e,
+    }
+}
+
+/// A fresh secret from the operating system's CSPRNG.
+pub(crate) fn os_seed() -> Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.try_fill_bytes(&mut seed).map_err(|e| Error::Internal(format!("OS RNG: {e}")))?;
+    Ok(seed)
 }
 
 /// A random `m` of the indices `0..n` and the others, each sorted: the whitening's calibration subset and the

@@ -9,13 +9,19 @@
 //! subset, each example's decoy labels are drawn once when it is forwarded and kept with its `z_b`, and every
 //! target carries the decoys' differences beside the real ones. Rounds continue until the validation split the
 //! device holds back stops improving, or `max_rounds` (`stopping`).
+//!
+//! Every acknowledged step goes into the fine-tune's [`Journal`] (`state`): a resumed fine-tune forwards only the
+//! examples the server has not acknowledged, with the recorded whitening, ids and secrets, and re-enters the
+//! rounds where the record stands (the held-out and validation sets, never uploaded, are forwarded again).
 
+use std::cell::Cell;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::progress::{Phase, Progress};
-use super::remote::{RemoteSession, Upload};
+use super::remote::{RemoteSession, Sent, Upload};
+use super::state::{Journal, Step};
 use super::stopping::ROUNDS_WITHOUT_VALIDATION;
 use super::{random_split, Rounds, Run, Trained};
 use crate::backbone::batching::{scatter_rows, BATCH_TOKENS};
@@ -31,21 +37,30 @@ impl Run<'_> {
     pub(super) fn pae(
         &self,
         remote: &RemoteSession,
-        train: &[Example],
-        labels: &[u32],
+        journal: &mut Journal,
+        (train, labels): (&[Example], &[u32]),
         (validation, validation_labels): (&[Example], &[u32]),
         test: &[Example],
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Trained> {
         let (n, k, k_out) = (train.len(), self.side.labels, self.side.outputs);
         let (t, d, m) = (self.side.taps, self.side.hidden, self.cfg.decoys);
-        let ids: Vec<SampleId> = (0..n).map(|_| SampleId::random()).collect::<Result<_>>()?;
+        let ids: Vec<SampleId> = journal.record.ids.clone();
+        let (mut whitening, kept) = journal.load_tensors(self.side)?;
+        // What a resumed fine-tune still has to forward: the examples the server has not acknowledged.
+        let todo: Vec<usize> = (0..n).filter(|&i| !journal.record.acked[i]).collect();
         let batches = self.plan(train, BATCH_TOKENS)?;
-        // With secrets on, a random subset is forwarded first and held until it has fitted the whitening.
-        let calibration = if self.secrets.is_enabled() { n.min(CALIBRATION_SAMPLES) } else { 0 };
-        let (first, rest) = random_split(n, calibration);
+        // With secrets on, a random subset is forwarded first and held until it has fitted the whitening (unless
+        // a resumed fine-tune has it already).
+        let calibration = match self.secrets.is_enabled() && whitening.is_none() {
+            true => todo.len().min(CALIBRATION_SAMPLES),
+            false => 0,
+        };
+        let (first, rest) = random_split(todo.len(), calibration);
+        let (first, rest): (Vec<usize>, Vec<usize>) =
+            (first.iter().map(|&j| todo[j]).collect(), rest.iter().map(|&j| todo[j]).collect());
         let plan = |part: &[usize]| batches.groups_of(part, self.cfg.forward_batch, BATCH_TOKENS);
-        let mut z_b = vec![0f32; n * k];
+        let mut z_b = journal.z_b();
         // Decoys read their words' logits from the same forward as the label words'.
         let mut decoy_tasks = match m {
             0 => None,
@@ -54,7 +69,7 @@ impl Run<'_> {
                 k,
                 self.backbone.config().vocab_size,
                 self.task.label_token_ids(),
-                fresh_seed()?,
+                super::os_seed()?,
             )?),
         };
         let word_ids: Vec<u32> = self
@@ -66,12 +81,16 @@ impl Run<'_> {
             .collect();
         let decoy_words = word_ids.len() - k;
         let mut decoy_labels = vec![0u32; n * m];
-        let mut forward_s = 0.0;
-        let mut whitening = None;
-        let mut upload_bytes = remote.stream(
+        let forward_s = Cell::new(journal.record.device_forward_s);
+        let streaming = journal.record.step == Step::Upload;
+        let journal_cell = std::sync::Mutex::new(&mut *journal);
+        remote.stream(
             self.cfg.quant,
             self.cancel,
             |send| {
+                if !streaming {
+                    return Ok(());
+                }
                 let mut pending: Vec<usize> = Vec::new();
                 let (mut acts, mut targets) = (Vec::new(), Vec::new());
                 let mut emitted = 0;
@@ -103,21 +122,24 @@ impl Run<'_> {
                     targets.extend(y.flatten_all()?.to_vec1::<f32>()?);
                     pending.extend_from_slice(group);
                     emitted += group.len();
-                    while pending.len() >= self.cfg.upload_chunk || (emitted == n && !pending.is_empty()) {
+                    while pending.len() >= self.cfg.upload_chunk || (emitted == todo.len() && !pending.is_empty()) {
                         let m = pending.len().min(self.cfg.upload_chunk);
-                        let frame_ids = pending.drain(..m).map(|i| ids[i]).collect();
+                        let samples: Vec<usize> = pending.drain(..m).collect();
+                        let frame_ids = samples.iter().map(|&i| ids[i]).collect();
                         let frame_acts = acts.drain(..m * t * d).collect();
                         let frame_targets = targets.drain(..m * k_out).collect();
-                        send(Upload::Samples(Frame::samples(frame_ids, t, d, frame_acts, k_out, frame_targets)))?;
+                        let logits = samples.iter().flat_map(|&i| z_b[i * k..(i + 1) * k].to_vec()).collect();
+                        let sent = Sent { samples, logits, forward_s: forward_s.get() };
+                        send(Upload::Samples(Frame::samples(frame_ids, t, d, frame_acts, k_out, frame_targets), sent))?;
                     }
                     Ok(())
                 };
-                let mut forwarded = 0;
+                let mut forwarded = n - todo.len();
                 let mut forward = |group: &[usize]| -> Result<crate::backbone::PivotOutput> {
                     self.cancel.check()?;
                     let start = Instant::now();
                     let out = self.backbone.llama().forward_pivots(&batches.batch(group), self.taps, &word_ids)?;
-                    forward_s += start.elapsed().as_secs_f64();
+                    forward_s.set(forward_s.get() + start.elapsed().as_secs_f64());
                     forwarded += group.len();
                     progress(&Progress::new(Phase::Forward, forwarded, n, 1, None));
                     Ok(out)
@@ -142,6 +164,11 @@ impl Run<'_> {
                             groups.iter().flat_map(|(g, _)| g.iter().map(|&i| labels[i])).collect();
                         tasks.fit(&scores, &inputs, &held_labels, &class_counts(labels, k))?;
                     }
+                    // Recorded before anything whitened with it is sent.
+                    let mut journal = journal_cell.lock().map_err(|_| Error::Internal("journal lock".into()))?;
+                    journal.save_tensors(Some(&fitted), None)?;
+                    journal.record.whitened = true;
+                    journal.save()?;
                     whitening = Some(fitted);
                     calibration = Some((taps, groups));
                 }
@@ -161,33 +188,63 @@ impl Run<'_> {
                 Ok(())
             },
             |_, _| {},
+            |sent, bytes| {
+                let mut journal = journal_cell.lock().map_err(|_| Error::Internal("journal lock".into()))?;
+                journal.acknowledge(&sent.samples, &sent.logits, bytes, sent.forward_s)
+            },
         )?;
+        if streaming {
+            journal.record.step = Step::Round { round: 1, train_key: None };
+            journal.save()?;
+        }
         let z_b = Tensor::from_vec(z_b, (n, k), &Device::Cpu)?;
         // Every activation is sent: the rounds need the rotations only to fold, which draws them layer by layer.
         self.secrets.release_rotations();
 
-        let mut server_s = 0.0;
         let (mut held_out, mut validation_pivots) = (None, None);
-        let mut rounds = Rounds::default();
+        let Step::Round { round: first_round, .. } = journal.record.step else {
+            return Err(Error::Internal("the upload ended without a round to start".into()));
+        };
+        // A resumed fine-tune takes up the rounds' record; the network kept is the best round's (in the tensors
+        // file).
+        let mut rounds = Rounds {
+            reports: journal.record.reports.clone(),
+            kept,
+            stopping: journal.record.stopping.clone(),
+            used: first_round - 1,
+        };
         let mut loss = None;
         let max_rounds = match validation.is_empty() {
             true => self.cfg.max_rounds.min(ROUNDS_WITHOUT_VALIDATION),
             false => self.cfg.max_rounds,
         };
-        for round in 1..=max_rounds {
-            if round > 1 {
-                // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
-                progress(&Progress::new(Phase::Targets, 0, n, round, loss));
-                let o = remote.outputs(&ids)?;
-                let decoded = self.secrets.decode_columns(&o, k * (m + 1))?;
-                let delta = decoys::differences(&z_b, Some(&decoded), labels, &decoy_labels, self.cfg.tau)?;
-                upload_bytes += remote.upload_targets(&ids, &(o + self.secrets.encode_targets(&delta)?)?)?;
-            }
-            self.cancel.check()?;
+        for round in first_round..=max_rounds {
+            let Step::Round { train_key, .. } = journal.record.step.clone() else { unreachable!("set above") };
+            let key = match train_key {
+                // Asked before a crash or detach: asking again with the key returns that job.
+                Some(key) => key,
+                None => {
+                    if round > 1 {
+                        // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
+                        progress(&Progress::new(Phase::Targets, 0, n, round, loss));
+                        let o = remote.outputs(&ids)?;
+                        let decoded = self.secrets.decode_columns(&o, k * (m + 1))?;
+                        let delta = decoys::differences(&z_b, Some(&decoded), labels, &decoy_labels, self.cfg.tau)?;
+                        journal.record.upload_bytes +=
+                            remote.upload_targets(&ids, &(o + self.secrets.encode_targets(&delta)?)?)?;
+                    }
+                    self.cancel.check()?;
+                    let key = crate::client::idempotency_key()?;
+                    journal.record.step = Step::Round { round, train_key: Some(key.clone()) };
+                    journal.save()?;
+                    key
+                }
+            };
             let start = Instant::now();
-            remote.start_training(self.cfg.epochs)?;
-            if round == 1 {
-                // The server trains the first round while the device forwards the validation and held-out sets.
+            remote.start_training(self.cfg.epochs, &key)?;
+            progress(&Progress::new(Phase::Train, 0, self.cfg.epochs, round, loss));
+            if held_out.is_none() && validation_pivots.is_none() {
+                // The server trains while the device forwards the validation and held-out sets (once per process).
                 validation_pivots = self.forward_held_out(validation, whitening.as_ref(), progress)?;
                 held_out = self.forward_held_out(test, whitening.as_ref(), progress)?;
             }
@@ -196,21 +253,28 @@ impl Run<'_> {
                 progress(&Progress::new(Phase::Train, job.epochs_done, job.epochs_total, round, job.loss));
                 Ok(())
             })?;
-            server_s += start.elapsed().as_secs_f64();
+            journal.record.server_train_s += start.elapsed().as_secs_f64();
             let net = self.secrets.fold(&remote.side_network()?)?;
             let validation = validation_pivots.as_ref().map(|v| (v, validation_labels));
-            if self.end_round(&mut rounds, round, net, held_out.as_ref(), validation)?.is_break() {
+            let flow = self.end_round(&mut rounds, round, net, held_out.as_ref(), validation)?;
+            if flow.is_break() || round == max_rounds {
                 break;
             }
+            // The round is kept (it improved): its network goes into the tensors file before the record moves on.
+            journal.save_tensors(whitening.as_ref(), rounds.kept.as_ref().map(|net| (round, net)))?;
+            journal.record.stopping = rounds.stopping.clone();
+            journal.record.reports = rounds.reports.clone();
+            journal.record.step = Step::Round { round: round + 1, train_key: None };
+            journal.save()?;
         }
         Ok(Trained {
             rounds,
             whitening,
             held_out,
-            upload_bytes,
-            device_forward_s: forward_s,
+            upload_bytes: journal.record.upload_bytes,
+            device_forward_s: journal.record.device_forward_s,
             device_train_s: 0.0,
-            server_train_s: server_s,
+            server_train_s: journal.record.server_train_s,
             loss,
         })
     }
@@ -221,12 +285,4 @@ fn class_counts(labels: &[u32], k: usize) -> Vec<usize> {
     let mut counts = vec![0; k];
     labels.iter().for_each(|&l| counts[l as usize] += 1);
     counts
-}
-
-/// A fresh secret from the operating system's CSPRNG.
-fn fresh_seed() -> Result<[u8; 32]> {
-    use rand::TryRngCore;
-    let mut seed = [0u8; 32];
-    rand::rngs::OsRng.try_fill_bytes(&mut seed).map_err(|e| Error::Internal(format!("OS RNG: {e}")))?;
-    Ok(seed)
 }

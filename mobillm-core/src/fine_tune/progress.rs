@@ -1,6 +1,6 @@
 //! What a fine-tune reports while it runs, and how it is stopped from another thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -38,10 +38,16 @@ impl Progress {
     }
 }
 
-/// Cancels a running fine-tune from any thread: it ends with [`Error::Cancelled`] within one forward batch or
-/// one server poll.
+/// Stops a running fine-tune from any thread, within one forward batch or one server poll: `cancel` ends it
+/// with [`Error::Cancelled`] (its server session and state file deleted); `detach` ends a resumable one with
+/// [`Error::Detached`], keeping both so that `fine_tune::resume` continues it later. A cancel after a detach
+/// still cancels.
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken(Arc<AtomicU8>);
+
+const RUNNING: u8 = 0;
+const DETACHED: u8 = 1;
+const CANCELLED: u8 = 2;
 
 impl CancelToken {
     pub fn new() -> Self {
@@ -49,18 +55,29 @@ impl CancelToken {
     }
 
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.0.store(CANCELLED, Ordering::SeqCst);
+    }
+
+    pub fn detach(&self) {
+        let _ = self.0.compare_exchange(RUNNING, DETACHED, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst) == CANCELLED
     }
 
-    /// `Err(Cancelled)` once cancelled.
+    /// Makes the token usable for another fine-tune (after one ended detached or cancelled).
+    pub fn reset(&self) {
+        self.0.store(RUNNING, Ordering::SeqCst);
+    }
+
+    /// `Err(Cancelled)` once cancelled, `Err(Detached)` once detached (its path and expiry are filled in by the
+    /// fine-tune, which knows them).
     pub fn check(&self) -> Result<()> {
-        if self.is_cancelled() {
-            return Err(Error::Cancelled);
+        match self.0.load(Ordering::SeqCst) {
+            CANCELLED => Err(Error::Cancelled),
+            DETACHED => Err(Error::Detached { path: Default::default(), idle_ttl_s: 0 }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }

@@ -1,9 +1,11 @@
 //! The fine-tune's session on the assist server: the only way a fine-tune talks to the server. It creates the
-//! server session from the fine-tune's configuration, deletes it when dropped (end, error or cancel: no activation
-//! outlives the fine-tune, unless asked to keep it), sends frames from a thread of its own while the caller
+//! server session from the fine-tune's configuration (or reopens a recorded one), deletes it when dropped (end,
+//! error or cancel: no activation outlives the fine-tune, unless asked to keep it or the fine-tune is resumable),
+//! sends frames from a thread of its own while the caller
 //! computes the next ones, and turns the server's answers into what the loops need: a training round waited for,
 //! outputs in the device's sample order, the side network checked against the session's shape.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
@@ -22,16 +24,24 @@ const TARGETS_PER_FRAME: usize = 4096;
 
 /// What the computing thread hands the sending thread.
 pub enum Upload {
-    /// `pae`: samples to cache.
-    Samples(Frame),
+    /// `pae`: samples to cache, and what the device records once the server has stored them.
+    Samples(Frame, Sent),
     /// `mobillm`: a batch to train on at once.
     Step(Frame),
+}
+
+/// A `pae` frame's samples (indices of the sent examples), their label logits `[m·K]`, and the device's forward
+/// seconds up to them.
+pub struct Sent {
+    pub samples: Vec<usize>,
+    pub logits: Vec<f32>,
+    pub forward_s: f64,
 }
 
 pub struct RemoteSession {
     client: AssistClient,
     session: Session,
-    keep: bool,
+    keep: AtomicBool,
     side: SideConfig,
 }
 
@@ -65,7 +75,7 @@ impl RemoteSession {
             seed: Some(cfg.seed),
         };
         let session = client.create_session(&cfg.api_key, &request)?;
-        let remote = Self { client, session, keep: cfg.keep_server_session, side: side.clone() };
+        let remote = Self { client, session, keep: AtomicBool::new(cfg.keep_server_session), side: side.clone() };
         if mode == Mode::Pae && samples > remote.session.max_samples {
             // Dropping `remote` deletes the session just made.
             return Err(Error::InvalidInput(format!(
@@ -76,15 +86,59 @@ impl RemoteSession {
         Ok(remote)
     }
 
+    /// Reopens a recorded `pae` session: it must still be on the server, and hold at least the `acknowledged`
+    /// samples. Any answer but the session's status is [`Error::CannotResume`] naming `state`.
+    pub fn reopen(
+        cfg: &FineTuneConfig,
+        side: &SideConfig,
+        session: Session,
+        acknowledged: usize,
+        state: &std::path::Path,
+    ) -> Result<Self> {
+        let connection = Connection { ca_pem: cfg.ca_pem.clone(), insecure_http: cfg.insecure_http };
+        let client = AssistClient::connect(&cfg.server_url, &connection)?;
+        let cannot = |reason: String| Error::CannotResume { path: state.to_path_buf(), reason };
+        let status = match client.status(&session) {
+            Ok(status) => status,
+            Err(Error::Server { status: 401 | 404, .. }) => {
+                return Err(cannot(format!(
+                    "the server no longer has session {} (deleted, or expired after {} s without a request): start \
+                     a new fine-tune",
+                    session.session_id, session.idle_ttl_s
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        if status.mode != Mode::Pae || status.samples < acknowledged {
+            return Err(cannot(format!(
+                "the server's session {} is a {} session holding {} samples; the record has {acknowledged} stored",
+                session.session_id, status.mode, status.samples
+            )));
+        }
+        // A reopened session belongs to a resumable fine-tune: kept unless it ends or is cancelled.
+        Ok(Self { client, session, keep: AtomicBool::new(true), side: side.clone() })
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Whether dropping this deletes the server session: kept for a fine-tune that can be resumed.
+    pub fn keep_on_drop(&self, keep: bool) {
+        self.keep.store(keep, Ordering::SeqCst);
+    }
+
     /// Runs `produce` on this thread while a second thread encodes and sends what it hands over; returns the
     /// bytes sent. A channel of two frames keeps memory flat. `on_step` sees each `mobillm` step's answer and its
-    /// round-trip seconds. The sender's error explains a failed hand-over better than the hand-over itself.
+    /// round-trip seconds; `on_stored` each `pae` frame the server stored, with its bytes. The sender's error
+    /// explains a failed hand-over better than the hand-over itself.
     pub fn stream(
         &self,
         quant: Quant,
         cancel: &CancelToken,
         produce: impl FnOnce(&dyn Fn(Upload) -> Result<()>) -> Result<()>,
         mut on_step: impl FnMut(StepAck, f64) + Send,
+        mut on_stored: impl FnMut(Sent, u64) -> Result<()> + Send,
     ) -> Result<u64> {
         let (tx, rx) = sync_channel::<Upload>(2);
         std::thread::scope(|scope| {
@@ -92,11 +146,12 @@ impl RemoteSession {
                 let mut bytes = 0u64;
                 for item in rx {
                     cancel.check()?;
-                    let (Upload::Samples(frame) | Upload::Step(frame)) = &item;
+                    let (Upload::Samples(frame, _) | Upload::Step(frame)) = &item;
                     let encoded = frame.encode(quant)?;
                     match item {
-                        Upload::Samples(_) => {
+                        Upload::Samples(_, sent) => {
                             self.client.upload_frame(&self.session, &encoded)?;
+                            on_stored(sent, encoded.len() as u64)?;
                         }
                         Upload::Step(_) => {
                             let sent = Instant::now();
@@ -132,9 +187,10 @@ impl RemoteSession {
         Ok(sent)
     }
 
-    /// Queues `epochs` more epochs of training from the current weights.
-    pub fn start_training(&self, epochs: usize) -> Result<()> {
-        self.client.train(&self.session, epochs)?;
+    /// Queues `epochs` more epochs of training from the current weights; asked again with the same idempotency
+    /// `key`, the server answers with the job it started then.
+    pub fn start_training(&self, epochs: usize, key: &str) -> Result<()> {
+        self.client.train_keyed(&self.session, epochs, key)?;
         Ok(())
     }
 
@@ -182,7 +238,7 @@ impl RemoteSession {
 
 impl Drop for RemoteSession {
     fn drop(&mut self) {
-        if self.keep {
+        if self.keep.load(Ordering::SeqCst) {
             return;
         }
         if let Err(e) = self.client.delete(&self.session) {

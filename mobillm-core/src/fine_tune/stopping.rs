@@ -35,7 +35,7 @@ pub fn validation_split(n: usize, max_rounds: usize) -> (Vec<usize>, Vec<usize>)
 }
 
 /// How the fused model does on a set of examples: accuracy and mean cross-entropy of its label logits.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Score {
     pub accuracy: f64,
     pub loss: f64,
@@ -53,7 +53,7 @@ impl Score {
 }
 
 /// The rounds seen so far and the best of them.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stopping {
     best: Option<(usize, Score)>,
 }

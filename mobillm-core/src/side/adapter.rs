@@ -59,13 +59,13 @@ impl DeviceAdapter {
 
     /// Writes the adapter as a plain safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
-        write_atomically(path, &self.to_bytes()?)
+        crate::sealed::write_atomically(path, &self.to_bytes()?)
     }
 
     /// Writes the adapter sealed with `key` (32 bytes, from the app's keystore): unreadable, and unchangeable
     /// unnoticed, without it.
     pub fn save_sealed(&self, path: &Path, key: &[u8]) -> Result<()> {
-        write_atomically(path, &crate::sealed::seal(key, &self.to_bytes()?)?)
+        crate::sealed::write_atomically(path, &crate::sealed::seal(key, &self.to_bytes()?)?)
     }
 
     fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -202,14 +202,4 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
-    std::io::Write::write_all(&mut tmp, bytes).map_err(|e| Error::io(path, e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
 }

@@ -3,6 +3,8 @@
 //! milliseconds.
 #![allow(dead_code)]
 
+pub mod assist;
+
 use std::path::PathBuf;
 
 use candle_core::quantized::GgmlDType;

@@ -196,7 +196,7 @@ pub fn fine_tune(
             epochs,
             save: Some(adapter_path.clone()),
             device_args,
-            server: None,
+            ..Default::default()
         },
         work.path(),
     )?;

@@ -68,6 +68,7 @@ pub async fn upload_samples(
             drop(frame);
             let (stored, duplicates, total) = s.store.put_samples(&rec.id, &rows, &s.config.quotas())??;
             s.metrics.samples_stored.inc_by(stored as u64);
+            s.metrics.samples_duplicate.inc_by(duplicates as u64);
             Ok(UploadAck { stored, duplicates, total })
         })
         .await?;

@@ -131,7 +131,7 @@ fn endless_answers(head: &'static str) -> String {
 
 #[test]
 fn hostile_answers_are_read_up_to_a_bound() {
-    let session = Session { session_id: "0".repeat(32), token: "t".into(), max_samples: 10 };
+    let session = Session { session_id: "0".repeat(32), token: "t".into(), max_samples: 10, idle_ttl_s: 60 };
     for head in [
         "HTTP/1.1 200 OK\r\nContent-Length: 10000000000\r\n\r\n",
         "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n40000000\r\n",

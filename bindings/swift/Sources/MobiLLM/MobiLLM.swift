@@ -1012,17 +1012,27 @@ public func FfiConverterTypeBackbone_lower(_ value: Backbone) -> UInt64 {
 
 
 /**
- * Cancels the fine-tune of the session that handed it out; usable from any thread.
+ * Stops the fine-tune of the session that handed it out; usable from any thread.
  */
 public protocol CancelHandleProtocol: AnyObject, Sendable {
     
+    /**
+     * Ends the fine-tune with [`MobiLlmError::Cancelled`]: its server session and state file are deleted.
+     */
     func cancel() 
+    
+    /**
+     * Puts a resumable fine-tune down (one with a `state_path`): it ends with [`MobiLlmError::Detached`] within
+     * one batch or one server poll, keeping its state file and server session, and the server goes on training.
+     * [`FineTuneSession::resume`] picks it up later, in this process or another. Without a state file, a cancel.
+     */
+    func detach() 
     
     func isCancelled()  -> Bool
     
 }
 /**
- * Cancels the fine-tune of the session that handed it out; usable from any thread.
+ * Stops the fine-tune of the session that handed it out; usable from any thread.
  */
 open class CancelHandle: CancelHandleProtocol, @unchecked Sendable {
     fileprivate let handle: UInt64
@@ -1077,9 +1087,25 @@ open class CancelHandle: CancelHandleProtocol, @unchecked Sendable {
     
 
     
+    /**
+     * Ends the fine-tune with [`MobiLlmError::Cancelled`]: its server session and state file are deleted.
+     */
 open func cancel()  {try! rustCall() {
         uniffiCallStatus in
     uniffi_mobillm_ffi_fn_method_cancelhandle_cancel(
+            self.uniffiCloneHandle(),uniffiCallStatus
+    )
+}
+}
+    
+    /**
+     * Puts a resumable fine-tune down (one with a `state_path`): it ends with [`MobiLlmError::Detached`] within
+     * one batch or one server poll, keeping its state file and server session, and the server goes on training.
+     * [`FineTuneSession::resume`] picks it up later, in this process or another. Without a state file, a cancel.
+     */
+open func detach()  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_mobillm_ffi_fn_method_cancelhandle_detach(
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 }
@@ -1174,9 +1200,19 @@ public protocol FineTuneSessionProtocol: AnyObject, Sendable {
     
     /**
      * Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
-     * awaits. One fine-tune at a time per session.
+     * awaits. One fine-tune at a time per session. With `options.state_path`, no state may be there yet
+     * ([`FineTuneSession::resume`] it, or delete it).
      */
     func fineTune(options: FineTuneOptions, listener: ProgressListener?) async throws  -> FineTuneResult
+    
+    /**
+     * Continues the `pae` fine-tune recorded in `state_path` (after the app was killed, the network failed or
+     * the fine-tune was detached) from its last acknowledged step: examples the server holds are neither
+     * forwarded nor sent again, the secrets and the server session are the same. Add the same training examples
+     * first and give the same options (`state_key` too); anything else, or a server session that expired, is
+     * [`MobiLlmError::CannotResume`] naming what differs.
+     */
+    func resume(statePath: String, options: FineTuneOptions, listener: ProgressListener?) async throws  -> FineTuneResult
     
 }
 /**
@@ -1309,7 +1345,8 @@ open func exampleCount() -> UInt64  {
     
     /**
      * Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
-     * awaits. One fine-tune at a time per session.
+     * awaits. One fine-tune at a time per session. With `options.state_path`, no state may be there yet
+     * ([`FineTuneSession::resume`] it, or delete it).
      */
 open func fineTune(options: FineTuneOptions, listener: ProgressListener?)async throws  -> FineTuneResult  {
     return
@@ -1317,6 +1354,29 @@ open func fineTune(options: FineTuneOptions, listener: ProgressListener?)async t
             rustFutureFunc: {
                 uniffi_mobillm_ffi_fn_method_finetunesession_fine_tune(
                         self.uniffiCloneHandle(),FfiConverterTypeFineTuneOptions_lower(options),FfiConverterOptionTypeProgressListener.lower(listener)
+                )
+            },
+            pollFunc: ffi_mobillm_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_mobillm_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_mobillm_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeFineTuneResult_lift,
+            errorHandler: FfiConverterTypeMobiLlmError_lift
+        )
+}
+    
+    /**
+     * Continues the `pae` fine-tune recorded in `state_path` (after the app was killed, the network failed or
+     * the fine-tune was detached) from its last acknowledged step: examples the server holds are neither
+     * forwarded nor sent again, the secrets and the server session are the same. Add the same training examples
+     * first and give the same options (`state_key` too); anything else, or a server session that expired, is
+     * [`MobiLlmError::CannotResume`] naming what differs.
+     */
+open func resume(statePath: String, options: FineTuneOptions, listener: ProgressListener?)async throws  -> FineTuneResult  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_mobillm_ffi_fn_method_finetunesession_resume(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(statePath),FfiConverterTypeFineTuneOptions_lower(options),FfiConverterOptionTypeProgressListener.lower(listener)
                 )
             },
             pollFunc: ffi_mobillm_ffi_rust_future_poll_rust_buffer,
@@ -1791,6 +1851,17 @@ public struct FineTuneOptions: Equatable, Hashable {
      * `pae`, `local`: what is kept of each tapped layer (default: its pivot).
      */
     public var summary: LayerSummary?
+    /**
+     * `pae`: make the fine-tune resumable. Every acknowledged step is recorded in this file (in the app's
+     * private storage; it holds the server session's token and the secret seed, never text or activations), so
+     * that after the app is killed, the network fails or [`CancelHandle::detach`], [`FineTuneSession::resume`]
+     * continues it. Deleted when the fine-tune ends or is cancelled. Unset: the fine-tune runs in one go.
+     */
+    public var statePath: String?
+    /**
+     * Seal the state file with this 32-byte key (from the platform's keystore).
+     */
+    public var stateKey: Data?
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -1834,7 +1905,16 @@ public struct FineTuneOptions: Equatable, Hashable {
          */decoys: UInt32? = nil, 
         /**
          * `pae`, `local`: what is kept of each tapped layer (default: its pivot).
-         */summary: LayerSummary? = nil) {
+         */summary: LayerSummary? = nil, 
+        /**
+         * `pae`: make the fine-tune resumable. Every acknowledged step is recorded in this file (in the app's
+         * private storage; it holds the server session's token and the secret seed, never text or activations), so
+         * that after the app is killed, the network fails or [`CancelHandle::detach`], [`FineTuneSession::resume`]
+         * continues it. Deleted when the fine-tune ends or is cancelled. Unset: the fine-tune runs in one go.
+         */statePath: String? = nil, 
+        /**
+         * Seal the state file with this 32-byte key (from the platform's keystore).
+         */stateKey: Data? = nil) {
         self.serverUrl = serverUrl
         self.apiKey = apiKey
         self.caPem = caPem
@@ -1851,6 +1931,8 @@ public struct FineTuneOptions: Equatable, Hashable {
         self.labelEpsilon = labelEpsilon
         self.decoys = decoys
         self.summary = summary
+        self.statePath = statePath
+        self.stateKey = stateKey
     }
 
     
@@ -1884,7 +1966,9 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
                 pollMillis: FfiConverterOptionUInt32.read(from: &buf), 
                 labelEpsilon: FfiConverterOptionDouble.read(from: &buf), 
                 decoys: FfiConverterOptionUInt32.read(from: &buf), 
-                summary: FfiConverterOptionTypeLayerSummary.read(from: &buf)
+                summary: FfiConverterOptionTypeLayerSummary.read(from: &buf), 
+                statePath: FfiConverterOptionString.read(from: &buf), 
+                stateKey: FfiConverterOptionData.read(from: &buf)
         )
     }
 
@@ -1905,6 +1989,8 @@ public struct FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer {
         FfiConverterOptionDouble.write(value.labelEpsilon, into: &buf)
         FfiConverterOptionUInt32.write(value.decoys, into: &buf)
         FfiConverterOptionTypeLayerSummary.write(value.summary, into: &buf)
+        FfiConverterOptionString.write(value.statePath, into: &buf)
+        FfiConverterOptionData.write(value.stateKey, into: &buf)
     }
 }
 
@@ -2026,6 +2112,10 @@ public struct FineTuneResult {
     public var deviceTrainSeconds: Double
     public var serverTrainSeconds: Double
     public var wallSeconds: Double
+    /**
+     * Times the fine-tune was resumed (0: it ran in one go); the figures above add up every run's share.
+     */
+    public var resumes: UInt32
 
     // Default memberwise initializers are never public by default, so we
     // declare one manually.
@@ -2044,7 +2134,10 @@ public struct FineTuneResult {
          */roundsUsed: UInt32, keptRound: UInt32, uploadBytes: UInt64, deviceForwardSeconds: Double, 
         /**
          * Seconds the device spent training the side network (`local`; 0 otherwise).
-         */deviceTrainSeconds: Double, serverTrainSeconds: Double, wallSeconds: Double) {
+         */deviceTrainSeconds: Double, serverTrainSeconds: Double, wallSeconds: Double, 
+        /**
+         * Times the fine-tune was resumed (0: it ran in one go); the figures above add up every run's share.
+         */resumes: UInt32) {
         self.adapter = adapter
         self.zeroShotAccuracy = zeroShotAccuracy
         self.finetunedAccuracy = finetunedAccuracy
@@ -2059,6 +2152,7 @@ public struct FineTuneResult {
         self.deviceTrainSeconds = deviceTrainSeconds
         self.serverTrainSeconds = serverTrainSeconds
         self.wallSeconds = wallSeconds
+        self.resumes = resumes
     }
 
     
@@ -2090,7 +2184,8 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
                 deviceForwardSeconds: FfiConverterDouble.read(from: &buf), 
                 deviceTrainSeconds: FfiConverterDouble.read(from: &buf), 
                 serverTrainSeconds: FfiConverterDouble.read(from: &buf), 
-                wallSeconds: FfiConverterDouble.read(from: &buf)
+                wallSeconds: FfiConverterDouble.read(from: &buf), 
+                resumes: FfiConverterUInt32.read(from: &buf)
         )
     }
 
@@ -2109,6 +2204,7 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
         FfiConverterDouble.write(value.deviceTrainSeconds, into: &buf)
         FfiConverterDouble.write(value.serverTrainSeconds, into: &buf)
         FfiConverterDouble.write(value.wallSeconds, into: &buf)
+        FfiConverterUInt32.write(value.resumes, into: &buf)
     }
 }
 
@@ -2543,6 +2639,20 @@ enum MobiLlmError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
      */
     case Cancelled
     /**
+     * A resumable fine-tune was detached through [`crate::CancelHandle::detach`]: its state file and server
+     * session are kept; [`crate::FineTuneSession::resume`] continues it within `expires_in_seconds` (the server
+     * deletes a session after that long without a request, never while it trains).
+     */
+    case Detached(statePath: String, expiresInSeconds: UInt64, reason: String
+    )
+    /**
+     * A fine-tune cannot be resumed from its state file: the server session expired or was deleted, the backbone,
+     * the examples or the options differ from the recorded ones, or the file is damaged or needs another key.
+     * Delete the file and start a new fine-tune.
+     */
+    case CannotResume(reason: String
+    )
+    /**
      * A bug: please report it with the message.
      */
     case Internal(reason: String
@@ -2597,7 +2707,15 @@ public struct FfiConverterTypeMobiLlmError: FfiConverterRustBuffer {
             reason: try FfiConverterString.read(from: &buf)
             )
         case 7: return .Cancelled
-        case 8: return .Internal(
+        case 8: return .Detached(
+            statePath: try FfiConverterString.read(from: &buf), 
+            expiresInSeconds: try FfiConverterUInt64.read(from: &buf), 
+            reason: try FfiConverterString.read(from: &buf)
+            )
+        case 9: return .CannotResume(
+            reason: try FfiConverterString.read(from: &buf)
+            )
+        case 10: return .Internal(
             reason: try FfiConverterString.read(from: &buf)
             )
 
@@ -2648,8 +2766,20 @@ public struct FfiConverterTypeMobiLlmError: FfiConverterRustBuffer {
             writeInt(&buf, Int32(7))
         
         
-        case let .Internal(reason):
+        case let .Detached(statePath,expiresInSeconds,reason):
             writeInt(&buf, Int32(8))
+            FfiConverterString.write(statePath, into: &buf)
+            FfiConverterUInt64.write(expiresInSeconds, into: &buf)
+            FfiConverterString.write(reason, into: &buf)
+            
+        
+        case let .CannotResume(reason):
+            writeInt(&buf, Int32(9))
+            FfiConverterString.write(reason, into: &buf)
+            
+        
+        case let .Internal(reason):
+            writeInt(&buf, Int32(10))
             FfiConverterString.write(reason, into: &buf)
             
         }
@@ -3153,7 +3283,10 @@ private let initializationResult: InitializationResult = {
     if (uniffi_mobillm_ffi_checksum_method_task_template() != 50627) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel() != 10684) {
+    if (uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel() != 9068) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_mobillm_ffi_checksum_method_cancelhandle_detach() != 11678) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_mobillm_ffi_checksum_method_cancelhandle_is_cancelled() != 55374) {
@@ -3174,7 +3307,10 @@ private let initializationResult: InitializationResult = {
     if (uniffi_mobillm_ffi_checksum_method_finetunesession_example_count() != 41773) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() != 30232) {
+    if (uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() != 40453) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_mobillm_ffi_checksum_method_finetunesession_resume() != 22318) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_mobillm_ffi_checksum_method_progresslistener_on_progress() != 10115) {

@@ -113,4 +113,33 @@ final class MobiLLMTests: XCTestCase {
             XCTAssertEqual(status, 401)
         }
     }
+
+    func testDetachedFineTuneResumes() async throws {
+        let backbone = try Backbone.load(path: try env("MOBILLM_TEST_MODEL"))
+        let task = try Task(backbone: backbone, template: template, labels: labels)
+        let session = FineTuneSession(backbone: backbone, task: task)
+        _ = try session.addExamples(examples: examples(40))
+        let statePath = try env("MOBILLM_TEST_TMP") + "/swift.state"
+        var resumable = options(server: try env("MOBILLM_TEST_SERVER"), key: try env("MOBILLM_TEST_KEY"))
+        resumable.statePath = statePath
+        let handle = session.cancelHandle()
+        final class Detacher: ProgressListener, @unchecked Sendable {
+            let handle: CancelHandle
+            init(_ handle: CancelHandle) { self.handle = handle }
+            func onProgress(progress: FineTuneProgress) {
+                if progress.phase == .train { handle.detach() }
+            }
+        }
+        do {
+            _ = try await session.fineTune(options: resumable, listener: Detacher(handle))
+            XCTFail("expected Detached")
+        } catch let MobiLlmError.Detached(path, expiresInSeconds, _) {
+            XCTAssertEqual(path, statePath)
+            XCTAssertGreaterThan(expiresInSeconds, 0)
+        }
+        XCTAssertTrue(FileManager.default.fileExists(atPath: statePath))
+        let result = try await session.resume(statePath: statePath, options: resumable, listener: nil)
+        XCTAssertEqual(result.resumes, 1)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: statePath))
+    }
 }

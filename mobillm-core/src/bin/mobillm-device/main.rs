@@ -6,6 +6,7 @@
 //! MOBILLM_API_KEY=K mobillm-device fine-tune --model M.gguf --server http://127.0.0.1:8787 (--uci DIR | --data F.jsonl
 //!                --template T) [--mode pae|mobillm] [--train N] [--test N] [--epochs E] [--label-epsilon ε]
 //!                [--save adapter.safetensors]
+//! mobillm-device fine-tune … --state ft.state [--state-key-file K]     # resumable; after a kill: … --resume
 //! mobillm-device fine-tune --mode local --model M.gguf (--uci DIR | …)      # no server, no key
 //! mobillm-device predict --model M.gguf --adapter adapter.safetensors "some text" …
 //! ```
@@ -18,7 +19,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use mobillm_core::dataset::{self, Split};
-use mobillm_core::fine_tune::{fine_tune, CancelToken, FineTuneConfig};
+use mobillm_core::fine_tune::{fine_tune, resume, CancelToken, FineTuneConfig, StateFile};
 use mobillm_core::side::{DeviceAdapter, Summary};
 use mobillm_core::wire::Quant;
 use mobillm_core::{memory, Backbone, Mode, TaskSpec};
@@ -125,6 +126,18 @@ struct FineTuneArgs {
     /// Leave the session (and its cached activations) on the server.
     #[arg(long)]
     keep_session: bool,
+    /// pae: make the fine-tune resumable, recording every acknowledged step in this file (deleted at the end).
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Seal the state file with the 32-byte key in this file.
+    #[arg(long, requires = "state")]
+    state_key_file: Option<PathBuf>,
+    /// Continue the fine-tune recorded in `--state` (same data and options) instead of starting one.
+    #[arg(long, requires = "state")]
+    resume: bool,
+    /// Print every progress event as `progress {json}` on stderr (for harnesses that act on them).
+    #[arg(long, hide = true)]
+    progress_events: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -203,6 +216,13 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         label_epsilon: args.label_epsilon,
         decoys: args.decoys,
         summary: args.summary,
+        state: match &args.state {
+            Some(path) => Some(StateFile {
+                path: path.clone(),
+                key: args.state_key_file.as_ref().map(std::fs::read).transpose()?,
+            }),
+            None => None,
+        },
         ..FineTuneConfig::for_mode(args.mode)
     };
     args.epochs.inspect(|&v| cfg.epochs = v);
@@ -219,7 +239,13 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let cancel = CancelToken::new();
     let mut report = ProgressReport::new(started, cfg.mode);
-    let outcome = fine_tune(&backbone, spec, &split.train, &split.test, &cfg, &cancel, &mut |p| report.show(p))?;
+    let run = if args.resume { resume } else { fine_tune };
+    let outcome = run(&backbone, spec, &split.train, &split.test, &cfg, &cancel, &mut |p| {
+        if args.progress_events {
+            eprintln!("progress {}", serde_json::json!(p));
+        }
+        report.show(p)
+    })?;
     report.finish();
     if let Some(path) = &args.save {
         outcome.adapter.save(path)?;
@@ -246,6 +272,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         "rounds_used": outcome.rounds_used,
         "kept_round": outcome.kept_round,
         "rounds": outcome.rounds,
+        "resumes": outcome.resumes,
     });
     println!("{result}");
     Ok(())

@@ -369,6 +369,11 @@ void uniffi_mobillm_ffi_fn_free_cancelhandle(uint64_t handle, RustCallStatus *_N
 void uniffi_mobillm_ffi_fn_method_cancelhandle_cancel(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_CANCELHANDLE_DETACH
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_CANCELHANDLE_DETACH
+void uniffi_mobillm_ffi_fn_method_cancelhandle_detach(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_CANCELHANDLE_IS_CANCELLED
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_CANCELHANDLE_IS_CANCELLED
 int8_t uniffi_mobillm_ffi_fn_method_cancelhandle_is_cancelled(uint64_t ptr, RustCallStatus *_Nonnull out_status
@@ -417,6 +422,11 @@ uint64_t uniffi_mobillm_ffi_fn_method_finetunesession_example_count(uint64_t ptr
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_FINETUNESESSION_FINE_TUNE
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_FINETUNESESSION_FINE_TUNE
 uint64_t uniffi_mobillm_ffi_fn_method_finetunesession_fine_tune(uint64_t ptr, RustBuffer options, RustBuffer listener
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_FINETUNESESSION_RESUME
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_METHOD_FINETUNESESSION_RESUME
+uint64_t uniffi_mobillm_ffi_fn_method_finetunesession_resume(uint64_t ptr, RustBuffer state_path, RustBuffer options, RustBuffer listener
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_FN_CLONE_PROGRESSLISTENER
@@ -765,6 +775,12 @@ uint16_t uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_CANCELHANDLE_DETACH
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_CANCELHANDLE_DETACH
+uint16_t uniffi_mobillm_ffi_checksum_method_cancelhandle_detach(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_CANCELHANDLE_IS_CANCELLED
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_CANCELHANDLE_IS_CANCELLED
 uint16_t uniffi_mobillm_ffi_checksum_method_cancelhandle_is_cancelled(void
@@ -804,6 +820,12 @@ uint16_t uniffi_mobillm_ffi_checksum_method_finetunesession_example_count(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_FINETUNESESSION_FINE_TUNE
 #define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_FINETUNESESSION_FINE_TUNE
 uint16_t uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_FINETUNESESSION_RESUME
+#define UNIFFI_FFIDEF_UNIFFI_MOBILLM_FFI_CHECKSUM_METHOD_FINETUNESESSION_RESUME
+uint16_t uniffi_mobillm_ffi_checksum_method_finetunesession_resume(void
     
 );
 #endif

@@ -726,6 +726,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel(
     ): Int
+    external fun uniffi_mobillm_ffi_checksum_method_cancelhandle_detach(
+    ): Int
     external fun uniffi_mobillm_ffi_checksum_method_cancelhandle_is_cancelled(
     ): Int
     external fun uniffi_mobillm_ffi_checksum_method_finetunesession_add_example(
@@ -739,6 +741,8 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_mobillm_ffi_checksum_method_finetunesession_example_count(
     ): Int
     external fun uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune(
+    ): Int
+    external fun uniffi_mobillm_ffi_checksum_method_finetunesession_resume(
     ): Int
     external fun uniffi_mobillm_ffi_checksum_method_progresslistener_on_progress(
     ): Int
@@ -815,6 +819,8 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_mobillm_ffi_fn_method_cancelhandle_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_mobillm_ffi_fn_method_cancelhandle_detach(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun uniffi_mobillm_ffi_fn_method_cancelhandle_is_cancelled(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Byte
     external fun uniffi_mobillm_ffi_fn_clone_finetunesession(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -834,6 +840,8 @@ internal object UniffiLib {
     external fun uniffi_mobillm_ffi_fn_method_finetunesession_example_count(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_mobillm_ffi_fn_method_finetunesession_fine_tune(`ptr`: Long,`options`: RustBuffer.ByValue,`listener`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_mobillm_ffi_fn_method_finetunesession_resume(`ptr`: Long,`statePath`: RustBuffer.ByValue,`options`: RustBuffer.ByValue,`listener`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_mobillm_ffi_fn_clone_progresslistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
@@ -992,7 +1000,10 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_mobillm_ffi_checksum_method_task_template() and 0xFFFF) != 50627) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel() and 0xFFFF) != 10684) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_cancelhandle_cancel() and 0xFFFF) != 9068) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_mobillm_ffi_checksum_method_cancelhandle_detach() and 0xFFFF) != 11678) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_mobillm_ffi_checksum_method_cancelhandle_is_cancelled() and 0xFFFF) != 55374) {
@@ -1013,7 +1024,10 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_example_count() and 0xFFFF) != 41773) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() and 0xFFFF) != 30232) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() and 0xFFFF) != 40453) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_resume() and 0xFFFF) != 22318) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_mobillm_ffi_checksum_method_progresslistener_on_progress() and 0xFFFF) != 10115) {
@@ -2253,11 +2267,21 @@ public object FfiConverterTypeBackbone: FfiConverter<Backbone, Long> {
 
 
 /**
- * Cancels the fine-tune of the session that handed it out; usable from any thread.
+ * Stops the fine-tune of the session that handed it out; usable from any thread.
  */
 public interface CancelHandleInterface {
     
+    /**
+     * Ends the fine-tune with [`MobiLlmError::Cancelled`]: its server session and state file are deleted.
+     */
     fun `cancel`()
+    
+    /**
+     * Puts a resumable fine-tune down (one with a `state_path`): it ends with [`MobiLlmError::Detached`] within
+     * one batch or one server poll, keeping its state file and server session, and the server goes on training.
+     * [`FineTuneSession::resume`] picks it up later, in this process or another. Without a state file, a cancel.
+     */
+    fun `detach`()
     
     fun `isCancelled`(): kotlin.Boolean
     
@@ -2265,7 +2289,7 @@ public interface CancelHandleInterface {
 }
 
 /**
- * Cancels the fine-tune of the session that handed it out; usable from any thread.
+ * Stops the fine-tune of the session that handed it out; usable from any thread.
  */
 open class CancelHandle: Disposable, AutoCloseable, CancelHandleInterface
 {
@@ -2368,11 +2392,31 @@ open class CancelHandle: Disposable, AutoCloseable, CancelHandleInterface
         }
     }
 
-    override fun `cancel`()
+    
+    /**
+     * Ends the fine-tune with [`MobiLlmError::Cancelled`]: its server session and state file are deleted.
+     */override fun `cancel`()
         = 
     callWithHandle {
     uniffiRustCall() { _status ->
     UniffiLib.uniffi_mobillm_ffi_fn_method_cancelhandle_cancel(
+        it,
+        _status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Puts a resumable fine-tune down (one with a `state_path`): it ends with [`MobiLlmError::Detached`] within
+     * one batch or one server poll, keeping its state file and server session, and the server goes on training.
+     * [`FineTuneSession::resume`] picks it up later, in this process or another. Without a state file, a cancel.
+     */override fun `detach`()
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_mobillm_ffi_fn_method_cancelhandle_detach(
         it,
         _status)
 }
@@ -2557,9 +2601,19 @@ public interface FineTuneSessionInterface {
     
     /**
      * Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
-     * awaits. One fine-tune at a time per session.
+     * awaits. One fine-tune at a time per session. With `options.state_path`, no state may be there yet
+     * ([`FineTuneSession::resume`] it, or delete it).
      */
     suspend fun `fineTune`(`options`: FineTuneOptions, `listener`: ProgressListener?): FineTuneResult
+    
+    /**
+     * Continues the `pae` fine-tune recorded in `state_path` (after the app was killed, the network failed or
+     * the fine-tune was detached) from its last acknowledged step: examples the server holds are neither
+     * forwarded nor sent again, the secrets and the server session are the same. Add the same training examples
+     * first and give the same options (`state_key` too); anything else, or a server session that expired, is
+     * [`MobiLlmError::CannotResume`] naming what differs.
+     */
+    suspend fun `resume`(`statePath`: kotlin.String, `options`: FineTuneOptions, `listener`: ProgressListener?): FineTuneResult
     
     companion object
 }
@@ -2766,7 +2820,8 @@ open class FineTuneSession: Disposable, AutoCloseable, FineTuneSessionInterface
     
     /**
      * Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
-     * awaits. One fine-tune at a time per session.
+     * awaits. One fine-tune at a time per session. With `options.state_path`, no state may be there yet
+     * ([`FineTuneSession::resume`] it, or delete it).
      */
     @Throws(MobiLlmException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
@@ -2776,6 +2831,37 @@ open class FineTuneSession: Disposable, AutoCloseable, FineTuneSessionInterface
             UniffiLib.uniffi_mobillm_ffi_fn_method_finetunesession_fine_tune(
                 uniffiHandle,
                 
+        FfiConverterTypeFineTuneOptions.lower(`options`),
+        FfiConverterOptionalTypeProgressListener.lower(`listener`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_mobillm_ffi_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_mobillm_ffi_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_mobillm_ffi_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeFineTuneResult.lift(it) },
+        // Error FFI converter
+        MobiLlmException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Continues the `pae` fine-tune recorded in `state_path` (after the app was killed, the network failed or
+     * the fine-tune was detached) from its last acknowledged step: examples the server holds are neither
+     * forwarded nor sent again, the secrets and the server session are the same. Add the same training examples
+     * first and give the same options (`state_key` too); anything else, or a server session that expired, is
+     * [`MobiLlmError::CannotResume`] naming what differs.
+     */
+    @Throws(MobiLlmException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `resume`(`statePath`: kotlin.String, `options`: FineTuneOptions, `listener`: ProgressListener?) : FineTuneResult {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_mobillm_ffi_fn_method_finetunesession_resume(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`statePath`),
         FfiConverterTypeFineTuneOptions.lower(`options`),
         FfiConverterOptionalTypeProgressListener.lower(`listener`),
             )
@@ -3516,6 +3602,19 @@ data class FineTuneOptions (
      * `pae`, `local`: what is kept of each tapped layer (default: its pivot).
      */
     var `summary`: LayerSummary? = null 
+    , 
+    /**
+     * `pae`: make the fine-tune resumable. Every acknowledged step is recorded in this file (in the app's
+     * private storage; it holds the server session's token and the secret seed, never text or activations), so
+     * that after the app is killed, the network fails or [`CancelHandle::detach`], [`FineTuneSession::resume`]
+     * continues it. Deleted when the fine-tune ends or is cancelled. Unset: the fine-tune runs in one go.
+     */
+    var `statePath`: kotlin.String? = null 
+    , 
+    /**
+     * Seal the state file with this 32-byte key (from the platform's keystore).
+     */
+    var `stateKey`: kotlin.ByteArray? = null 
     
 ){
     
@@ -3548,6 +3647,8 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalDouble.read(buf),
             FfiConverterOptionalUInt.read(buf),
             FfiConverterOptionalTypeLayerSummary.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterOptionalByteArray.read(buf),
         )
     }
 
@@ -3567,7 +3668,9 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalUInt.allocationSize(value.`pollMillis`) +
             FfiConverterOptionalDouble.allocationSize(value.`labelEpsilon`) +
             FfiConverterOptionalUInt.allocationSize(value.`decoys`) +
-            FfiConverterOptionalTypeLayerSummary.allocationSize(value.`summary`)
+            FfiConverterOptionalTypeLayerSummary.allocationSize(value.`summary`) +
+            FfiConverterOptionalString.allocationSize(value.`statePath`) +
+            FfiConverterOptionalByteArray.allocationSize(value.`stateKey`)
     )
 
     override fun write(value: FineTuneOptions, buf: ByteBuffer) {
@@ -3587,6 +3690,8 @@ public object FfiConverterTypeFineTuneOptions: FfiConverterRustBuffer<FineTuneOp
             FfiConverterOptionalDouble.write(value.`labelEpsilon`, buf)
             FfiConverterOptionalUInt.write(value.`decoys`, buf)
             FfiConverterOptionalTypeLayerSummary.write(value.`summary`, buf)
+            FfiConverterOptionalString.write(value.`statePath`, buf)
+            FfiConverterOptionalByteArray.write(value.`stateKey`, buf)
     }
 }
 
@@ -3691,6 +3796,11 @@ data class FineTuneResult (
     var `serverTrainSeconds`: kotlin.Double
     , 
     var `wallSeconds`: kotlin.Double
+    , 
+    /**
+     * Times the fine-tune was resumed (0: it ran in one go); the figures above add up every run's share.
+     */
+    var `resumes`: kotlin.UInt
     
 ): Disposable{
     
@@ -3715,7 +3825,8 @@ data class FineTuneResult (
         this.`deviceForwardSeconds`,
         this.`deviceTrainSeconds`,
         this.`serverTrainSeconds`,
-        this.`wallSeconds`
+        this.`wallSeconds`,
+        this.`resumes`
     )
     }
     
@@ -3742,6 +3853,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
+            FfiConverterUInt.read(buf),
         )
     }
 
@@ -3759,7 +3871,8 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterDouble.allocationSize(value.`deviceForwardSeconds`) +
             FfiConverterDouble.allocationSize(value.`deviceTrainSeconds`) +
             FfiConverterDouble.allocationSize(value.`serverTrainSeconds`) +
-            FfiConverterDouble.allocationSize(value.`wallSeconds`)
+            FfiConverterDouble.allocationSize(value.`wallSeconds`) +
+            FfiConverterUInt.allocationSize(value.`resumes`)
     )
 
     override fun write(value: FineTuneResult, buf: ByteBuffer) {
@@ -3777,6 +3890,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterDouble.write(value.`deviceTrainSeconds`, buf)
             FfiConverterDouble.write(value.`serverTrainSeconds`, buf)
             FfiConverterDouble.write(value.`wallSeconds`, buf)
+            FfiConverterUInt.write(value.`resumes`, buf)
     }
 }
 
@@ -4081,6 +4195,36 @@ sealed class MobiLlmException: kotlin.Exception() {
     }
     
     /**
+     * A resumable fine-tune was detached through [`crate::CancelHandle::detach`]: its state file and server
+     * session are kept; [`crate::FineTuneSession::resume`] continues it within `expires_in_seconds` (the server
+     * deletes a session after that long without a request, never while it trains).
+     */
+    class Detached(
+        
+        val `statePath`: kotlin.String, 
+        
+        val `expiresInSeconds`: kotlin.ULong, 
+        
+        val `reason`: kotlin.String
+        ) : MobiLlmException() {
+        override val message
+            get() = "statePath=${ `statePath` }, expiresInSeconds=${ `expiresInSeconds` }, reason=${ `reason` }"
+    }
+    
+    /**
+     * A fine-tune cannot be resumed from its state file: the server session expired or was deleted, the backbone,
+     * the examples or the options differ from the recorded ones, or the file is damaged or needs another key.
+     * Delete the file and start a new fine-tune.
+     */
+    class CannotResume(
+        
+        val `reason`: kotlin.String
+        ) : MobiLlmException() {
+        override val message
+            get() = "reason=${ `reason` }"
+    }
+    
+    /**
      * A bug: please report it with the message.
      */
     class Internal(
@@ -4131,7 +4275,15 @@ public object FfiConverterTypeMobiLlmError : FfiConverterRustBuffer<MobiLlmExcep
                 FfiConverterString.read(buf),
                 )
             7 -> MobiLlmException.Cancelled()
-            8 -> MobiLlmException.Internal(
+            8 -> MobiLlmException.Detached(
+                FfiConverterString.read(buf),
+                FfiConverterULong.read(buf),
+                FfiConverterString.read(buf),
+                )
+            9 -> MobiLlmException.CannotResume(
+                FfiConverterString.read(buf),
+                )
+            10 -> MobiLlmException.Internal(
                 FfiConverterString.read(buf),
                 )
             else -> throw RuntimeException("invalid error enum value, something is very wrong!!")
@@ -4175,6 +4327,18 @@ public object FfiConverterTypeMobiLlmError : FfiConverterRustBuffer<MobiLlmExcep
             is MobiLlmException.Cancelled -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
                 4UL
+            )
+            is MobiLlmException.Detached -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterString.allocationSize(value.`statePath`)
+                + FfiConverterULong.allocationSize(value.`expiresInSeconds`)
+                + FfiConverterString.allocationSize(value.`reason`)
+            )
+            is MobiLlmException.CannotResume -> (
+                // Add the size for the Int that specifies the variant plus the size needed for all fields
+                4UL
+                + FfiConverterString.allocationSize(value.`reason`)
             )
             is MobiLlmException.Internal -> (
                 // Add the size for the Int that specifies the variant plus the size needed for all fields
@@ -4222,8 +4386,20 @@ public object FfiConverterTypeMobiLlmError : FfiConverterRustBuffer<MobiLlmExcep
                 buf.putInt(7)
                 Unit
             }
-            is MobiLlmException.Internal -> {
+            is MobiLlmException.Detached -> {
                 buf.putInt(8)
+                FfiConverterString.write(value.`statePath`, buf)
+                FfiConverterULong.write(value.`expiresInSeconds`, buf)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+            is MobiLlmException.CannotResume -> {
+                buf.putInt(9)
+                FfiConverterString.write(value.`reason`, buf)
+                Unit
+            }
+            is MobiLlmException.Internal -> {
+                buf.putInt(10)
                 FfiConverterString.write(value.`reason`, buf)
                 Unit
             }

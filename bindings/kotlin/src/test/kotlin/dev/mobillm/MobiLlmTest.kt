@@ -26,16 +26,18 @@ private val otherModelPath = env("MOBILLM_TEST_OTHER_MODEL")
 private val serverUrl = env("MOBILLM_TEST_SERVER")
 private val apiKey = env("MOBILLM_TEST_KEY")
 private val tmp = File(env("MOBILLM_TEST_TMP"))
+private val adminUrl = env("MOBILLM_TEST_ADMIN_URL")
+private val adminToken = env("MOBILLM_TEST_ADMIN_TOKEN")
 
 private const val TEMPLATE = "Text: {text}\nIs it pos or neg:"
 private val LABELS = listOf("pos", "neg")
 
 /** Texts whose label is carried by their words. */
-private fun examples(n: Int, offset: Int = 0): List<LabeledText> = (offset until offset + n).map { i ->
+internal fun examples(n: Int, offset: Int = 0): List<LabeledText> = (offset until offset + n).map { i ->
     if (i % 2 == 0) LabeledText("the pos $i at it", "pos") else LabeledText("on s$i re as", "neg")
 }
 
-private fun options(epochs: UInt = 15u, key: String = apiKey, url: String = serverUrl) = FineTuneOptions(
+internal fun options(epochs: UInt = 15u, key: String = apiKey, url: String = serverUrl) = FineTuneOptions(
     serverUrl = url,
     apiKey = key,
     epochs = epochs,
@@ -54,6 +56,39 @@ private class Recorder : ProgressListener {
         events.add(progress)
         threads.add(Thread.currentThread().name)
     }
+}
+
+/** A counter of the assist server's metrics (its admin listener). */
+private fun serverCounter(name: String): Long {
+    val conn = java.net.URI("$adminUrl/metrics").toURL().openConnection() as java.net.HttpURLConnection
+    conn.setRequestProperty("Authorization", "Bearer $adminToken")
+    val text = conn.inputStream.bufferedReader().use { it.readText() }
+    return text.lines().first { it.startsWith("$name ") }.substringAfter(' ').trim().toDouble().toLong()
+}
+
+/** Runs `ResumeDevice.kt` in a JVM of its own until it prints its outcome (`outcome <accuracy> <resumes>
+ *  <bytes>`), or kills it with SIGKILL at the first progress event `killAt` matches (then null). */
+private fun deviceJvm(state: File, how: String, killAt: ((List<String>) -> Boolean)?): List<String>? {
+    val java = File(System.getProperty("java.home"), "bin/java").path
+    val process = ProcessBuilder(
+        java, "-Djna.library.path=${System.getProperty("jna.library.path")}",
+        "-cp", System.getProperty("java.class.path"), "dev.mobillm.ResumeDeviceKt", state.path, how,
+    ).redirectError(ProcessBuilder.Redirect.DISCARD).start()
+    process.inputStream.bufferedReader().useLines { lines ->
+        for (line in lines) {
+            val fields = line.split(" ")
+            if (fields[0] == "outcome") {
+                assertEquals(0, process.waitFor(), "the device JVM's exit status")
+                return fields
+            }
+            if (fields[0] == "event" && killAt != null && killAt(fields)) {
+                process.destroyForcibly() // SIGKILL
+                process.waitFor(60, TimeUnit.SECONDS)
+                return null
+            }
+        }
+    }
+    error("the device JVM ended with status ${process.waitFor()} and no outcome")
 }
 
 private val backbone by lazy { Backbone.load(modelPath) }
@@ -221,6 +256,59 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
         }
         assertFailsWith<MobiLlmException.Cancelled> { runBlocking { session.fineTune(options(epochs = 1000u), listener) } }
         assertTrue(handle.isCancelled())
+    },
+    "a JVM killed mid-upload, while the server trains or between rounds resumes in a new JVM" to {
+        val state = File(tmp, "resume.state")
+        val whole = assertNotNull(deviceJvm(state, "fresh", null))
+        assertTrue(!state.exists(), "a finished fine-tune removes its state")
+        val points = listOf<Pair<String, (List<String>) -> Boolean>>(
+            "mid-upload" to { f -> f[1] == "FORWARD" && f[4].toLong() > 0 && f[3].toLong() * 4 >= f[4].toLong() * 3 },
+            "while the server trains" to { f -> f[1] == "TRAIN" && f[2] == "1" },
+            "between rounds" to { f -> f[1] == "TARGETS" && f[2] == "2" },
+        )
+        for ((point, killAt) in points) {
+            val stored = serverCounter("mobillm_samples_stored_total")
+            val duplicates = serverCounter("mobillm_samples_duplicate_total")
+            assertNull(deviceJvm(state, "fresh", killAt), "$point: killed")
+            assertTrue(state.exists(), "$point: the state outlives the JVM")
+            val resumed = assertNotNull(deviceJvm(state, "resume", null))
+            val sentAgain = serverCounter("mobillm_samples_duplicate_total") - duplicates
+            println("        $point: $sentAgain samples sent again, accuracy ${resumed[1]} (uninterrupted ${whole[1]})")
+            assertEquals(360L, serverCounter("mobillm_samples_stored_total") - stored, "$point: each sample stored once")
+            // Only a frame in flight at the kill (stored, its answer lost) may go again; after the upload, nothing.
+            if (point == "mid-upload") assertTrue(sentAgain <= 64, "$point: $sentAgain") else assertEquals(0L, sentAgain)
+            assertEquals("1", resumed[2], "$point: resumed once")
+            assertTrue(resumed[1].toDouble() >= whole[1].toDouble() - 0.15, "$point: ${resumed[1]} vs ${whole[1]}")
+            assertTrue(!state.exists(), "$point: finished and cleaned up")
+        }
+    },
+    "a detached fine-tune resumes later in the same JVM; a changed example is CannotResume" to {
+        val state = File(tmp, "detach.state")
+        val session = resumableSession(backbone, task)
+        val handle = session.cancelHandle()
+        val key = ByteArray(32) { 5 }
+        val options = resumableOptions(state.path).copy(stateKey = key)
+        val detacher = object : ProgressListener {
+            override fun onProgress(progress: FineTuneProgress) {
+                if (progress.phase == FineTunePhase.TRAIN) handle.detach()
+            }
+        }
+        val e = assertFailsWith<MobiLlmException.Detached> { runBlocking { session.fineTune(options, detacher) } }
+        assertEquals(state.path, e.statePath)
+        assertTrue(e.expiresInSeconds > 0uL, "${e.expiresInSeconds}")
+        assertTrue(state.exists())
+        val changed = resumableSession(backbone, task)
+        changed.addExamples(listOf(LabeledText("one more", "pos")))
+        assertFailsWith<MobiLlmException.CannotResume> { runBlocking { changed.resume(state.path, options, null) } }
+        assertFailsWith<MobiLlmException.CannotResume> {
+            runBlocking { session.resume(state.path, options.copy(stateKey = ByteArray(32) { 6 }), null) }
+        }
+        val stored = serverCounter("mobillm_samples_stored_total")
+        val result = runBlocking { session.resume(state.path, options, null) }
+        assertEquals(1u, result.resumes)
+        assertEquals(stored, serverCounter("mobillm_samples_stored_total"), "nothing sent again")
+        assertTrue(result.finetunedAccuracy!! > result.zeroShotAccuracy!!)
+        assertTrue(!state.exists())
     },
     "a wrong API key is a Server error with status 401" to {
         val session = FineTuneSession(backbone, task)
