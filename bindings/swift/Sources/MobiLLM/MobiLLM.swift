@@ -1200,7 +1200,8 @@ public protocol FineTuneSessionProtocol: AnyObject, Sendable {
     
     /**
      * Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
-     * awaits. One fine-tune at a time per session. With `options.state_path`, no state may be there yet
+     * awaits. One fine-tune at a time per session. Cancelling the awaiting coroutine or task stops it as
+     * [`CancelHandle::detach`] does (a resumable fine-tune is kept for `resume`, any other cancelled). With `options.state_path`, no state may be there yet
      * ([`FineTuneSession::resume`] it, or delete it).
      */
     func fineTune(options: FineTuneOptions, listener: ProgressListener?) async throws  -> FineTuneResult
@@ -1345,7 +1346,8 @@ open func exampleCount() -> UInt64  {
     
     /**
      * Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
-     * awaits. One fine-tune at a time per session. With `options.state_path`, no state may be there yet
+     * awaits. One fine-tune at a time per session. Cancelling the awaiting coroutine or task stops it as
+     * [`CancelHandle::detach`] does (a resumable fine-tune is kept for `resume`, any other cancelled). With `options.state_path`, no state may be there yet
      * ([`FineTuneSession::resume`] it, or delete it).
      */
 open func fineTune(options: FineTuneOptions, listener: ProgressListener?)async throws  -> FineTuneResult  {
@@ -3307,7 +3309,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_mobillm_ffi_checksum_method_finetunesession_example_count() != 41773) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() != 40453) {
+    if (uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() != 41288) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_mobillm_ffi_checksum_method_finetunesession_resume() != 22318) {

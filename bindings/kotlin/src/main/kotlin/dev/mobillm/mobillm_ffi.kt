@@ -1024,7 +1024,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_example_count() and 0xFFFF) != 41773) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() and 0xFFFF) != 40453) {
+    if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_fine_tune() and 0xFFFF) != 41288) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_mobillm_ffi_checksum_method_finetunesession_resume() and 0xFFFF) != 22318) {
@@ -2601,7 +2601,8 @@ public interface FineTuneSessionInterface {
     
     /**
      * Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
-     * awaits. One fine-tune at a time per session. With `options.state_path`, no state may be there yet
+     * awaits. One fine-tune at a time per session. Cancelling the awaiting coroutine or task stops it as
+     * [`CancelHandle::detach`] does (a resumable fine-tune is kept for `resume`, any other cancelled). With `options.state_path`, no state may be there yet
      * ([`FineTuneSession::resume`] it, or delete it).
      */
     suspend fun `fineTune`(`options`: FineTuneOptions, `listener`: ProgressListener?): FineTuneResult
@@ -2820,7 +2821,8 @@ open class FineTuneSession: Disposable, AutoCloseable, FineTuneSessionInterface
     
     /**
      * Fine-tunes on the examples added so far. Runs on its own thread; the caller's thread is free while it
-     * awaits. One fine-tune at a time per session. With `options.state_path`, no state may be there yet
+     * awaits. One fine-tune at a time per session. Cancelling the awaiting coroutine or task stops it as
+     * [`CancelHandle::detach`] does (a resumable fine-tune is kept for `resume`, any other cancelled). With `options.state_path`, no state may be there yet
      * ([`FineTuneSession::resume`] it, or delete it).
      */
     @Throws(MobiLlmException::class)
