@@ -188,6 +188,16 @@ impl FineTuneConfig {
                 "decoys need `pae` mode with the secrets on: without Q the server reads which outputs are real".into(),
             ));
         }
+        if let Some(key) = self.state.as_ref().and_then(|s| s.key.as_ref()) {
+            // Checked before any server session exists, not when the first record is sealed.
+            if key.len() != crate::sealed::KEY_LEN {
+                return Err(Error::InvalidInput(format!(
+                    "a state file's key is {} bytes, not {}",
+                    crate::sealed::KEY_LEN,
+                    key.len()
+                )));
+            }
+        }
         if self.mode == Mode::Local && self.label_epsilon.is_some() {
             return Err(Error::InvalidInput(
                 "label noise hides labels from the server: `local` mode sends nothing, so it has none to hide".into(),
@@ -250,8 +260,11 @@ mod tests {
         assert_eq!(pae.batch_size, TrainConfig::default().batch_size);
         assert_eq!(FineTuneConfig::default().mode, Mode::Pae);
         pae.validate().unwrap();
-        let bad = FineTuneConfig { upload_chunk: 0, ..pae };
+        let bad = FineTuneConfig { upload_chunk: 0, ..pae.clone() };
         assert!(matches!(bad.validate(), Err(Error::InvalidInput(m)) if m.contains("upload_chunk")));
+        let short_key = super::super::StateFile { path: "ft.state".into(), key: Some(vec![1; 16]) };
+        let bad = FineTuneConfig { state: Some(short_key), ..pae };
+        assert!(matches!(bad.validate(), Err(Error::InvalidInput(m)) if m.contains("32 bytes, not 16")), "{bad:?}");
     }
 
     #[test]
