@@ -279,15 +279,11 @@ fn run(
             wall_before = journal.record.wall_s;
             let result = run.pae(&remote, &mut journal, (&fit, &labels), validation, test, progress);
             match result {
-                Ok(trained) => {
+                // The end and a cancel delete the record and (unless asked to keep it) the session.
+                Ok(_) | Err(Error::Cancelled) => {
                     remote.keep_on_drop(cfg.keep_server_session);
                     journal.remove()?;
-                    trained
-                }
-                Err(Error::Cancelled) => {
-                    remote.keep_on_drop(cfg.keep_server_session);
-                    journal.remove()?;
-                    return Err(Error::Cancelled);
+                    result?
                 }
                 Err(Error::Detached { .. }) if journal.path().is_none() => {
                     // Nothing to come back to: a detach without a state file is a cancel.
