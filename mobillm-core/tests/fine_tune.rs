@@ -109,6 +109,14 @@ fn fine_tunes_a_tiny_backbone_in_both_modes() {
     pae.adapter.save(&file).unwrap();
     let loaded = mobillm_core::side::DeviceAdapter::load(&file).unwrap();
     assert_eq!(loaded.predict(backbone, &texts).unwrap(), pae.adapter.predict(backbone, &texts).unwrap());
+    // Prediction runs a forward batch at a time (40 texts of a few lengths: 3 batches, sorted by length); each
+    // text's prediction is the one it gets alone.
+    let batched = pae.adapter.predict(backbone, &texts).unwrap();
+    for (text, p) in texts.iter().zip(&batched) {
+        let alone = &pae.adapter.predict(backbone, &[text]).unwrap()[0];
+        assert_eq!(alone.label_index, p.label_index, "{text}");
+        assert!(alone.scores.iter().zip(&p.scores).all(|(a, b)| (a - b).abs() < 1e-4), "{text}: {alone:?} vs {p:?}");
+    }
 
     // Pivots and means: two inputs per tapped layer on the server, about twice the upload, and an adapter that
     // builds the same inputs when it predicts, from its file too.

@@ -221,7 +221,10 @@ struct AttnShape {
     n_rep: usize,
 }
 
-/// One pre-norm decoder block on `x: [B·T, d]`.
+/// One pre-norm decoder block on `x: [B·T, d]`. The attention runs in a function of its own so that its
+/// intermediates (the normed input, q/k/v before and after RoPE, the per-chunk outputs) are freed before the FFN
+/// allocates; held to the end of the block they were ≈ 14 floats per row per hidden unit, the largest part of the
+/// forward's working set (docs/benchmarks.md, *The forward alone*).
 fn block_forward(
     x: &Tensor,
     w: &BlockWeights,
@@ -231,16 +234,21 @@ fn block_forward(
     mask: &Tensor,
     eps: f32,
 ) -> Result<Tensor> {
+    let x = (x + attention(&rms_norm(x, &w.attn_norm, eps)?, w, s, cos, sin, mask)?)?;
+    let out = ffn(&rms_norm(&x, &w.ffn_norm, eps)?, w)?;
+    Ok((x + out)?)
+}
+
+/// Causal self-attention with its output projection on the normed `h: [B·T, d]`.
+fn attention(h: &Tensor, w: &BlockWeights, s: &AttnShape, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let AttnShape { b, t, d, heads, kv_heads, hd, n_rep } = *s;
-    let h = rms_norm(x, &w.attn_norm, eps)?;
     let split_heads = |m: Tensor, n: usize| -> Result<Tensor> {
         Ok(m.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?) // [B, n, T, hd]
     };
-    let q = split_heads(h.matmul(&w.q.dense()?.t()?)?, heads)?;
-    let k = split_heads(h.matmul(&w.k.dense()?.t()?)?, kv_heads)?;
+    let q =
+        rope(&split_heads(h.matmul(&w.q.dense()?.t()?)?, heads)?, cos, sin)?.reshape((b, kv_heads, n_rep * t, hd))?;
+    let k = rope(&split_heads(h.matmul(&w.k.dense()?.t()?)?, kv_heads)?, cos, sin)?;
     let v = split_heads(h.matmul(&w.v.dense()?.t()?)?, kv_heads)?;
-    let q = rope(&q, cos, sin)?.reshape((b, kv_heads, n_rep * t, hd))?;
-    let k = rope(&k, cos, sin)?;
     let scale = 1.0 / (hd as f64).sqrt();
     // Scores grow with T²; taking the batch a few examples at a time keeps them near ATTN_SCORE_BUDGET floats.
     let per_chunk = (ATTN_SCORE_BUDGET / (heads * t * t)).clamp(1, b);
@@ -251,11 +259,11 @@ fn block_forward(
         let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
         parts.push(softmax_last_dim(&att)?.matmul(&v)?); // [n, kv, n_rep·T, hd]
     }
-    let att = Tensor::cat(&parts, 0)?.reshape((b, heads, t, hd))?.transpose(1, 2)?.reshape((b * t, d))?;
-    let x = (x + att.matmul(&w.o.dense()?.t()?)?)?;
-
-    let h = rms_norm(&x, &w.ffn_norm, eps)?;
-    Ok((x + ffn(&h, w)?)?)
+    drop((q, k, v));
+    let att = Tensor::cat(&parts, 0)?;
+    drop(parts);
+    let att = att.reshape((b, heads, t, hd))?.transpose(1, 2)?.reshape((b * t, d))?;
+    Ok(att.matmul(&w.o.dense()?.t()?)?)
 }
 
 /// `down(silu(gate·h) ⊙ up·h)` on `h: [rows, d]`. The expanded FFN matrices are the largest transient buffers of

@@ -84,7 +84,28 @@ impl Backbone {
     }
 
     /// Forwards any number of texts in padded batches of at most `batch_size` (and [`batching::BATCH_TOKENS`]
-    /// padded tokens), grouping prompts of similar length. Outputs come back in the order of `texts`, the means
+    /// padded tokens), grouping prompts of similar length, and hands each batch's outputs to `each` with the
+    /// indices (into `texts`) of its examples. Nothing is held from one batch to the next, so the memory is the
+    /// forward's working set whatever the number of texts.
+    pub fn forward_batches(
+        &self,
+        task: &Task,
+        texts: &[&str],
+        taps: &[usize],
+        batch_size: usize,
+        mut each: impl FnMut(&[usize], PivotOutput) -> Result<()>,
+    ) -> Result<()> {
+        if texts.is_empty() {
+            return Err(Error::InvalidInput("no texts to forward".into()));
+        }
+        let batches = Batches::plan(task, &self.tokenizer, texts, batch_size, batching::BATCH_TOKENS)?;
+        for group in &batches.groups {
+            each(group, self.llama.forward_pivots(&batches.batch(group), taps, task.label_token_ids())?)?;
+        }
+        Ok(())
+    }
+
+    /// [`Backbone::forward_batches`] with every output kept: outputs come back in the order of `texts`, the means
     /// only when `summary` uses them; `progress(done, total)` is called after every batch.
     ///
     /// Each batch's outputs are copied into buffers of the final size as it finishes, so what is held beyond
@@ -99,18 +120,13 @@ impl Backbone {
         summary: Summary,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<PivotOutput> {
-        if texts.is_empty() {
-            return Err(Error::InvalidInput("no texts to forward".into()));
-        }
-        let batches = Batches::plan(task, &self.tokenizer, texts, batch_size, batching::BATCH_TOKENS)?;
         let (n, t, d, k) = (texts.len(), taps.len(), self.config().hidden_size, task.label_token_ids().len());
         let with_means = !summary.is_pivot();
         let mut taps_out = vec![0f32; n * t * d];
         let mut means_out = vec![0f32; if with_means { n * t * d } else { 0 }];
         let mut logits_out = vec![0f32; n * k];
         let mut done = 0;
-        for group in &batches.groups {
-            let out = self.llama.forward_pivots(&batches.batch(group), taps, task.label_token_ids())?;
+        self.forward_batches(task, texts, taps, batch_size, |group, out| {
             scatter_rows(&out.taps, group, t * d, &mut taps_out)?;
             scatter_rows(&out.label_logits, group, k, &mut logits_out)?;
             if with_means {
@@ -120,7 +136,8 @@ impl Backbone {
             }
             done += group.len();
             progress(done, n);
-        }
+            Ok(())
+        })?;
         let dev = &candle_core::Device::Cpu;
         Ok(PivotOutput {
             taps: candle_core::Tensor::from_vec(taps_out, (n, t, d), dev)?,

@@ -153,7 +153,8 @@ impl DeviceAdapter {
         self.side_config().summary.inputs(&out.taps, out.means.as_ref())
     }
 
-    /// Predicts the label of each text with the backbone plus this adapter.
+    /// Predicts the label of each text with the backbone plus this adapter, a forward batch at a time (the memory
+    /// does not grow with the number of texts).
     pub fn predict(&self, backbone: &Backbone, texts: &[&str]) -> Result<Vec<Prediction>> {
         if backbone.fingerprint() != self.backbone_fingerprint {
             return Err(Error::InvalidInput(
@@ -161,17 +162,21 @@ impl DeviceAdapter {
             ));
         }
         let task = Task::new(self.task.clone(), backbone.tokenizer())?;
-        let out = backbone.forward_all(&task, texts, &self.taps, 16, self.side_config().summary, |_, _| {})?;
-        let logits = (&out.label_logits + self.corrections(&self.inputs(&out)?)?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
-        Ok(probs
-            .into_iter()
-            .map(|scores| {
-                let (i, _) =
+        let mut predictions: Vec<Option<Prediction>> = vec![None; texts.len()];
+        backbone.forward_batches(&task, texts, &self.taps, 16, |group, out| {
+            let logits = (&out.label_logits + self.corrections(&self.inputs(&out)?)?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&logits)?.to_vec2::<f32>()?;
+            for (&i, scores) in group.iter().zip(probs) {
+                let (best, _) =
                     scores.iter().enumerate().fold((0, f32::MIN), |m, (i, &s)| if s > m.1 { (i, s) } else { m });
-                Prediction { label: self.task.labels[i].clone(), label_index: i, scores }
-            })
-            .collect())
+                predictions[i] = Some(Prediction { label: self.task.labels[best].clone(), label_index: best, scores });
+            }
+            Ok(())
+        })?;
+        predictions
+            .into_iter()
+            .map(|p| p.ok_or_else(|| Error::Internal("a text was left out of the forward batches".into())))
+            .collect()
     }
 }
 
