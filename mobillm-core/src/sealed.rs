@@ -22,10 +22,16 @@ pub const KEY_LEN: usize = 32;
 const MAGIC: &[u8; 8] = b"MBLSEAL1";
 const NONCE_LEN: usize = 24;
 
-fn cipher(key: &[u8]) -> Result<XChaCha20Poly1305> {
+/// Refuses a key of the wrong length, naming it as `what` ("an encryption key is 32 bytes, not 16").
+pub fn check_key(key: &[u8], what: &str) -> Result<()> {
     if key.len() != KEY_LEN {
-        return Err(Error::InvalidInput(format!("an encryption key is {KEY_LEN} bytes, not {}", key.len())));
+        return Err(Error::InvalidInput(format!("{what} is {KEY_LEN} bytes, not {}", key.len())));
     }
+    Ok(())
+}
+
+fn cipher(key: &[u8]) -> Result<XChaCha20Poly1305> {
+    check_key(key, "an encryption key")?;
     Ok(XChaCha20Poly1305::new(key.into()))
 }
 

@@ -190,13 +190,7 @@ impl FineTuneConfig {
         }
         if let Some(key) = self.state.as_ref().and_then(|s| s.key.as_ref()) {
             // Checked before any server session exists, not when the first record is sealed.
-            if key.len() != crate::sealed::KEY_LEN {
-                return Err(Error::InvalidInput(format!(
-                    "a state file's key is {} bytes, not {}",
-                    crate::sealed::KEY_LEN,
-                    key.len()
-                )));
-            }
+            crate::sealed::check_key(key, "a state file's key")?;
         }
         if self.mode == Mode::Local && self.label_epsilon.is_some() {
             return Err(Error::InvalidInput(
