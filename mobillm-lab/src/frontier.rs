@@ -15,7 +15,7 @@
 //!   alone (measured on the first session's stored activations, which do not depend on the labels).
 //!
 //! Prints one JSON line; unless `--no-docs`, writes docs/privacy-frontier.json, docs/privacy-frontier.png and the
-//! frontier table in docs/privacy.md.
+//! frontier table in docs/privacy.md (for `--task T`: docs/privacy-frontier-T.{json,png} and that task's table).
 
 use std::path::Path;
 
@@ -75,6 +75,11 @@ pub struct Point {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // The docs have a section for UCI and for each public task, none for a file of one's own.
+    anyhow::ensure!(
+        args.no_docs || args.data.data.is_none(),
+        "with --data, add --no-docs: the docs have no section for it"
+    );
     let (backbone, task, mut split) = inputs::load(&args.data)?;
     split.train.truncate(args.train);
     anyhow::ensure!(split.train.len() >= 100 && split.test.len() >= 100, "the frontier needs ≥ 100 train and held-out");
@@ -141,17 +146,19 @@ pub fn run(args: Args) -> Result<()> {
         "goal_accuracy": 0.93,
         "points": points,
         "data": {"train": k.n_train, "held_out": held_out},
-        "command": format!("cargo xtask frontier --train {} --epsilons {} --decoys {}", args.train,
+        "command": format!("cargo xtask frontier{} --train {} --epsilons {} --decoys {}",
+            args.data.task.map_or(String::new(), |t| format!(" --task {}", t.name())), args.train,
             args.epsilons.iter().map(f64::to_string).collect::<Vec<_>>().join(","),
             args.decoys.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
         "machine": report::machine(),
         "date": report::today(),
     });
     if !args.no_docs {
+        let name = args.data.task.map_or("privacy-frontier".to_string(), |t| format!("privacy-frontier-{}", t.name()));
         let docs = paths::root().join("docs");
-        std::fs::write(docs.join("privacy-frontier.json"), serde_json::to_string_pretty(&result)? + "\n")?;
-        plot(&points, chance, &docs.join("privacy-frontier.png"))?;
-        write_table(&result, &points)?;
+        std::fs::write(docs.join(format!("{name}.json")), serde_json::to_string_pretty(&result)? + "\n")?;
+        plot(&points, chance, &docs.join(format!("{name}.png")))?;
+        write_table(&result, &points, &name, args.data.task.map(|t| t.name()))?;
     }
     println!("{result}");
     Ok(())
@@ -279,11 +286,11 @@ pub fn plot(points: &[Point], chance: f64, path: &Path) -> Result<()> {
     Ok(())
 }
 
-const START: &str = "<!-- cargo xtask frontier: start -->";
-const END: &str = "<!-- cargo xtask frontier: end -->";
-
-/// The generated frontier table in docs/privacy.md.
-fn write_table(result: &Value, points: &[Point]) -> Result<()> {
+/// The generated frontier table in docs/privacy.md: UCI's, or `task`'s between its own markers, showing `image`.png.
+fn write_table(result: &Value, points: &[Point], image: &str, task: Option<&str>) -> Result<()> {
+    let tag = task.map_or(String::new(), |t| format!(" --task {t}"));
+    let (start, end) =
+        (format!("<!-- cargo xtask frontier{tag}: start -->"), format!("<!-- cargo xtask frontier{tag}: end -->"));
     let pct = |x: f64| if x.is_finite() { format!("{:.1}%", x * 100.0) } else { "–".into() };
     let rows: String = points
         .iter()
@@ -301,11 +308,11 @@ fn write_table(result: &Value, points: &[Point]) -> Result<()> {
         })
         .collect();
     let section = format!(
-        "{START}\n![accuracy against the best label attack](privacy-frontier.png)\n\n`{cmd}` on {machine}, {date}: \
-{train} training sentences per fine-tune, {held} held out (also the attacker's public data), one fine-tune with \
+        "{start}\n![accuracy against the best label attack]({image}.png)\n\n`{cmd}` on {machine}, {date}: \
+{train} training examples per fine-tune, {held} held out (also the attacker's public data), one fine-tune with \
 fresh secrets per row. Chance (the majority label) {chance}; goal: label attack ≤ {goal}, accuracy ≥ 93%.\n\n\
 | defence | setting | held-out accuracy | best label attack (which) | without public data | label-DP bound |\n\
-|---|---|---:|---:|---:|---:|\n{rows}{END}",
+|---|---|---:|---:|---:|---:|\n{rows}{end}",
         cmd = result["command"].as_str().unwrap_or(""),
         machine = result["machine"].as_str().unwrap_or(""),
         date = result["date"].as_str().unwrap_or(""),
@@ -314,7 +321,7 @@ fresh secrets per row. Chance (the majority label) {chance}; goal: label attack 
         chance = pct(result["chance"].as_f64().unwrap_or(f64::NAN)),
         goal = pct(result["goal_label_attack"].as_f64().unwrap_or(f64::NAN)),
     );
-    report::replace_generated(&paths::root().join("docs").join("privacy.md"), START, END, &section)
+    report::replace_generated(&paths::root().join("docs").join("privacy.md"), &start, &end, &section)
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ pub fn load(args: &DataArgs) -> Result<(Backbone, Task, Split)> {
 }
 
 /// Pivot activations and label logits of a set of examples.
+#[derive(Clone)]
 pub struct Pivots {
     /// `[N, taps, d]`, as the backbone computed them (not normalised).
     pub taps: Tensor,

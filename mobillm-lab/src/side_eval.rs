@@ -93,6 +93,10 @@ pub struct Args {
     /// Training examples whose taps fit the whitening.
     #[arg(long, default_value_t = CALIBRATION_SAMPLES)]
     pub calibration: usize,
+    /// Calibrate the backbone's label logits on the device (a temperature and a bias per label, fitted on the
+    /// sent examples) before any target is computed.
+    #[arg(long)]
+    pub calibrate: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
@@ -243,7 +247,23 @@ fn one_run(
             means: p.means.index_select(&i, 0)?,
         })
     };
-    let (validation, train) = (rows(train, &held_back)?, rows(train, &sent)?);
+    let (mut validation, mut train) = (rows(train, &held_back)?, rows(train, &sent)?);
+    let mut test = test.clone();
+    if args.calibrate {
+        let (scale, bias) = fit_calibration(&train.logits, &train.labels)?;
+        let apply = |z: &Tensor| -> Result<Tensor> {
+            let b = Tensor::new(bias.iter().map(|&b| b as f32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+            Ok(((z.to_dtype(DType::F32)? * scale)?.broadcast_add(&b)?).to_dtype(z.dtype())?)
+        };
+        train.logits = apply(&train.logits)?;
+        validation.logits = apply(&validation.logits)?;
+        test.logits = apply(&test.logits)?;
+        eprintln!(
+            "calibrated: scale {scale:.3}, bias {bias:?}; zero-shot {:.1}% held out",
+            accuracy(&predict(&test.logits, None)?, &test.labels) * 100.0
+        );
+    }
+    let test = &test;
     let n = train.labels.len();
     // The device whitens (secrets on) with a fit on a random subset of what it sends.
     let whitening = if secrets.is_enabled() {
@@ -341,6 +361,33 @@ fn one_run(
         "train": {"lr": args.lr, "batch": tc.batch_size, "epochs_per_round": args.epochs, "max_rounds": args.max_rounds, "tau": args.tau},
         "pae_seconds": pae_s,
     }))
+}
+
+/// Temperature and per-label bias minimising the cross-entropy of `scale·z + bias` on `labels` (gradient descent).
+fn fit_calibration(logits: &Tensor, labels: &[u32]) -> Result<(f64, Vec<f64>)> {
+    let z: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+    let k = z[0].len();
+    let n = z.len() as f64;
+    let (mut scale, mut bias) = (1.0f64, vec![0.0f64; k]);
+    for _ in 0..2000 {
+        let (mut g_scale, mut g_bias) = (0.0, vec![0.0; k]);
+        for (row, &y) in z.iter().zip(labels) {
+            let s: Vec<f64> = row.iter().zip(&bias).map(|(&v, b)| scale * v as f64 + b).collect();
+            let m = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for j in 0..k {
+                let g = e[j] / sum - if j == y as usize { 1.0 } else { 0.0 };
+                g_bias[j] += g / n;
+                g_scale += g * row[j] as f64 / n;
+            }
+        }
+        scale -= 0.1 * g_scale;
+        for j in 0..k {
+            bias[j] -= 0.5 * g_bias[j];
+        }
+    }
+    Ok((scale, bias))
 }
 
 /// The pivots with `taps` replaced by what `summary` sends: `[N, T, d]` pivots or means, or `[N, 2T, d]` with each

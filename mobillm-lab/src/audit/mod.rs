@@ -16,6 +16,7 @@ pub(crate) mod server_view;
 mod text;
 
 use anyhow::Result;
+use mobillm_core::side::whitening;
 use mobillm_core::side::{DeviceAdapter, Secrets};
 use serde_json::{json, Value};
 use xtask::args::DataArgs;
@@ -24,7 +25,9 @@ use xtask::demo;
 use crate::inputs;
 use attacks::{Alignment, IcaAlignment};
 use knowledge::Knowledge;
-use server_view::{ground_truth, publicly_whitened, read_server_view, simulate_public_whitening, ServerView};
+use server_view::{
+    ground_truth, publicly_whitened, read_server_view, simulate_public_whitening, simulate_session, ServerView,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -62,6 +65,16 @@ pub struct Args {
     /// only the conditions the check reads, no higher-moment alignment; implies --no-docs and --check.
     #[arg(long)]
     pub quick: bool,
+    /// Run no fine-tune: simulate this many sessions with fresh secrets from the victim's plain activations (the
+    /// device's whitening on a random calibration subset, rotations, int8 wire, f16 storage) and report each one's
+    /// re-identification without known plaintext under the default's two conditions, and their range.
+    #[arg(long)]
+    pub draws: Option<usize>,
+    /// With --draws: the whitening's ε relative to the mean eigenvalue, and its exactly whitened directions.
+    #[arg(long, default_value_t = whitening::RELATIVE_EPS, requires = "draws")]
+    pub whiten_eps: f64,
+    #[arg(long, default_value_t = whitening::RANK, requires = "draws")]
+    pub whiten_rank: usize,
 }
 
 /// The training sentences of `--quick`, and how many of them are attacked.
@@ -212,6 +225,55 @@ pub fn fine_tune(
     Ok(Session { view, truth, device_acc: device["finetuned_acc"].clone() })
 }
 
+/// `--draws`: re-identification without known plaintext (the best attack, and the alignment alone) in `draws`
+/// simulated sessions, each with fresh secrets and calibration subset, with the attacker's public data plain and
+/// whitened by public statistics. Prints one JSON line.
+fn reidentification_over_draws(args: &Args, draws: usize, mut k: Knowledge) -> Result<()> {
+    let truth: Vec<usize> = (0..k.n_train).collect();
+    let mut whitened = publicly_whitened(&k.everyone, k.n_train)?;
+    let mut rows = Vec::new();
+    for draw in 1..=draws {
+        let view = simulate_session(&k.everyone, k.n_train, args.whiten_rank, args.whiten_eps)?;
+        let mut row = serde_json::Map::new();
+        for condition in DEFAULT {
+            // The second condition attacks with the public data whitened by public statistics.
+            let swap = condition == "secrets_on_attacker_whitens";
+            if swap {
+                std::mem::swap(&mut k.everyone, &mut whitened);
+            }
+            let found = reidentification::attack(&Case::new(&view, &truth, &k, args.attacked, &[]), args);
+            if swap {
+                std::mem::swap(&mut k.everyone, &mut whitened);
+            }
+            let (reid, _) = found?;
+            let aligned = reid.iter().find(|(n, _)| *n == "aligned").map_or(f64::NAN, |(_, v)| *v);
+            row.insert(condition.into(), json!({"best": report::best(&reid), "aligned": aligned}));
+        }
+        let best = DEFAULT.iter().filter_map(|c| row[*c]["best"].as_f64()).fold(f64::NAN, f64::max);
+        row.insert("default".into(), json!(best));
+        eprintln!(
+            "audit: draw {draw}/{draws}: re-identification {:.1}% ({})",
+            best * 100.0,
+            Value::Object(row.clone())
+        );
+        rows.push(Value::Object(row));
+    }
+    let defaults: Vec<f64> = rows.iter().filter_map(|r| r["default"].as_f64()).collect();
+    let over = defaults.iter().filter(|&&v| v > 0.05).count();
+    println!(
+        "{}",
+        json!({
+            "draws": rows, "train": k.n_train, "attacked": args.attacked.min(k.n_train), "pool": args.pool,
+            "whitening": {"eps": args.whiten_eps, "rank": args.whiten_rank},
+            "default_min": defaults.iter().copied().fold(f64::NAN, f64::min),
+            "default_mean": defaults.iter().sum::<f64>() / defaults.len().max(1) as f64,
+            "default_max": defaults.iter().copied().fold(f64::NAN, f64::max),
+            "draws_over_goal": over,
+        })
+    );
+    Ok(())
+}
+
 /// Every attack on one session's stored data. Returns the headline numbers and the details.
 fn attack(view: &ServerView, truth: &[usize], k: &Knowledge, args: &Args) -> Result<Value> {
     let n = view.acts.n;
@@ -251,6 +313,9 @@ pub fn run(mut args: Args) -> Result<()> {
     }
     anyhow::ensure!(!split.train.is_empty() && !split.test.is_empty(), "the audit needs training and held-out data");
     let mut knowledge = knowledge::gather(&backbone, &task, &split)?;
+    if let Some(draws) = args.draws {
+        return reidentification_over_draws(&args, draws, knowledge);
+    }
     let n_train = knowledge.n_train;
     let held_out = if args.quick { 0 } else { 200 };
     let mut report = serde_json::Map::new();

@@ -92,6 +92,28 @@ pub fn simulate_public_whitening(view: &ServerView, truth: &[usize], whitened: &
     })
 }
 
+/// What the server would hold after a session with fresh secrets on the victim's `n_train` texts (rows of
+/// `everyone`, plain unit RMS), as the device computes it without running a fine-tune: whitening fitted on a random
+/// calibration subset at `rank` and `eps`, fresh rotations, the wire's int8 and f16 storage. Targets are zero: this
+/// view serves the attacks on activations. Returns the view; its sample `i` is text `i`.
+pub fn simulate_session(everyone: &Acts, n_train: usize, rank: usize, eps: f64) -> Result<ServerView> {
+    let (t, d) = (everyone.t, everyone.d);
+    let train = Tensor::from_slice(&everyone.flat[..n_train * t * d], (n_train, t, d), &Device::Cpu)?;
+    let (calibration, _) = mobillm_core::fine_tune::random_split(n_train, whitening::CALIBRATION_SAMPLES);
+    let calibration = Tensor::new(calibration.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+    let whitening = Whitening::fit(&train.index_select(&calibration, 0)?, rank, eps)?;
+    let side = SideConfig::new(t, d, 2);
+    let secrets = Secrets::generate(&side)?;
+    let stored = as_stored(&secrets.rotate_activations(&whitening.apply(&train)?)?)?;
+    Ok(ServerView {
+        targets: Mat::zeros(n_train, side.outputs),
+        side,
+        acts: Acts::from_tensor(&stored)?,
+        weights: None,
+        strings: String::new(),
+    })
+}
+
 /// Activations `[N, T, d]` as the server would store them: through the real wire codec at the device's default
 /// int8 and back, then f16. (Exact f32 values would let the last bits of each norm identify a sample.)
 fn as_stored(x: &Tensor) -> Result<Tensor> {
@@ -141,4 +163,48 @@ pub fn ground_truth(
             Ok(j)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use mobillm_core::side::normalize_taps;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    /// Largest eigenvalue of a layer's covariance over the mean eigenvalue: 1 for an isotropic cloud.
+    fn anisotropy(x: &Mat) -> f64 {
+        let x = x.clone().cast::<f64>();
+        let mean = x.row_mean();
+        let xc = Mat::from_fn(x.nrows(), x.ncols(), |i, j| (x[(i, j)] - mean[j]) as f32).cast::<f64>();
+        let eig = (xc.transpose() * &xc).symmetric_eigenvalues();
+        eig.max() / eig.mean()
+    }
+
+    /// A simulated session holds the victim's samples as the device sends them: unit RMS, whitened (the cloud's
+    /// dominant direction flattened) and rotated, with fresh secrets each time.
+    #[test]
+    fn a_simulated_session_is_whitened_rotated_and_fresh() {
+        let (n, t, d) = (600, 2, 16);
+        // Coordinate j scaled by 8/(1+j): strongly anisotropic, like hidden states.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let values: Vec<f32> =
+            (0..n * t * d).map(|i| (rng.random::<f32>() - 0.5) * 8.0 / (1.0 + (i % d) as f32)).collect();
+        let plain =
+            Acts::from_tensor(&normalize_taps(&Tensor::from_vec(values, (n, t, d), &Device::Cpu).unwrap()).unwrap())
+                .unwrap();
+        let (a, b) = (simulate_session(&plain, 500, d, 0.01).unwrap(), simulate_session(&plain, 500, d, 0.01).unwrap());
+        assert_eq!((a.acts.n, a.acts.t, a.acts.d, a.targets.nrows()), (500, t, d, 500));
+        let rows: Vec<usize> = (0..500).collect();
+        for l in 0..t {
+            for norm in a.acts.norms(&rows).column(l).iter() {
+                assert!((norm / (d as f32).sqrt() - 1.0).abs() < 0.02, "unit RMS, up to int8 and f16: {norm}");
+            }
+            let (before, after) = (anisotropy(&plain.layer(&rows, l)), anisotropy(&a.acts.layer(&rows, l)));
+            assert!(before > 6.0 && after < 2.0, "layer {l}: anisotropy {before:.1} -> {after:.1}");
+        }
+        assert_ne!(a.acts.flat[..d], plain.flat[..d], "rotated");
+        assert_ne!(a.acts.flat[..d], b.acts.flat[..d], "fresh secrets each session");
+    }
 }
