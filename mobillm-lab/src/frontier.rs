@@ -235,7 +235,7 @@ pub fn plot(points: &[Point], chance: f64, path: &Path) -> Result<()> {
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d(45.0..100.0, ((lowest * 100.0 - 3.0).floor())..97.0)?;
+        .build_cartesian_2d(45.0..106.0, ((lowest * 100.0 - 3.0).floor())..97.0)?;
     chart
         .configure_mesh()
         .x_desc("best label attack on what the server stores (%)")
