@@ -80,6 +80,7 @@ pub fn run(args: Args) -> Result<()> {
         args.no_docs || args.data.data.is_none(),
         "with --data, add --no-docs: the docs have no section for it"
     );
+    let task_name = args.data.task.map(|t| t.name());
     let (backbone, task, mut split) = inputs::load(&args.data)?;
     split.train.truncate(args.train);
     anyhow::ensure!(split.train.len() >= 100 && split.test.len() >= 100, "the frontier needs ≥ 100 train and held-out");
@@ -147,18 +148,18 @@ pub fn run(args: Args) -> Result<()> {
         "points": points,
         "data": {"train": k.n_train, "held_out": held_out},
         "command": format!("cargo xtask frontier{} --train {} --epsilons {} --decoys {}",
-            args.data.task.map_or(String::new(), |t| format!(" --task {}", t.name())), args.train,
+            task_name.map_or(String::new(), |t| format!(" --task {t}")), args.train,
             args.epsilons.iter().map(f64::to_string).collect::<Vec<_>>().join(","),
             args.decoys.iter().map(usize::to_string).collect::<Vec<_>>().join(",")),
         "machine": report::machine(),
         "date": report::today(),
     });
     if !args.no_docs {
-        let name = args.data.task.map_or("privacy-frontier".to_string(), |t| format!("privacy-frontier-{}", t.name()));
+        let name = task_name.map_or("privacy-frontier".to_string(), |t| format!("privacy-frontier-{t}"));
         let docs = paths::root().join("docs");
         std::fs::write(docs.join(format!("{name}.json")), serde_json::to_string_pretty(&result)? + "\n")?;
         plot(&points, chance, &docs.join(format!("{name}.png")))?;
-        write_table(&result, &points, &name, args.data.task.map(|t| t.name()))?;
+        write_table(&result, &points, &name, task_name)?;
     }
     println!("{result}");
     Ok(())
@@ -179,10 +180,7 @@ fn label_attacks(session: &Session, k: &mut Knowledge, whitened: &mut Acts) -> R
     let (view, truth) = (&session.view, &session.truth);
     let (found, details) = labels::attack(&Case::new(view, truth, k, 0, &[]))?;
     merge(found, details["target_clusters_named_by_aligned_probe"].as_f64().unwrap_or(0.0));
-    std::mem::swap(&mut k.everyone, whitened);
-    let adaptive = labels::attack(&Case::new(view, truth, k, 0, &[]));
-    std::mem::swap(&mut k.everyone, whitened);
-    let (found, details) = adaptive?;
+    let (found, details) = k.with_everyone(whitened, |k| labels::attack(&Case::new(view, truth, k, 0, &[])))?;
     merge(found, details["target_clusters_named_by_aligned_probe"].as_f64().unwrap_or(0.0));
     Ok(results)
 }

@@ -40,6 +40,15 @@ impl Knowledge {
         &self.labels[self.n_train..]
     }
 
+    /// Runs `f` with `other` in place of `everyone` (for the attacker's public data whitened by public statistics),
+    /// then puts both back, whatever `f` returns.
+    pub fn with_everyone<T>(&mut self, other: &mut Acts, f: impl FnOnce(&Knowledge) -> T) -> T {
+        std::mem::swap(&mut self.everyone, other);
+        let result = f(self);
+        std::mem::swap(&mut self.everyone, other);
+        result
+    }
+
     /// The share of the victim's majority label: what guessing it for every sample gets.
     pub fn chance(&self) -> f64 {
         let labels = &self.labels[..self.n_train];

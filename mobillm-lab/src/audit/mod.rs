@@ -234,21 +234,14 @@ fn reidentification_over_draws(args: &Args, draws: usize, mut k: Knowledge) -> R
     let mut rows = Vec::new();
     for draw in 1..=draws {
         let view = simulate_session(&k.everyone, k.n_train, args.whiten_rank, args.whiten_eps)?;
-        let mut row = serde_json::Map::new();
-        for condition in DEFAULT {
-            // The second condition attacks with the public data whitened by public statistics.
-            let swap = condition == "secrets_on_attacker_whitens";
-            if swap {
-                std::mem::swap(&mut k.everyone, &mut whitened);
-            }
-            let found = reidentification::attack(&Case::new(&view, &truth, &k, args.attacked, &[]), args);
-            if swap {
-                std::mem::swap(&mut k.everyone, &mut whitened);
-            }
-            let (reid, _) = found?;
+        let attack = |k: &Knowledge| -> Result<Value> {
+            let (reid, _) = reidentification::attack(&Case::new(&view, &truth, k, args.attacked, &[]), args)?;
             let aligned = reid.iter().find(|(n, _)| *n == "aligned").map_or(f64::NAN, |(_, v)| *v);
-            row.insert(condition.into(), json!({"best": report::best(&reid), "aligned": aligned}));
-        }
+            Ok(json!({"best": report::best(&reid), "aligned": aligned}))
+        };
+        let mut row = serde_json::Map::new();
+        row.insert("secrets_on".into(), attack(&k)?);
+        row.insert("secrets_on_attacker_whitens".into(), k.with_everyone(&mut whitened, attack)?);
         let best = DEFAULT.iter().filter_map(|c| row[*c]["best"].as_f64()).fold(f64::NAN, f64::max);
         row.insert("default".into(), json!(best));
         eprintln!(
@@ -337,15 +330,15 @@ pub fn run(mut args: Args) -> Result<()> {
             continue;
         }
         attack_as("secrets_on", view, &knowledge)?;
-        let whitened = publicly_whitened(&knowledge.everyone, n_train)?;
+        let mut whitened = publicly_whitened(&knowledge.everyone, n_train)?;
         let simulated = simulate_public_whitening(view, truth, &whitened)?;
-        let plain = std::mem::replace(&mut knowledge.everyone, whitened);
-        let mut adaptive = attack_as("secrets_on_attacker_whitens", view, &knowledge);
-        if !args.quick {
-            adaptive = adaptive.and_then(|()| attack_as("public_whitening_simulated", &simulated, &knowledge));
-        }
-        knowledge.everyone = plain;
-        adaptive?;
+        knowledge.with_everyone(&mut whitened, |k| {
+            attack_as("secrets_on_attacker_whitens", view, k)?;
+            if !args.quick {
+                attack_as("public_whitening_simulated", &simulated, k)?;
+            }
+            Ok::<(), anyhow::Error>(())
+        })?;
     }
     let chance = knowledge.chance();
     // The default's figure for each attack: the best the server does in any of the default's conditions.

@@ -81,15 +81,8 @@ pub fn simulate_public_whitening(view: &ServerView, truth: &[usize], whitened: &
     let secrets = Secrets::from_seed(&SideConfig::new(t, d, 2), [42; 32])?;
     let rows: Vec<f32> =
         truth.iter().flat_map(|&i| whitened.flat[i * t * d..(i + 1) * t * d].iter().copied()).collect();
-    let stored =
-        as_stored(&secrets.rotate_activations(&Tensor::from_vec(rows, (truth.len(), t, d), &Device::Cpu)?)?)?;
-    Ok(ServerView {
-        side: view.side.clone(),
-        acts: Acts::from_tensor(&stored)?,
-        targets: view.targets.clone(),
-        weights: None,
-        strings: String::new(),
-    })
+    let x = Tensor::from_vec(rows, (truth.len(), t, d), &Device::Cpu)?;
+    stored_view(&x, &secrets, view.side.clone(), view.targets.clone())
 }
 
 /// What the server would hold after a session with fresh secrets on the victim's `n_train` texts (rows of
@@ -104,14 +97,14 @@ pub fn simulate_session(everyone: &Acts, n_train: usize, rank: usize, eps: f64) 
     let whitening = Whitening::fit(&train.index_select(&calibration, 0)?, rank, eps)?;
     let side = SideConfig::new(t, d, 2);
     let secrets = Secrets::generate(&side)?;
-    let stored = as_stored(&secrets.rotate_activations(&whitening.apply(&train)?)?)?;
-    Ok(ServerView {
-        targets: Mat::zeros(n_train, side.outputs),
-        side,
-        acts: Acts::from_tensor(&stored)?,
-        weights: None,
-        strings: String::new(),
-    })
+    let targets = Mat::zeros(n_train, side.outputs);
+    stored_view(&whitening.apply(&train)?, &secrets, side, targets)
+}
+
+/// A server's view of whitened activations `x` rotated with `secrets`, as stored, beside `targets`.
+fn stored_view(x: &Tensor, secrets: &Secrets, side: SideConfig, targets: Mat) -> Result<ServerView> {
+    let stored = as_stored(&secrets.rotate_activations(x)?)?;
+    Ok(ServerView { side, acts: Acts::from_tensor(&stored)?, targets, weights: None, strings: String::new() })
 }
 
 /// Activations `[N, T, d]` as the server would store them: through the real wire codec at the device's default
