@@ -31,8 +31,8 @@ pub const CALIBRATION_SAMPLES: usize = 256;
 pub const RANK: usize = 64;
 /// ε relative to the covariance's mean eigenvalue. Measured (docs/privacy.md, *Finding 2*): at 1 the flattened
 /// directions keep enough of their order for the alignment attack to re-identify up to 5.3% of samples on some
-/// secret draws; 0.5 keeps it at 0.7–2.0% (chance 1%) for the same accuracy (`side-eval`: 92.4% against 92.1%,
-/// 3 runs each); 0.3 reaches chance level at 0.6 points of accuracy.
+/// secret draws; 0.5 keeps it at 1.3–3.3% over six draws (chance 1%) for about half a point of accuracy
+/// (`side-eval` 91.8% over eight runs against 92.1–92.5% at 1); 0.3 costs a point more (91.5%).
 pub const RELATIVE_EPS: f64 = 0.5;
 
 /// Parameter names, as stored in adapter files.
