@@ -27,6 +27,8 @@ pub mod bounds {
     pub const MAX_WIDTH: usize = 4096;
     /// Bottleneck rank r.
     pub const MAX_RANK: usize = 1024;
+    /// Side networks trained side by side.
+    pub const MAX_MEMBERS: usize = 16;
     /// Server mini-batch.
     pub const MAX_BATCH_SIZE: usize = 8192;
     /// The backbone fingerprint (the device sends a 64-character SHA-256).
@@ -161,6 +163,9 @@ pub struct CreateSession {
     pub width: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some_usize")]
     pub rank: Option<usize>,
+    /// Side networks trained side by side, each of `width` (default 1: what a device that does not send it expects).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some_usize")]
+    pub members: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some")]
     pub activation: Option<Activation>,
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "whole::some")]
@@ -220,12 +225,14 @@ impl CreateSession {
             outputs: self.outputs,
             width: self.width.unwrap_or(defaults.width),
             rank: self.rank.unwrap_or(defaults.rank),
+            members: self.members.unwrap_or(1),
             activation: self.activation.unwrap_or(defaults.activation),
             alpha0: self.alpha0.unwrap_or(defaults.alpha0),
             ..defaults
         };
         in_range("width", side.width, 1, MAX_WIDTH)?;
         in_range("rank", side.rank, 1, MAX_RANK)?;
+        in_range("members", side.members, 1, MAX_MEMBERS)?;
         if !(side.alpha0.is_finite() && side.alpha0.abs() <= MAX_ALPHA0) {
             return bad(format!("alpha0 = {} is outside -{MAX_ALPHA0}..={MAX_ALPHA0}", side.alpha0));
         }

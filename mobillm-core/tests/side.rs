@@ -57,14 +57,15 @@ fn flat(t: &Tensor) -> Vec<f32> {
 
 fn random_params(seed: u64, dtype: DType, out_rows: usize) -> Vec<(&'static str, Tensor)> {
     let c = cfg();
+    let (w, r, e) = (c.width, c.rank, c.members);
     let mut rng = Rng::new(seed);
     let mut g = |shape: &[usize], s: f64| (gaussian(&mut rng, shape, dtype) * s).unwrap();
     vec![
-        (PROJ, g(&[T, c.width, D], 0.2)),
-        (GATE_ALPHA, g(&[T], 0.5)),
-        (DOWN, g(&[T, c.rank, c.width], 0.25)),
-        (UP, g(&[T, c.width, c.rank], 0.25)),
-        (OUT, g(&[out_rows, c.width], 0.25)),
+        (PROJ, g(&[T, e * w, D], 0.2)),
+        (GATE_ALPHA, g(&[T * e], 0.5)),
+        (DOWN, g(&[T, e * r, w], 0.25)),
+        (UP, g(&[T, e * w, r], 0.25)),
+        (OUT, g(&[out_rows, e * w], 0.25)),
     ]
 }
 
@@ -81,6 +82,57 @@ fn a_fresh_side_network_changes_nothing() {
     assert_eq!(predict(&data.z_b, Some(&dec)).unwrap(), predict(&data.z_b, None).unwrap());
     let folded = secrets.fold(trainer.net()).unwrap();
     assert!(flat(&folded.forward(&data.x).unwrap()).iter().all(|&v| v == 0.0));
+}
+
+/// Members are whole networks side by side: a network of two members runs as the mean of the two networks it
+/// stacks, each member's output is its network's, and folding the secrets into the stack folds them into each.
+#[test]
+fn members_are_networks_side_by_side_used_through_their_mean() {
+    let two = SideConfig { members: 2, ..cfg() };
+    let one = SideConfig { members: 1, ..two.clone() };
+    let params = |seed: u64| -> Vec<(&'static str, Tensor)> {
+        let (w, r, o) = (one.width, one.rank, one.outputs);
+        let mut rng = Rng::new(seed);
+        let mut g = |shape: &[usize]| (gaussian(&mut rng, shape, DType::F32) * 0.25).unwrap();
+        vec![
+            (PROJ, g(&[T, w, D])),
+            (GATE_ALPHA, g(&[T])),
+            (DOWN, g(&[T, r, w])),
+            (UP, g(&[T, w, r])),
+            (OUT, g(&[o, w])),
+        ]
+    };
+    let (a, b) = (params(71), params(72));
+    let stacked: Vec<(&str, Tensor)> = a
+        .iter()
+        .zip(&b)
+        .map(|((name, x), (_, y))| match *name {
+            // [T·E], layer-major.
+            GATE_ALPHA => (*name, Tensor::stack(&[x, y], 1).unwrap().flatten_all().unwrap()),
+            _ => (*name, Tensor::cat(&[x, y], 1).unwrap()),
+        })
+        .collect();
+    let (net_a, net_b) = (SideNet::from_tensors(&one, &a).unwrap(), SideNet::from_tensors(&one, &b).unwrap());
+    let net = SideNet::from_tensors(&two, &stacked).unwrap();
+    assert!(SideNet::from_tensors(&one, &stacked).is_err(), "a stack is not one network");
+    let x = synthetic(73, 30).x;
+    let (oa, ob) = (net_a.forward(&x).unwrap(), net_b.forward(&x).unwrap());
+    let mean = ((&oa + &ob).unwrap() / 2.0).unwrap();
+    assert_close(&flat(&net.forward(&x).unwrap()), &flat(&mean), 1e-5, "the mean of the members");
+    let members = net.forward_members(&net.project(&net.layer_major(&x).unwrap()).unwrap()).unwrap();
+    assert_eq!(members.dims(), &[2, 30, one.outputs]);
+    assert_close(&flat(&members.get(0).unwrap()), &flat(&oa), 1e-5, "member 0");
+    assert_close(&flat(&members.get(1).unwrap()), &flat(&ob), 1e-5, "member 1");
+    assert!(flat(&oa).iter().zip(flat(&ob)).any(|(p, q)| (p - q).abs() > 1e-3), "members differ");
+
+    let secrets = Secrets::from_seed(&two, [8; 32]).unwrap();
+    let folded = secrets.fold(&net).unwrap();
+    let folded_mean = ((secrets.fold(&net_a).unwrap().forward(&x).unwrap()
+        + secrets.fold(&net_b).unwrap().forward(&x).unwrap())
+    .unwrap()
+        / 2.0)
+        .unwrap();
+    assert_close(&flat(&folded.forward(&x).unwrap()), &flat(&folded_mean), 1e-4, "folded member by member");
 }
 
 /// The side network is token-wise: running it on every token and keeping the pivot's output gives the loss and
@@ -100,8 +152,12 @@ fn pivot_only_training_equals_all_tokens_then_pivot() {
     let pivot_idx = Tensor::new(pivot_rows.as_slice(), &Device::Cpu).unwrap();
     let flat_tokens = all_tokens.reshape((b * len, T, D)).unwrap();
 
-    let o_all = trainer.net().forward(&flat_tokens).unwrap().index_select(&pivot_idx, 0).unwrap();
-    let loss_all = candle_nn::loss::mse(&o_all, &targets).unwrap();
+    // Each member's outputs `[E, B·len, K']`, kept at the pivots: the training loss is the members' mean loss.
+    let net = trainer.net();
+    let members = net.forward_members(&net.project(&net.layer_major(&flat_tokens).unwrap()).unwrap()).unwrap();
+    let o_all = members.index_select(&pivot_idx, 1).unwrap();
+    let loss_all =
+        candle_nn::loss::mse(&o_all, &targets.unsqueeze(0).unwrap().broadcast_as(o_all.shape()).unwrap()).unwrap();
     let x_pivot = flat_tokens.index_select(&pivot_idx, 0).unwrap();
     let loss_pivot = trainer.loss(&x_pivot, &Objective::Regression { targets: targets.clone() }, None).unwrap();
 
@@ -446,7 +502,8 @@ fn device_adapter_files_round_trip_and_reject_damage() {
     // A version 1 file (before whitening) still reads, and runs as it was trained: without whitening. A version
     // from the future is refused by name.
     let (tensors, meta) = mobillm_core::side::weights_file::from_bytes(&unwhitened_bytes(&unwhitened)).unwrap();
-    for (version, readable) in [("1", true), ("4", false)] {
+    assert_eq!((c.members, meta["format_version"].as_str()), (4, "4"), "members need version 4");
+    for (version, readable) in [("1", true), ("5", false)] {
         let mut meta = meta.clone();
         meta.insert("format_version".into(), version.into());
         let old = dir.path().join(format!("v{version}.safetensors"));
@@ -459,7 +516,7 @@ fn device_adapter_files_round_trip_and_reject_damage() {
                 assert!(a.whitening.is_none());
                 assert_eq!(flat(&a.corrections(&raw).unwrap()), flat(&unwhitened.corrections(&raw).unwrap()));
             }
-            Err(e) if !readable => assert!(e.to_string().contains("version 4"), "{e}"),
+            Err(e) if !readable => assert!(e.to_string().contains("version 5"), "{e}"),
             other => panic!("version {version}: {other:?}"),
         }
     }
@@ -600,10 +657,10 @@ fn unwhitened_bytes(adapter: &DeviceAdapter) -> Vec<u8> {
 
 /// With two summaries per layer (pivot and mean, adjacent inputs), a layer's inputs share its rotation, the
 /// folded network runs on plain inputs as the trained one on rotated inputs (rotations kept or drawn again), and
-/// the adapter records the summary (format version 3) so that `predict` builds the same inputs.
+/// the adapter records the summary (format version 3 for one network) so that `predict` builds the same inputs.
 #[test]
 fn two_summaries_per_layer_share_its_rotation_and_fold_back() {
-    let c = SideConfig { summary: Summary::PivotAndMean, ..cfg() };
+    let c = SideConfig { summary: Summary::PivotAndMean, members: 1, ..cfg() };
     assert_eq!((c.taps, c.layers()), (T, T / 2));
     assert!(matches!(SideConfig { taps: T + 1, ..c.clone() }.validate(), Err(Error::InvalidConfig(_))));
     let (n, layers) = (50, T / 2);

@@ -70,7 +70,7 @@ pub struct FineTuneOptions {
     pub learning_rate: Option<f64>,
     #[uniffi(default = None)]
     pub quantization: Option<Quantization>,
-    /// Side-network width (default 128) and bottleneck rank (default 16).
+    /// Width (default 32) and bottleneck rank (default 16) of each of the four side networks trained side by side.
     #[uniffi(default = None)]
     pub width: Option<u32>,
     #[uniffi(default = None)]

@@ -80,6 +80,7 @@ pub(crate) fn session_request(i: usize, samples: usize) -> CreateSession {
         backbone: "load-test".into(),
         width: None,
         rank: None,
+        members: None,
         activation: None,
         alpha0: None,
         lr: None,

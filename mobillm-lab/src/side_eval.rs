@@ -56,10 +56,14 @@ pub struct Args {
     pub epochs: usize,
     #[arg(long, default_value_t = DEFAULT_TAU)]
     pub tau: f64,
-    #[arg(long, default_value_t = 128)]
+    /// Width and rank of each member (the device's defaults).
+    #[arg(long, default_value_t = SideConfig::new(1, 1, 2).width)]
     pub width: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = SideConfig::new(1, 1, 2).rank)]
     pub rank: usize,
+    /// Side networks trained side by side, each of `--width`; the device uses their mean.
+    #[arg(long, default_value_t = SideConfig::new(1, 1, 2).members)]
+    pub members: usize,
     #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
     /// Largest server mini-batch (small sets get n/8, at least 16, as on the server).
@@ -184,6 +188,7 @@ fn evaluate_task(args: &Args, name: &str, data: &DataArgs) -> Result<serde_json:
     let cfg = SideConfig {
         width: args.width,
         rank: args.rank,
+        members: args.members,
         activation: match args.activation {
             ActivationArg::Gelu => Activation::Gelu,
             ActivationArg::Silu => Activation::Silu,

@@ -98,11 +98,14 @@ impl Cost {
     /// `None` when the shape is too large to count in 64 bits (and so far too large to serve).
     pub fn of(shape: &SessionShape, side: &SideConfig, batch_size: usize) -> Option<Cost> {
         let m = |a: usize, b: usize| (a as u64).checked_mul(b as u64);
-        let (t, d, w, r, k) = (side.taps, side.hidden, side.width, side.rank, side.outputs);
+        // Members sit side by side: their widths and ranks add up (w and r below), each adapter still maps one
+        // member's width to its rank.
+        let (t, d, k, e) = (side.taps, side.hidden, side.outputs, side.members);
+        let (w, r) = (side.width.checked_mul(e)?, side.rank.checked_mul(e)?);
         let params = m(t, w)?
             .checked_mul(d as u64)?
-            .checked_add(t as u64)?
-            .checked_add(m(t, r)?.checked_mul(2 * w as u64)?)?
+            .checked_add(m(t, e)?)?
+            .checked_add(m(t, r)?.checked_mul(2 * side.width as u64)?)?
             .checked_add(m(k, w)?)?;
         let f32s = |n: u64| n.checked_mul(4);
         let trainer = f32s(params)?.checked_mul(6)?;
@@ -152,10 +155,14 @@ mod tests {
 
     #[test]
     fn costs_follow_the_shape_and_overflow_is_too_large() {
-        let side = SideConfig::new(30, 576, 2);
+        let side = SideConfig { width: 128, rank: 16, members: 1, ..SideConfig::new(30, 576, 2) };
         let c = Cost::of(&shape(30, 576), &side, 128).unwrap();
-        // SmolLM2-135M, default side network: 2.24 M parameters; a cached sample is 34.6 KB.
+        // SmolLM2-135M, one side network of width 128: 2.24 M parameters; a cached sample is 34.6 KB.
         assert_eq!(c.params, 30 * 128 * 576 + 30 + 2 * 30 * 16 * 128 + 8 * 128);
+        // Two members of width 64 side by side: the same projections, half the adapters' weights.
+        let two = SideConfig { width: 64, members: 2, ..side.clone() };
+        let c2 = Cost::of(&shape(30, 576), &two, 128).unwrap();
+        assert_eq!(c2.params, 30 * 128 * 576 + 30 * 2 + 2 * 30 * 16 * 64 * 2 + 8 * 128);
         assert_eq!(c.sample, (2 * 30 * 576 + 4 * 8 + 16) as u64);
         assert!(c.job(2400).unwrap() > c.job(100).unwrap());
         let huge = SideConfig { width: usize::MAX / 4, ..side };

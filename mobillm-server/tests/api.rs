@@ -492,6 +492,7 @@ fn openapi_declares_the_protocol_bounds() {
         ("labels", MAX_LABELS),
         ("width", MAX_WIDTH),
         ("rank", MAX_RANK),
+        ("members", MAX_MEMBERS),
         ("batch_size", MAX_BATCH_SIZE),
     ] {
         assert_eq!(create[field]["maximum"].as_u64(), Some(max as u64), "{field}");
@@ -506,13 +507,21 @@ fn openapi_declares_the_protocol_bounds() {
     // What the schema calls valid, the server's own check accepts: the smallest and largest of every bound.
     let at = |v: serde_json::Value| serde_json::from_value::<mobillm_core::protocol::CreateSession>(v).unwrap();
     let smallest = at(serde_json::json!({"layers": 1, "dim": 1, "outputs": 2, "backbone": "a", "width": 1, "rank": 1,
-        "batch_size": 1, "lr": 1e-9, "weight_decay": 0, "alpha0": -MAX_ALPHA0, "seed": 0}));
+        "members": 1, "batch_size": 1, "lr": 1e-9, "weight_decay": 0, "alpha0": -MAX_ALPHA0, "seed": 0}));
     smallest.validate().unwrap();
     let largest = at(serde_json::json!({"mode": "mobillm", "labels": MAX_LABELS, "layers": MAX_LAYERS as f64,
         "dim": MAX_DIM, "outputs": MAX_OUTPUTS, "backbone": "b".repeat(MAX_BACKBONE_LEN), "width": MAX_WIDTH,
-        "rank": MAX_RANK, "batch_size": MAX_BATCH_SIZE, "lr": MAX_LR, "weight_decay": MAX_WEIGHT_DECAY,
+        "rank": MAX_RANK, "members": MAX_MEMBERS, "batch_size": MAX_BATCH_SIZE, "lr": MAX_LR, "weight_decay": MAX_WEIGHT_DECAY,
         "alpha0": MAX_ALPHA0, "seed": u64::MAX}));
     largest.validate().unwrap();
+    for members in [0, MAX_MEMBERS + 1] {
+        let outside = at(serde_json::json!({"layers": 1, "dim": 1, "outputs": 2, "backbone": "a", "members": members}));
+        let err = outside.validate().expect_err("refused").to_string();
+        assert!(err.contains(&format!("members = {members}")), "{err}");
+    }
+    // A device that does not say how many members gets one network, as before there were members.
+    let (side, _) = at(serde_json::json!({"layers": 1, "dim": 1, "outputs": 2, "backbone": "a"})).validate().unwrap();
+    assert_eq!(side.members, 1);
 }
 
 /// A store written by another layout is refused with a message that says what to do, and its data left as it was.

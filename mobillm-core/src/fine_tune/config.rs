@@ -68,9 +68,11 @@ pub struct FineTuneConfig {
     /// `pae` and `local`: what is kept of each tapped block (the pivot by default; with the mean too, twice the
     /// upload or the device's buffer).
     pub summary: Summary,
-    /// Side-network width w and bottleneck rank r.
+    /// Side-network width w and bottleneck rank r of each of `members` networks trained side by side (their mean
+    /// corrects the backbone).
     pub width: usize,
     pub rank: usize,
+    pub members: usize,
     pub lr: f64,
     /// Largest server mini-batch (`pae`): a small data set gets `n/8` (at least 16), so every epoch takes at least
     /// 8 optimiser steps (measured: 256 examples reach 93% after one round at 32, 78.5% at 128); `local` likewise
@@ -130,6 +132,7 @@ impl FineTuneConfig {
             summary: Summary::Pivot,
             width: side.width,
             rank: side.rank,
+            members: side.members,
             lr,
             batch_size: train.batch_size,
             seed: train.seed,
@@ -219,6 +222,7 @@ impl std::fmt::Debug for FineTuneConfig {
             .field("summary", &self.summary)
             .field("width", &self.width)
             .field("rank", &self.rank)
+            .field("members", &self.members)
             .field("lr", &self.lr)
             .field("batch_size", &self.batch_size)
             .field("seed", &self.seed)
@@ -250,7 +254,7 @@ mod tests {
         assert_eq!((pae.epochs, pae.lr, pae.max_rounds), (10, 3e-3, 8));
         assert_eq!((mobillm.epochs, mobillm.lr), (3, 1e-3));
         assert_eq!(FineTuneConfig::for_mode(Mode::Local).max_rounds, 4);
-        assert_eq!((pae.width, pae.rank), (128, 16), "the side network's own defaults");
+        assert_eq!((pae.width, pae.rank, pae.members), (32, 16, 4), "the side network's own defaults");
         assert_eq!(pae.batch_size, TrainConfig::default().batch_size);
         assert_eq!(FineTuneConfig::default().mode, Mode::Pae);
         pae.validate().unwrap();

@@ -168,6 +168,7 @@ fn run(
     let side = SideConfig {
         width: cfg.width,
         rank: cfg.rank,
+        members: cfg.members,
         // Decoys take K outputs each; the padding still hides K when there is room. A local network has nothing
         // to hide.
         outputs: match cfg.mode {

@@ -64,6 +64,7 @@ impl RemoteSession {
             backbone: backbone.to_string(),
             width: Some(side.width),
             rank: Some(side.rank),
+            members: Some(side.members),
             activation: None,
             alpha0: None,
             lr: Some(cfg.lr),

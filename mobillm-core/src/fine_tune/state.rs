@@ -116,6 +116,9 @@ pub struct Recipe {
     summary: crate::side::Summary,
     width: usize,
     rank: usize,
+    /// Absent from files written before networks had members: one.
+    #[serde(default = "one")]
+    members: usize,
     lr: f64,
     batch_size: usize,
     seed: u64,
@@ -128,6 +131,10 @@ pub struct Recipe {
     decoys: usize,
 }
 
+fn one() -> usize {
+    1
+}
+
 impl Recipe {
     pub fn of(cfg: &FineTuneConfig) -> Self {
         Self {
@@ -137,6 +144,7 @@ impl Recipe {
             summary: cfg.summary,
             width: cfg.width,
             rank: cfg.rank,
+            members: cfg.members,
             lr: cfg.lr,
             batch_size: cfg.batch_size,
             seed: cfg.seed,
@@ -467,7 +475,7 @@ mod tests {
         refused(Journal::resume(file.clone(), "other", "data", &cfg, 2), "backbone");
         refused(Journal::resume(file.clone(), "bb", "changed", &cfg, 2), "training examples");
         let wider = FineTuneConfig { width: 64, epochs: 3, ..cfg.clone() };
-        refused(Journal::resume(file.clone(), "bb", "data", &wider, 2), "epochs: 10 → 3, width: 128 → 64");
+        refused(Journal::resume(file.clone(), "bb", "data", &wider, 2), "epochs: 10 → 3, width: 32 → 64");
         refused(Journal::resume(StateFile { key: None, ..file.clone() }, "bb", "data", &cfg, 2), "encrypted");
         refused(Journal::resume(StateFile { key: Some(vec![6; 32]), ..file.clone() }, "bb", "data", &cfg, 2), "key");
         std::fs::write(&file.path, &raw[..raw.len() / 2]).unwrap();

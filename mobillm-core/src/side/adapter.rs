@@ -4,9 +4,10 @@
 //! and its whitening. One safetensors file; the non-tensor parts are JSON strings in its metadata.
 //!
 //! Format versions: 2 adds the whitening (`whitening.*` tensors, present when the session had secrets); 3 adds
-//! the summary (`side.summary`: the network reads each tapped layer's pivot and mean). Files are written at the
-//! lowest version that holds them, so an adapter of the pivot alone stays readable by version-2 readers; versions
-//! 1 and 2 are still read and run as they were trained, and newer versions are refused by name.
+//! the summary (`side.summary`: the network reads each tapped layer's pivot and mean); 4 adds members
+//! (`side.members`: networks side by side, their tensors stacked along the width). Files are written at the
+//! lowest version that holds them, so an adapter of one network on the pivot alone stays readable by version-2
+//! readers; versions 1 to 3 are still read and run as they were trained, and newer versions are refused by name.
 //!
 //! The file holds the session secret: apps keep it in private storage, and can seal it with a key from their
 //! platform's keystore ([`DeviceAdapter::save_sealed`], authenticated encryption, [`crate::sealed`]). Saving
@@ -28,7 +29,7 @@ use crate::task::{Task, TaskSpec};
 
 const FORMAT: &str = "mobillm-device-adapter";
 /// Versions this code reads.
-const READS: [&str; 3] = ["1", "2", "3"];
+const READS: [&str; 4] = ["1", "2", "3", "4"];
 
 #[derive(Debug, Clone)]
 pub struct DeviceAdapter {
@@ -71,7 +72,7 @@ impl DeviceAdapter {
     fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut meta = HashMap::from([
             ("format".to_string(), FORMAT.to_string()),
-            ("format_version".to_string(), if self.net.config().summary.is_pivot() { "2" } else { "3" }.to_string()),
+            ("format_version".to_string(), format_version(self.net.config()).to_string()),
             ("task".to_string(), to_json(&self.task)?),
             ("taps".to_string(), to_json(&self.taps)?),
             ("side".to_string(), to_json(self.net.config())?),
@@ -207,4 +208,13 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
         *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
     }
     Some(out)
+}
+
+/// The lowest format version that holds an adapter of this shape (module docs).
+fn format_version(side: &SideConfig) -> &'static str {
+    match (side.members, side.summary.is_pivot()) {
+        (1, true) => "2",
+        (1, false) => "3",
+        _ => "4",
+    }
 }

@@ -10,6 +10,14 @@
 //! `x_i` is the (unit-RMS, possibly rotated) activation of tapped layer i. `norm` is parameter-free RMS scaling.
 //! `W_up` and `W_out` start at zero, so a fresh network outputs exactly zero. The same code serves the server's
 //! training (parameters are candle `Var`s) and the device's inference (plain tensors from an adapter file).
+//!
+//! With `members` E > 1 the network is E such ladders side by side, trained each on its own loss
+//! ([`SideNet::forward_members`]) and used through their mean ([`SideNet::forward`]): an ensemble, because single
+//! networks trained from different initial weights disagree by one to two points on UCI and their mean beats both
+//! (docs/side-network.md, *Members*). The members are stacked along the width, so the tensors that the secrets and
+//! the whitening fold into (`proj`'s rows, `out`'s columns) keep their meaning: `proj` `[T, E·w, d]`, `gate_alpha`
+//! `[T·E]`, `down` `[T, E·r, w]`, `up` `[T, E·w, r]`, `out` `[K_out, E·w]`, member-minor. With E = 1 these are the
+//! shapes of a single network.
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -18,11 +26,11 @@ use super::config::{Activation, SideConfig};
 use crate::error::{Error, Result};
 
 /// Parameter names, as stored in adapter files.
-pub const PROJ: &str = "proj"; // [T, w, d]
-pub const GATE_ALPHA: &str = "gate_alpha"; // [T]
-pub const DOWN: &str = "down"; // [T, r, w]
-pub const UP: &str = "up"; // [T, w, r]
-pub const OUT: &str = "out"; // [K_out, w]
+pub const PROJ: &str = "proj"; // [T, E·w, d]
+pub const GATE_ALPHA: &str = "gate_alpha"; // [T·E]
+pub const DOWN: &str = "down"; // [T, E·r, w]
+pub const UP: &str = "up"; // [T, E·w, r]
+pub const OUT: &str = "out"; // [K_out, E·w]
 
 const NORM_EPS: f64 = 1e-6;
 
@@ -40,17 +48,17 @@ impl SideNet {
     /// Reads the parameters from `vb`; `out` has `out_rows` rows (K' on the server, K once folded on the device).
     pub fn new(cfg: &SideConfig, out_rows: usize, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let (t, d, w, r) = (cfg.taps, cfg.hidden, cfg.width, cfg.rank);
+        let (t, d, w, r, e) = (cfg.taps, cfg.hidden, cfg.width, cfg.rank, cfg.members);
         let get = |shape: &[usize], name: &str| -> Result<Tensor> {
             vb.get(shape, name).map_err(|e| Error::InvalidInput(format!("side network parameter `{name}`: {e}")))
         };
         Ok(Self {
             cfg: cfg.clone(),
-            proj: get(&[t, w, d], PROJ)?,
-            gate_alpha: get(&[t], GATE_ALPHA)?,
-            down: get(&[t, r, w], DOWN)?,
-            up: get(&[t, w, r], UP)?,
-            out: get(&[out_rows, w], OUT)?,
+            proj: get(&[t, e * w, d], PROJ)?,
+            gate_alpha: get(&[t * e], GATE_ALPHA)?,
+            down: get(&[t, e * r, w], DOWN)?,
+            up: get(&[t, e * w, r], UP)?,
+            out: get(&[out_rows, e * w], OUT)?,
         })
     }
 
@@ -63,7 +71,7 @@ impl SideNet {
         self.proj.dtype()
     }
 
-    /// The projections `P` `[T, w, d]` (a `Var` while training).
+    /// The projections `P` `[T, E·w, d]` (a `Var` while training).
     pub fn projections(&self) -> &Tensor {
         &self.proj
     }
@@ -72,7 +80,7 @@ impl SideNet {
         self.out.dim(0).unwrap_or(0)
     }
 
-    /// `x: [N, T, d]` → `o: [N, out_rows]`.
+    /// `x: [N, T, d]` → `o: [N, out_rows]`, the members' mean.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_projected(&self.project(&self.layer_major(x)?)?)
     }
@@ -87,24 +95,39 @@ impl SideNet {
         Ok(x.transpose(0, 1)?.contiguous()?)
     }
 
-    /// All projections at once: `x: [T, N, d]` × `P_iᵀ` → `u: [T, N, w]`.
+    /// All projections at once: `x: [T, N, d]` × `P_iᵀ` → `u: [T, N, E·w]`.
     pub fn project(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.matmul(&self.proj.transpose(1, 2)?)?)
     }
 
-    /// The network after its projections: `u: [T, N, w]` → `o: [N, out_rows]`.
+    /// The network after its projections: `u: [T, N, E·w]` → `o: [N, out_rows]`, the members' mean.
     pub fn forward_projected(&self, u: &Tensor) -> Result<Tensor> {
+        let o = self.forward_members(u)?;
+        match self.cfg.members {
+            1 => Ok(o.squeeze(0)?),
+            e => Ok((o.sum(0)? / e as f64)?),
+        }
+    }
+
+    /// Each member's outputs after the projections: `u: [T, N, E·w]` → `[E, N, out_rows]` (what training fits,
+    /// one loss per member).
+    pub fn forward_members(&self, u: &Tensor) -> Result<Tensor> {
+        let (e, w, r) = (self.cfg.members, self.cfg.width, self.cfg.rank);
         let n = u.dim(1)?;
-        let mu = candle_nn::ops::sigmoid(&self.gate_alpha)?;
-        let mut h = Tensor::zeros((n, self.cfg.width), u.dtype(), u.device())?;
+        let mu = candle_nn::ops::sigmoid(&self.gate_alpha)?.reshape((self.cfg.taps, e, 1, 1))?;
+        let mut h = Tensor::zeros((e, n, w), u.dtype(), u.device())?;
         for i in 0..self.cfg.taps {
-            let m = mu.narrow(0, i, 1)?;
-            let s = (u.get(i)?.broadcast_mul(&(1.0 - &m)?)? + h.broadcast_mul(&m)?)?;
-            let z = rms(&s)?.matmul(&self.down.get(i)?.t()?)?;
-            let z = self.activation(&z)?.matmul(&self.up.get(i)?.t()?)?;
+            let m = mu.get(i)?;
+            let u_i = u.get(i)?.reshape((n, e, w))?.transpose(0, 1)?;
+            let s = (u_i.broadcast_mul(&(1.0 - &m)?)? + h.broadcast_mul(&m)?)?;
+            let down = self.down.get(i)?.reshape((e, r, w))?.transpose(1, 2)?;
+            let up = self.up.get(i)?.reshape((e, w, r))?.transpose(1, 2)?;
+            let z = rms(&s)?.matmul(&down)?;
+            let z = self.activation(&z)?.matmul(&up)?;
             h = (s + z)?;
         }
-        Ok(rms(&h)?.matmul(&self.out.t()?)?)
+        let out = self.out.reshape((self.out_rows(), e, w))?.permute((1, 2, 0))?.contiguous()?;
+        Ok(rms(&h)?.matmul(&out)?)
     }
 
     fn activation(&self, z: &Tensor) -> Result<Tensor> {

@@ -72,18 +72,18 @@ impl SideTrainer {
     pub fn new_with_dtype(cfg: &SideConfig, train: &TrainConfig, dtype: DType) -> Result<Self> {
         cfg.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
-        let (t, d, w, r, k) = (cfg.taps, cfg.hidden, cfg.width, cfg.rank, cfg.outputs);
+        let (t, d, w, r, k, e) = (cfg.taps, cfg.hidden, cfg.width, cfg.rank, cfg.outputs, cfg.members);
         let mut gaussian = |shape: &[usize], std: f64| -> Result<Tensor> {
             let n: usize = shape.iter().product();
             let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut rng)).map(|x: f64| x * std).collect();
             Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?)
         };
         let init = vec![
-            (PROJ, gaussian(&[t, w, d], 1.0 / (d as f64).sqrt())?),
-            (GATE_ALPHA, (Tensor::ones(t, dtype, &Device::Cpu)? * cfg.alpha0 as f64)?),
-            (DOWN, gaussian(&[t, r, w], 1.0 / (w as f64).sqrt())?),
-            (UP, Tensor::zeros((t, w, r), dtype, &Device::Cpu)?),
-            (OUT, Tensor::zeros((k, w), dtype, &Device::Cpu)?),
+            (PROJ, gaussian(&[t, e * w, d], 1.0 / (d as f64).sqrt())?),
+            (GATE_ALPHA, (Tensor::ones(t * e, dtype, &Device::Cpu)? * cfg.alpha0 as f64)?),
+            (DOWN, gaussian(&[t, e * r, w], 1.0 / (w as f64).sqrt())?),
+            (UP, Tensor::zeros((t, e * w, r), dtype, &Device::Cpu)?),
+            (OUT, Tensor::zeros((k, e * w), dtype, &Device::Cpu)?),
         ];
         Self::from_tensors(cfg, train, init)
     }
@@ -143,7 +143,8 @@ impl SideTrainer {
             Some(i) => x.index_select(i, 0)?,
             None => x.clone(),
         };
-        self.objective_loss(&self.net.forward(&rows.to_dtype(self.dtype)?)?, objective, idx)
+        let u = self.net.project(&self.net.layer_major(&rows.to_dtype(self.dtype)?)?)?;
+        self.objective_loss(&self.net.forward_members(&u)?, objective, idx)
     }
 
     /// Loss and gradients of the mini-batch `chunk` (sample indices into `x`), as one optimiser step takes them.
@@ -167,7 +168,7 @@ impl SideTrainer {
         for start in (0..b).step_by(MICRO_BATCH) {
             let len = MICRO_BATCH.min(b - start);
             let u_pass = Var::from_tensor(&u.narrow(1, start, len)?)?;
-            let o = self.net.forward_projected(u_pass.as_tensor())?;
+            let o = self.net.forward_members(u_pass.as_tensor())?;
             let share = len as f64 / b as f64;
             let loss = (self.objective_loss(&o, objective, Some(&idx.narrow(0, start, len)?))? * share)?;
             total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -196,7 +197,8 @@ impl SideTrainer {
         Ok((total, grads))
     }
 
-    /// `objective` on outputs `o` of samples `idx` (all when `None`).
+    /// `objective` on the members' outputs `o: [E, B, K']` of samples `idx` (all when `None`): the mean of the
+    /// members' losses, so each member is trained as if alone.
     fn objective_loss(&self, o: &Tensor, objective: &Objective, idx: Option<&Tensor>) -> Result<Tensor> {
         let pick = |t: &Tensor| -> Result<Tensor> {
             Ok(match idx {
@@ -204,11 +206,15 @@ impl SideTrainer {
                 None => t.clone(),
             })
         };
+        let (e, b, _) = o.dims3()?;
         Ok(match objective {
-            Objective::Regression { targets } => candle_nn::loss::mse(o, &pick(targets)?)?,
+            Objective::Regression { targets } => {
+                candle_nn::loss::mse(o, &pick(targets)?.unsqueeze(0)?.broadcast_as(o.shape())?)?
+            }
             Objective::CrossEntropy { labels, prior } => {
-                let logits = (pick(prior)? + o.narrow(1, 0, self.cfg.labels)?)?;
-                candle_nn::loss::cross_entropy(&logits, &pick(labels)?)?
+                let logits = o.narrow(2, 0, self.cfg.labels)?.broadcast_add(&pick(prior)?.unsqueeze(0)?)?;
+                let labels = pick(labels)?.unsqueeze(0)?.broadcast_as((e, b))?.contiguous()?.flatten_all()?;
+                candle_nn::loss::cross_entropy(&logits.reshape((e * b, self.cfg.labels))?, &labels)?
             }
         })
     }

@@ -73,6 +73,7 @@ fn request(mode: Mode) -> CreateSession {
         backbone: "client".into(),
         width: Some(16),
         rank: Some(4),
+        members: None,
         activation: None,
         alpha0: None,
         lr: None,

@@ -1827,7 +1827,7 @@ public struct FineTuneOptions: Equatable, Hashable {
     public var learningRate: Double?
     public var quantization: Quantization?
     /**
-     * Side-network width (default 128) and bottleneck rank (default 16).
+     * Width (default 32) and bottleneck rank (default 16) of each of the four side networks trained side by side.
      */
     public var width: UInt32?
     public var rank: UInt32?
@@ -1889,7 +1889,7 @@ public struct FineTuneOptions: Equatable, Hashable {
          * the device stops improving (below 200 examples there is no split and 3 rounds run).
          */maxRounds: UInt32? = nil, learningRate: Double? = nil, quantization: Quantization? = nil, 
         /**
-         * Side-network width (default 128) and bottleneck rank (default 16).
+         * Width (default 32) and bottleneck rank (default 16) of each of the four side networks trained side by side.
          */width: UInt32? = nil, rank: UInt32? = nil, 
         /**
          * Examples per device forward (default 16).

@@ -3572,7 +3572,7 @@ data class FineTuneOptions (
     var `quantization`: Quantization? = null 
     , 
     /**
-     * Side-network width (default 128) and bottleneck rank (default 16).
+     * Width (default 32) and bottleneck rank (default 16) of each of the four side networks trained side by side.
      */
     var `width`: kotlin.UInt? = null 
     , 
