@@ -13,8 +13,8 @@
 //!
 //! With `members` E > 1 the network is E such ladders side by side, trained each on its own loss
 //! ([`SideNet::forward_members`]) and used through their mean ([`SideNet::forward`]): an ensemble, because single
-//! networks trained from different initial weights disagree by one to two points on UCI and their mean beats both
-//! (docs/side-network.md, *Members*). The members are stacked along the width, so the tensors that the secrets and
+//! networks trained from different initial weights end one to two points apart on UCI and the mean of their
+//! outputs beats the average of their accuracies (docs/side-network.md, *Members*). The members are stacked along the width, so the tensors that the secrets and
 //! the whitening fold into (`proj`'s rows, `out`'s columns) keep their meaning: `proj` `[T, E·w, d]`, `gate_alpha`
 //! `[T·E]`, `down` `[T, E·r, w]`, `up` `[T, E·w, r]`, `out` `[K_out, E·w]`, member-minor. With E = 1 these are the
 //! shapes of a single network.
