@@ -117,7 +117,7 @@ pub struct Recipe {
     width: usize,
     rank: usize,
     /// Absent from files written before networks had members: one.
-    #[serde(default = "one")]
+    #[serde(default = "crate::side::config::one")]
     members: usize,
     lr: f64,
     batch_size: usize,
@@ -129,10 +129,6 @@ pub struct Recipe {
     secrets: bool,
     label_epsilon: Option<f64>,
     decoys: usize,
-}
-
-fn one() -> usize {
-    1
 }
 
 impl Recipe {

@@ -144,7 +144,8 @@ impl SideConfig {
     }
 }
 
-fn one() -> usize {
+/// Serde's default for counts that were one before they could be more (members in configs and resume recipes).
+pub(crate) fn one() -> usize {
     1
 }
 

@@ -14,10 +14,10 @@
 //! With `members` E > 1 the network is E such ladders side by side, trained each on its own loss
 //! ([`SideNet::forward_members`]) and used through their mean ([`SideNet::forward`]): an ensemble, because single
 //! networks trained from different initial weights end one to two points apart on UCI and the mean of their
-//! outputs beats the average of their accuracies (docs/side-network.md, *Members*). The members are stacked along the width, so the tensors that the secrets and
-//! the whitening fold into (`proj`'s rows, `out`'s columns) keep their meaning: `proj` `[T, E·w, d]`, `gate_alpha`
-//! `[T·E]`, `down` `[T, E·r, w]`, `up` `[T, E·w, r]`, `out` `[K_out, E·w]`, member-minor. With E = 1 these are the
-//! shapes of a single network.
+//! outputs beats the average of their accuracies (docs/side-network.md, *Members*). The members are stacked along
+//! the width, so the tensors that the secrets and the whitening fold into (`proj`'s rows, `out`'s columns) keep
+//! their meaning: `proj` `[T, E·w, d]`, `gate_alpha` `[T·E]`, `down` `[T, E·r, w]`, `up` `[T, E·w, r]`, `out`
+//! `[K_out, E·w]`, member-minor. With E = 1 these are the shapes of a single network.
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -102,11 +102,7 @@ impl SideNet {
 
     /// The network after its projections: `u: [T, N, E·w]` → `o: [N, out_rows]`, the members' mean.
     pub fn forward_projected(&self, u: &Tensor) -> Result<Tensor> {
-        let o = self.forward_members(u)?;
-        match self.cfg.members {
-            1 => Ok(o.squeeze(0)?),
-            e => Ok((o.sum(0)? / e as f64)?),
-        }
+        Ok(self.forward_members(u)?.mean(0)?)
     }
 
     /// Each member's outputs after the projections: `u: [T, N, E·w]` → `[E, N, out_rows]` (what training fits,
