@@ -262,10 +262,10 @@ fn sgd(epochs: usize) -> TrainConfig {
     TrainConfig { optimizer: Optimizer::Sgd, lr: 0.5, batch_size: 8, epochs, seed: 17, ..Default::default() }
 }
 
-/// Under SGD, a network trained on `R_i·â_i` with targets `Q·[Δ; 0]` (initialised as the rotated image of the
-/// plain network) and then folded gives the plain network's outputs: the secrets cost nothing.
-#[test]
-fn training_on_rotated_data_is_equivariant_under_sgd() {
+/// Trains a plain network on `â_i` and `[Δ; 0]`, and one on `R_i·â_i` and `Q·[Δ; 0]` initialised as the rotated
+/// image of the plain one (`P' = P·Rᵀ`; `W_out` is zero either way), both with `tc`. Returns the largest relative
+/// difference between the two runs' epoch losses and between the plain outputs and the folded rotated outputs.
+fn plain_against_rotated(tc: &TrainConfig) -> (f64, f32) {
     let c = cfg();
     let data = synthetic(21, 64);
     let delta = prediction_differences(&data.z_b, None, &data.labels, 4.0).unwrap();
@@ -273,8 +273,7 @@ fn training_on_rotated_data_is_equivariant_under_sgd() {
     let secrets = Secrets::from_seed(&c, [9; 32]).unwrap();
     assert!(secrets.is_enabled() && !plain_secrets.is_enabled());
 
-    let mut plain = SideTrainer::new(&c, &sgd(6)).unwrap();
-    // The rotated network starts as the image of the plain one: P' = P·Rᵀ (W_out is zero either way).
+    let mut plain = SideTrainer::new(&c, tc).unwrap();
     let rotated_init: Vec<(&str, Tensor)> = plain
         .tensors()
         .into_iter()
@@ -287,25 +286,39 @@ fn training_on_rotated_data_is_equivariant_under_sgd() {
             }
         })
         .collect();
-    let mut rotated = SideTrainer::from_tensors(&c, &sgd(6), rotated_init).unwrap();
+    let mut rotated = SideTrainer::from_tensors(&c, tc, rotated_init).unwrap();
 
     let plain_obj = Objective::Regression { targets: plain_secrets.encode_targets(&delta).unwrap() };
     let rot_obj = Objective::Regression { targets: secrets.encode_targets(&delta).unwrap() };
     let rot_x = secrets.rotate_activations(&data.x).unwrap();
     assert!(flat(&rot_x) != flat(&data.x));
-    let lp = plain.fit(&data.x, &plain_obj, 6, |_, _| ControlFlow::Continue(())).unwrap();
-    let lr = rotated.fit(&rot_x, &rot_obj, 6, |_, _| ControlFlow::Continue(())).unwrap();
-    assert!(lp.last().unwrap().loss < lp[0].loss, "training reduces the loss");
-    for (a, b) in lp.iter().zip(&lr) {
-        // Equal up to the f16 rounding of the stored rotations (R·Rᵀ = I to about 10⁻⁴).
-        assert!((a.loss - b.loss).abs() <= 1e-3 * a.loss, "epoch {}: {} vs {}", a.epoch, a.loss, b.loss);
-    }
-    let plain_out = plain_secrets.fold(plain.net()).unwrap().forward(&data.x).unwrap();
-    let folded_out = secrets.fold(rotated.net()).unwrap().forward(&data.x).unwrap();
-    assert_close(&flat(&folded_out), &flat(&plain_out), 1e-3, "folded outputs");
+    let lp = plain.fit(&data.x, &plain_obj, tc.epochs, |_, _| ControlFlow::Continue(())).unwrap();
+    let lr = rotated.fit(&rot_x, &rot_obj, tc.epochs, |_, _| ControlFlow::Continue(())).unwrap();
+    assert!(lp.last().unwrap().loss < 0.8 * lp[0].loss, "training reduces the loss: {lp:?}");
+    let loss_diff = lp.iter().zip(&lr).map(|(a, b)| (a.loss - b.loss).abs() / a.loss).fold(0.0, f64::max);
+    let plain_out = flat(&plain_secrets.fold(plain.net()).unwrap().forward(&data.x).unwrap());
+    let folded_out = flat(&secrets.fold(rotated.net()).unwrap().forward(&data.x).unwrap());
+    let scale = plain_out.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let out_diff = plain_out.iter().zip(&folded_out).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
     // Decoding the server-side outputs is the same as running the folded network.
     let decoded = secrets.decode_outputs(&rotated.outputs(&rot_x).unwrap()).unwrap();
-    assert_close(&flat(&decoded), &flat(&folded_out), 1e-4, "decode vs fold");
+    assert_close(&flat(&decoded), &folded_out, 1e-4, "decode vs fold");
+    (loss_diff, out_diff)
+}
+
+/// Under the server's AdamW (second moments shared along the axes the secrets turn) and under SGD, a network
+/// trained in the secret coordinates and folded gives the plain network's outputs: the secrets cost nothing.
+/// (That per-weight AdamW is not equivariant is the `adamw` module's test.)
+#[test]
+fn training_on_rotated_data_is_equivariant() {
+    let adamw = TrainConfig { lr: 3e-3, batch_size: 8, epochs: 6, seed: 17, ..Default::default() };
+    assert_eq!(adamw.optimizer, Optimizer::AdamW);
+    // Equal up to the f16 rounding of the stored rotations (R·Rᵀ = I to about 10⁻⁴).
+    for (name, tc) in [("sgd", sgd(6)), ("adamw", adamw)] {
+        let (loss_diff, out_diff) = plain_against_rotated(&tc);
+        eprintln!("{name}: losses {loss_diff:e}, outputs {out_diff:e} apart");
+        assert!(loss_diff <= 1e-3 && out_diff <= 1e-3, "{name}: losses {loss_diff:e}, outputs {out_diff:e} apart");
+    }
 }
 
 /// An annealed job ends at a learning rate near zero, and a job resumed from its checkpoint continues the schedule:

@@ -74,6 +74,9 @@ pub struct Args {
     /// Train without secrets (R = Q = I, no whitening), for comparison.
     #[arg(long)]
     pub no_secrets: bool,
+    /// Whiten as the device does but leave out the rotations (R = Q = I), for comparison.
+    #[arg(long, conflicts_with = "no_secrets")]
+    pub no_rotation: bool,
     /// The whitening's ε relative to the mean eigenvalue, and the directions whitened exactly (default: the
     /// device's).
     #[arg(long, default_value_t = whitening::RELATIVE_EPS)]
@@ -241,7 +244,7 @@ fn one_run(
     what: &str,
 ) -> Result<serde_json::Value> {
     let k = cfg.labels;
-    let secrets = if args.no_secrets { Secrets::disabled(cfg)? } else { Secrets::generate(cfg)? };
+    let secrets = if args.no_secrets || args.no_rotation { Secrets::disabled(cfg)? } else { Secrets::generate(cfg)? };
     let (held_back, sent) = validation_split(train.labels.len(), args.max_rounds);
     let rows = |p: &Pivots, idx: &[usize]| -> Result<Pivots> {
         let i = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
@@ -271,7 +274,7 @@ fn one_run(
     let test = &test;
     let n = train.labels.len();
     // The device whitens (secrets on) with a fit on a random subset of what it sends.
-    let whitening = if secrets.is_enabled() {
+    let whitening = if !args.no_secrets {
         let subset = rows(&train, &random_split(n, args.calibration).0)?;
         Some(Whitening::fit(&device_inputs(&subset.taps, None)?, args.whiten_rank, args.whiten_eps)?)
     } else {
@@ -297,6 +300,10 @@ fn one_run(
     // pae: targets from the device, trained in server coordinates, folded and scored on the device.
     let mut trainer = SideTrainer::new(cfg, &tc)?;
     let mut decoded: Option<Tensor> = None;
+    // The held-out accuracy of the mean of the rounds' corrections so far (a round ensemble), for comparison.
+    let (mut correction_sum, mut round_mean_acc) = (None::<Tensor>, Vec::new());
+    // And of one network whose weights are the mean of the rounds' folded networks so far.
+    let (mut weight_sum, mut weight_mean_acc) = (None::<Vec<(&str, Tensor)>>, Vec::new());
     let start = Instant::now();
     let pae = rounds(args.max_rounds, has_validation, |round| {
         let delta = prediction_differences(&train.logits, decoded.as_ref(), &train.labels, args.tau)?;
@@ -311,6 +318,27 @@ fn one_run(
         decoded = Some(secrets.decode_outputs(&trainer.outputs(&x)?)?);
         let folded = secrets.fold(trainer.net())?;
         let v = if has_validation { Some(score(&folded, &x_validation, &validation)?) } else { None };
+        let correction = folded.forward(&x_test)?;
+        let sum = match correction_sum.take() {
+            Some(s) => (s + &correction)?,
+            None => correction,
+        };
+        let mean = (&sum / round as f64)?;
+        round_mean_acc.push(Score::of(&(&test.logits + mean)?, &test.labels)?.accuracy);
+        correction_sum = Some(sum);
+        let sum = match weight_sum.take() {
+            Some(s) => s
+                .into_iter()
+                .zip(folded.tensors())
+                .map(|((n, a), (_, b))| Ok((n, (a + b)?)))
+                .collect::<Result<Vec<_>>>()?,
+            None => folded.tensors(),
+        };
+        let mean: Vec<(&str, Tensor)> =
+            sum.iter().map(|(n, t)| Ok((*n, (t / round as f64)?))).collect::<Result<_>>()?;
+        let averaged = SideNet::from_tensors(folded.config(), &mean)?;
+        weight_mean_acc.push(score(&averaged, &x_test, test)?.accuracy);
+        weight_sum = Some(sum);
         Ok((v, score(&folded, &x_test, test)?.accuracy, reports.last().map(|r| r.loss)))
     })?;
     let pae_s = start.elapsed().as_secs_f64();
@@ -358,6 +386,8 @@ fn one_run(
         "train_samples": n,
         "validation_samples": held_back.len(),
         "pae": pae.json(),
+        "pae_round_mean_acc": round_mean_acc,
+        "pae_round_weight_mean_acc": weight_mean_acc,
         "ce_baseline": baseline.map(|b| b.json()),
         "ridge_head": ridge,
         "secrets": secrets.is_enabled(),

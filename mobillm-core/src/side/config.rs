@@ -161,8 +161,11 @@ pub fn default_outputs(labels: usize) -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Optimizer {
+    /// AdamW with one second moment per projection row and per output column instead of per weight
+    /// ([`super::adamw::AdamW::share_second_moment`]): a step in the secret coordinates is the rotated image of the
+    /// step on plain activations, as with SGD, so the secrets cost nothing (per-weight AdamW depends on the basis).
     AdamW,
-    /// Plain SGD: rotation-equivariant, used to prove the secrets cost nothing.
+    /// Plain SGD, whose steps are easy to check by hand in tests.
     Sgd,
 }
 
