@@ -230,6 +230,9 @@ mod tests {
             Tensor::from_vec(v, (rows, cols), dev).unwrap()
         };
         let (x, y, start) = (fill(8, 4, 0.3), fill(8, 3, 1.1), fill(3, 4, 2.9));
+        let loss = |x: &Tensor, theta: &Var| {
+            (x.matmul(&theta.as_tensor().t().unwrap()).unwrap() - &y).unwrap().sqr().unwrap().sum_all().unwrap()
+        };
         let run = |x: &Tensor, start: &Tensor, shared: bool| {
             let theta = Var::from_tensor(start).unwrap();
             let mut opt = AdamW::new(vec![theta.clone()], ParamsAdamW { lr: 0.05, ..Default::default() }).unwrap();
@@ -237,8 +240,7 @@ mod tests {
                 opt.share_second_moment(&theta, 1).unwrap();
             }
             for _ in 0..10 {
-                let loss = (x.matmul(&theta.as_tensor().t().unwrap()).unwrap() - &y).unwrap().sqr().unwrap();
-                opt.step(&loss.sum_all().unwrap().backward().unwrap()).unwrap();
+                opt.step(&loss(x, &theta).backward().unwrap()).unwrap();
             }
             theta.as_tensor().clone()
         };
@@ -254,8 +256,7 @@ mod tests {
         let params = ParamsAdamW { lr: 0.05, weight_decay: 0.0, ..Default::default() };
         let mut opt = AdamW::new(vec![theta.clone()], params).unwrap();
         opt.share_second_moment(&theta, 1).unwrap();
-        let loss = (x.matmul(&theta.as_tensor().t().unwrap()).unwrap() - &y).unwrap().sqr().unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = loss(&x, &theta).backward().unwrap();
         let g = grads.get(&theta).unwrap().clone();
         let rms = g.sqr().unwrap().mean_keepdim(1).unwrap().sqrt().unwrap();
         let want = (&start - (g.broadcast_div(&rms).unwrap() * 0.05).unwrap()).unwrap();
