@@ -56,7 +56,7 @@ struct ContentView: View {
     @State private var server = UserDefaults.standard.string(forKey: "server") ?? "https://"
     @State private var apiKey = ""
     @State private var template = UserDefaults.standard.string(forKey: "template")
-        ?? "Review: {text}\nSentiment (positive or negative):"
+        ?? "<|im_start|>user\nIs the following review positive or negative?\n{text}<|im_end|>\n<|im_start|>assistant\nThe review is"
     @State private var input = ""
     @State private var picking: Picking?
 

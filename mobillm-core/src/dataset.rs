@@ -30,8 +30,11 @@ pub const UCI_SOURCES: [&str; 3] = ["amazon", "imdb", "yelp"];
 pub const UCI_HELD_OUT_PER_SOURCE: usize = 200;
 /// The UCI labels: class 0 and class 1.
 pub const UCI_LABELS: [&str; 2] = ["negative", "positive"];
-/// The prompt the UCI task uses (docs/design.md §2).
-pub const UCI_TEMPLATE: &str = "Review: {text}\nSentiment (positive or negative):";
+/// The prompt the UCI task uses: SmolLM2-Instruct's own chat format, the answer cue opening the assistant's turn.
+/// Zero-shot it is worse than a plain `Review: …\nSentiment (positive or negative):` (49.8% against 67.7%), but
+/// the side network trains on its pivots to about 1.3 points more (docs/side-network.md, *The prompt*).
+pub const UCI_TEMPLATE: &str =
+    "<|im_start|>user\nIs the following review positive or negative?\n{text}<|im_end|>\n<|im_start|>assistant\nThe review is";
 
 /// Reads JSONL, one example per non-blank line. Errors name the file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {

@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::side::{Activation, SideConfig, TrainConfig};
+use crate::side::{Activation, Optimizer, SideConfig, TrainConfig};
 
 /// Upper (and lower) bounds of every client-chosen size. The server's memory budget may refuse a session within
 /// these bounds whose parameters or training set would not fit (`422 over_budget`).
@@ -238,6 +238,11 @@ impl CreateSession {
         }
         let d = TrainConfig::default();
         let train = TrainConfig {
+            // A `pae` session's activations are in the device's secret coordinates; a `mobillm` session's are plain.
+            optimizer: match self.mode {
+                Mode::Pae => Optimizer::EquivariantAdamW,
+                Mode::Mobillm => Optimizer::AdamW,
+            },
             lr: self.lr.unwrap_or(d.lr),
             batch_size: self.batch_size.unwrap_or(d.batch_size),
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),

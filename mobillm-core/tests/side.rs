@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, Rng};
 use mobillm_core::side::network::{DOWN, GATE_ALPHA, OUT, PROJ, UP};
-use mobillm_core::side::targets::{accuracy, predict, prediction_differences};
+use mobillm_core::side::targets::{predict, prediction_differences};
 use mobillm_core::side::{
     normalize_taps, DeviceAdapter, Objective, Optimizer, Secrets, SideConfig, SideNet, SideTrainer, Summary,
     TrainConfig, Whitening,
@@ -307,14 +307,20 @@ fn assert_rotated_training_equals_plain(tc: &TrainConfig, name: &str) {
     assert_close(&flat(&decoded), &folded_out, 1e-4, &format!("{name}: decode vs fold"));
 }
 
-/// Under the server's AdamW (second moments shared along the axes the secrets turn) and under SGD, a network
+/// Under a `pae` session's AdamW (second moments shared along the axes the secrets turn) and under SGD, a network
 /// trained in the secret coordinates and folded gives the plain network's outputs: the secrets cost nothing.
 /// (That per-weight AdamW is not equivariant is the `adamw` module's test.)
 #[test]
 fn training_on_rotated_data_is_equivariant() {
-    let adamw = TrainConfig { lr: 3e-3, batch_size: 8, epochs: 6, seed: 17, ..Default::default() };
-    assert_eq!(adamw.optimizer, Optimizer::AdamW);
-    for (name, tc) in [("sgd", sgd(6)), ("adamw", adamw)] {
+    let adamw = TrainConfig {
+        optimizer: Optimizer::EquivariantAdamW,
+        lr: 3e-3,
+        batch_size: 8,
+        epochs: 6,
+        seed: 17,
+        ..Default::default()
+    };
+    for (name, tc) in [("sgd", sgd(6)), ("equivariant adamw", adamw)] {
         assert_rotated_training_equals_plain(&tc, name);
     }
 }
@@ -402,35 +408,6 @@ fn released_rotations_fold_and_rotate_as_the_kept_ones() {
     assert_close(&flat(&redrawn), &flat(&kept), 1e-5, "folding with rotations drawn layer by layer");
     assert_ne!(flat(&kept).iter().filter(|v| v.abs() > 1e-4).count(), 0, "the network learned something to compare");
     assert_close(&flat(&secrets.rotate_activations(&data.x).unwrap()), &flat(&x), 1e-6, "rotating draws them again");
-}
-
-/// AdamW is not rotation-equivariant step by step, but it reaches the same accuracy on rotated data.
-#[test]
-fn adamw_on_rotated_data_reaches_the_same_accuracy() {
-    let c = cfg();
-    let train = synthetic(31, 2000);
-    let test = synthetic(32, 1000);
-    let tc = TrainConfig { epochs: 20, lr: 1e-2, batch_size: 32, seed: 5, ..Default::default() };
-    let base_acc = accuracy(&predict(&test.z_b, None).unwrap(), &test.labels);
-    let mut accs = Vec::new();
-    for secrets in [Secrets::disabled(&c).unwrap(), Secrets::from_seed(&c, [3; 32]).unwrap()] {
-        let mut trainer = SideTrainer::new(&c, &tc).unwrap();
-        let mut dec = None;
-        for _round in 0..3 {
-            let delta = prediction_differences(&train.z_b, dec.as_ref(), &train.labels, 4.0).unwrap();
-            let x = secrets.rotate_activations(&train.x).unwrap();
-            let prev = trainer.outputs(&x).unwrap();
-            let targets = (prev + secrets.encode_targets(&delta).unwrap()).unwrap();
-            trainer.fit(&x, &Objective::Regression { targets }, tc.epochs, |_, _| ControlFlow::Continue(())).unwrap();
-            dec = Some(secrets.decode_outputs(&trainer.outputs(&x).unwrap()).unwrap());
-        }
-        let folded = secrets.fold(trainer.net()).unwrap();
-        let corr = folded.forward(&test.x).unwrap();
-        accs.push(accuracy(&predict(&test.z_b, Some(&corr)).unwrap(), &test.labels));
-    }
-    eprintln!("base {base_acc}, plain {}, rotated {}", accs[0], accs[1]);
-    assert!(accs[0] > base_acc + 0.15, "training helps: {base_acc} → {}", accs[0]);
-    assert!((accs[0] - accs[1]).abs() <= 0.04, "plain {} vs rotated {}", accs[0], accs[1]);
 }
 
 #[test]

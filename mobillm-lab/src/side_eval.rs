@@ -24,7 +24,7 @@ use mobillm_core::side;
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences, DEFAULT_TAU};
 use mobillm_core::side::whitening::{self, Whitening, CALIBRATION_SAMPLES};
 use mobillm_core::side::{
-    device_inputs, Activation, Objective, SampleId, Secrets, SideConfig, SideNet, SideTrainer, TrainConfig,
+    device_inputs, Activation, Objective, Optimizer, SampleId, Secrets, SideConfig, SideNet, SideTrainer, TrainConfig,
 };
 use mobillm_core::wire::{Frame, Limits, Quant};
 use mobillm_core::Mode;
@@ -105,6 +105,10 @@ pub struct Args {
     /// sent examples) before any target is computed.
     #[arg(long)]
     pub calibrate: bool,
+    /// Train every round up to `--max-rounds` even after the stopping rule ends the fine-tune (the round kept
+    /// stays the rule's), recording each round's validation predictions, to compare stopping rules afterwards.
+    #[arg(long)]
+    pub all_rounds: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
@@ -288,7 +292,9 @@ fn one_run(
         None => serde_json::Value::Null,
     };
     let x = through_the_wire(&secrets.rotate_activations(&x_plain)?, cfg.outputs)?;
+    // As the server trains a `pae` session (the baseline too: it trains on the same rotated uploads).
     let tc = TrainConfig {
+        optimizer: Optimizer::EquivariantAdamW,
         lr: args.lr,
         batch_size: args.batch.min((n / 8).max(16)),
         epochs: args.epochs,
@@ -306,7 +312,7 @@ fn one_run(
     // And of one network whose weights are the mean of the rounds' folded networks so far.
     let (mut weight_sum, mut weight_mean_acc) = (None::<Vec<(&str, Tensor)>>, Vec::new());
     let start = Instant::now();
-    let pae = rounds(args.max_rounds, has_validation, |round| {
+    let pae = rounds(args.max_rounds, has_validation, args.all_rounds, |round| {
         let delta = prediction_differences(&train.logits, decoded.as_ref(), &train.labels, args.tau)?;
         let targets = (trainer.outputs(&x)? + secrets.encode_targets(&delta)?)?;
         // The server loads the saved weights for each round: a fresh optimiser and shuffle stream.
@@ -359,7 +365,7 @@ fn one_run(
         let labels = Tensor::new(train.labels.as_slice(), &Device::Cpu)?;
         let objective = Objective::CrossEntropy { labels, prior: train.logits.clone() };
         let mut ce = SideTrainer::new(cfg, &tc)?;
-        let trace = rounds(args.max_rounds, has_validation, |round| {
+        let trace = rounds(args.max_rounds, has_validation, args.all_rounds, |round| {
             ce = SideTrainer::from_tensors(cfg, &tc, ce.tensors())?.annealed(0, args.epochs);
             let reports = ce.fit(&x, &objective, args.epochs, |r, _| {
                 eprint!("\r{what}: baseline round {round}: epoch {}/{} loss {:.4}  ", r.epoch, r.epochs, r.loss);
@@ -455,22 +461,30 @@ fn through_the_wire(x: &Tensor, k_out: usize) -> Result<Tensor> {
 }
 
 /// Rounds of training as the device runs them: until the validation score stops improving (`Stopping`) or
-/// `max_rounds`; without a validation split, the fixed [`ROUNDS_WITHOUT_VALIDATION`]. `round` trains one round
-/// and returns its validation score, held-out accuracy and last loss.
+/// `max_rounds`; without a validation split, the fixed [`ROUNDS_WITHOUT_VALIDATION`]. With `all_rounds`, the
+/// rounds after the rule stops run and are recorded too, without changing the round kept. `round` trains one
+/// round and returns its validation result, held-out accuracy and last loss.
 fn rounds(
     max_rounds: usize,
     has_validation: bool,
+    all_rounds: bool,
     mut round: impl FnMut(usize) -> Result<(Option<Score>, f64, Option<f64>)>,
 ) -> Result<Trace> {
     let max = if has_validation { max_rounds } else { max_rounds.min(ROUNDS_WITHOUT_VALIDATION) };
     let mut stopping = Stopping::default();
     let mut trace = Trace::default();
+    let mut stopped = false;
     for r in 1..=max {
         let (validation, test_acc, loss) = round(r)?;
         trace.rounds.push(serde_json::json!({
             "round": r, "loss": loss, "test_acc": test_acc,
-            "validation_acc": validation.map(|v| v.accuracy), "validation_loss": validation.map(|v| v.loss),
+            "validation_acc": validation.as_ref().map(|v| v.accuracy),
+            "validation_loss": validation.as_ref().map(|v| v.loss),
+            "validation_correct": validation.as_ref().map(|v| v.correct.iter().map(|&c| if c { '1' } else { '0' }).collect::<String>()),
         }));
+        if stopped {
+            continue;
+        }
         trace.rounds_used = r;
         let improved = match validation {
             Some(v) => stopping.improved(r, v),
@@ -478,6 +492,8 @@ fn rounds(
         };
         if improved {
             (trace.kept_round, trace.test_acc) = (r, test_acc);
+        } else if all_rounds {
+            stopped = true;
         } else {
             break;
         }

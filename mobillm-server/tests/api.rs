@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use mobillm_core::side::SampleId;
+use mobillm_core::side::{Optimizer, SampleId};
 use mobillm_core::wire::{Frame, FrameKind, Quant};
 use mobillm_server::{app, ServerConfig};
 use tower::ServiceExt;
@@ -508,12 +508,13 @@ fn openapi_declares_the_protocol_bounds() {
     let at = |v: serde_json::Value| serde_json::from_value::<mobillm_core::protocol::CreateSession>(v).unwrap();
     let smallest = at(serde_json::json!({"layers": 1, "dim": 1, "outputs": 2, "backbone": "a", "width": 1, "rank": 1,
         "members": 1, "batch_size": 1, "lr": 1e-9, "weight_decay": 0, "alpha0": -MAX_ALPHA0, "seed": 0}));
-    smallest.validate().unwrap();
+    // (And a `pae` session trains with the optimiser equivariant to its secrets, a `mobillm` one with plain AdamW.)
+    assert_eq!(smallest.validate().unwrap().1.optimizer, Optimizer::EquivariantAdamW);
     let largest = at(serde_json::json!({"mode": "mobillm", "labels": MAX_LABELS, "layers": MAX_LAYERS as f64,
         "dim": MAX_DIM, "outputs": MAX_OUTPUTS, "backbone": "b".repeat(MAX_BACKBONE_LEN), "width": MAX_WIDTH,
         "rank": MAX_RANK, "members": MAX_MEMBERS, "batch_size": MAX_BATCH_SIZE, "lr": MAX_LR, "weight_decay": MAX_WEIGHT_DECAY,
         "alpha0": MAX_ALPHA0, "seed": u64::MAX}));
-    largest.validate().unwrap();
+    assert_eq!(largest.validate().unwrap().1.optimizer, Optimizer::AdamW);
     for members in [0, MAX_MEMBERS + 1] {
         let outside = at(serde_json::json!({"layers": 1, "dim": 1, "outputs": 2, "backbone": "a", "members": members}));
         let err = outside.validate().expect_err("refused").to_string();

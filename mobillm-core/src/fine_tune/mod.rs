@@ -460,7 +460,7 @@ impl Run<'_> {
             rounds.reports.push(RoundReport {
                 round,
                 finetuned_acc,
-                validation_acc: score.map(|s| s.accuracy),
+                validation_acc: score.as_ref().map(|s| s.accuracy),
                 elapsed_s,
             });
         }

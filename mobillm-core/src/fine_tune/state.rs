@@ -492,7 +492,10 @@ mod tests {
             SideNet::from_tensors(&side, &crate::side::SideTrainer::new(&side, &Default::default()).unwrap().tensors())
                 .unwrap();
         assert!(journal.load_tensors(&side).unwrap().1.is_none(), "nothing kept yet, nothing read");
-        journal.record.stopping.improved(1, super::super::stopping::Score { accuracy: 0.8, loss: 0.4 });
+        journal
+            .record
+            .stopping
+            .improved(1, super::super::stopping::Score { accuracy: 0.8, loss: 0.4, correct: vec![] });
         journal.save_tensors(None, Some((2, &net))).unwrap();
         assert!(journal.load_tensors(&side).unwrap().1.is_none(), "round 2 is ahead of the record: replayed");
         journal.save_tensors(None, Some((1, &net))).unwrap();

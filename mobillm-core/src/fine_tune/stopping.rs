@@ -1,12 +1,18 @@
 //! When `pae` stops refining (docs/side-network.md, *Rounds*). The device holds back a validation split of its
 //! training examples — never uploaded, scored with their true labels even under label noise — and after every
-//! round scores the folded network on it. A round that raises the validation accuracy, or lowers the validation
-//! loss by at least [`MIN_LOSS_GAIN`], is an improvement; the fine-tune stops at the first round that is not, or at
-//! `max_rounds`, and keeps the network of the last round that improved.
+//! round scores the folded network on it. A round improves on the best so far if it gets clearly more of the split
+//! right — of the examples on which the two disagree, it must win more than it loses by over one standard deviation
+//! of that difference were the two rounds equally good (`won − lost > √(won + lost)`: McNemar's paired test at
+//! z = 1) — or if it lowers the split's cross-entropy by at least [`MIN_LOSS_GAIN`]. The fine-tune stops at the
+//! first round that does not improve, or at `max_rounds`, and keeps the network of the last round that did.
 //!
 //! Why a split and not the training fit: the server's outputs on the training samples keep improving as the side
 //! network memorises them, long after held-out accuracy has stopped moving; only examples the network never saw
-//! say when another round stops helping.
+//! say when another round stops helping. Why a paired test and not any rise: a split of a few hundred examples
+//! moves by a point or two between equally good rounds, and on UCI a later round that "improved" by that much
+//! was usually worse held out than round 1. Why the loss too, by a clear margin: on a small split the accuracy
+//! saturates (80 BBC articles, 3 wrong from round 2 on) while the rounds still pay off held out, and it shows as
+//! a falling cross-entropy. Both thresholds were chosen on four tasks' rounds (docs/side-network.md, *Rounds*).
 
 use candle_core::{Device, Tensor};
 
@@ -24,8 +30,10 @@ pub const MIN_VALIDATION: usize = 20;
 /// The fixed round count measured before the rule (docs/side-network.md): what a run with nothing to validate
 /// on does, rather than every round it may.
 pub const ROUNDS_WITHOUT_VALIDATION: usize = 3;
-/// The relative drop in validation loss that counts as an improvement without a gain in accuracy.
-pub const MIN_LOSS_GAIN: f64 = 0.01;
+/// A round must win this many standard deviations more of the split's disputed examples than it loses…
+pub const MIN_GAIN_SDS: f64 = 1.0;
+/// …or lower the split's cross-entropy by this share.
+pub const MIN_LOSS_GAIN: f64 = 0.05;
 
 /// The indices of `n` training examples to hold back and of those to send, each sorted; none held back when a
 /// split would be smaller than [`MIN_VALIDATION`] or there is only one round to choose.
@@ -34,21 +42,44 @@ pub fn validation_split(n: usize, max_rounds: usize) -> (Vec<usize>, Vec<usize>)
     random_split(n, if max_rounds < 2 || m < MIN_VALIDATION { 0 } else { m })
 }
 
-/// How the fused model does on a set of examples: accuracy and mean cross-entropy of its label logits.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+/// How the fused model does on a set of examples: accuracy and mean cross-entropy of its label logits, and which
+/// examples it gets right.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Score {
     pub accuracy: f64,
     pub loss: f64,
+    /// Per example, in the split's order. Empty in a record written before it was kept: such a best is beaten by
+    /// any higher accuracy.
+    #[serde(default)]
+    pub correct: Vec<bool>,
 }
 
 impl Score {
     /// The score of fused label logits `[N, K]` against `labels`.
     pub fn of(fused: &Tensor, labels: &[u32]) -> Result<Self> {
         let targets = Tensor::new(labels, &Device::Cpu)?;
+        let predicted = predict(fused, None)?;
         Ok(Score {
-            accuracy: accuracy(&predict(fused, None)?, labels),
+            accuracy: accuracy(&predicted, labels),
             loss: f64::from(candle_nn::loss::cross_entropy(fused, &targets)?.to_scalar::<f32>()?),
+            correct: predicted.iter().zip(labels).map(|(p, l)| p == l).collect(),
         })
+    }
+
+    /// True if this score gets clearly more of the split right than `other` (module doc).
+    pub fn clearly_beats(&self, other: &Score) -> bool {
+        if self.correct.len() != other.correct.len() {
+            return self.accuracy > other.accuracy;
+        }
+        let (mut won, mut lost) = (0usize, 0usize);
+        for (&now, &before) in self.correct.iter().zip(&other.correct) {
+            match (now, before) {
+                (true, false) => won += 1,
+                (false, true) => lost += 1,
+                _ => {}
+            }
+        }
+        won > lost && (won - lost) as f64 > MIN_GAIN_SDS * ((won + lost) as f64).sqrt()
     }
 }
 
@@ -61,9 +92,9 @@ pub struct Stopping {
 impl Stopping {
     /// Records `round`'s validation score; true if it improved on the best so far (the caller keeps its network).
     pub fn improved(&mut self, round: usize, score: Score) -> bool {
-        let better = match self.best {
+        let better = match &self.best {
             None => true,
-            Some((_, best)) => score.accuracy > best.accuracy || score.loss < best.loss * (1.0 - MIN_LOSS_GAIN),
+            Some((_, best)) => score.clearly_beats(best) || score.loss < best.loss * (1.0 - MIN_LOSS_GAIN),
         };
         if better {
             self.best = Some((round, score));
@@ -73,7 +104,7 @@ impl Stopping {
 
     /// The round whose network is kept.
     pub fn best_round(&self) -> Option<usize> {
-        self.best.map(|(round, _)| round)
+        self.best.as_ref().map(|(round, _)| *round)
     }
 }
 
@@ -81,20 +112,35 @@ impl Stopping {
 mod tests {
     use super::*;
 
-    fn s(accuracy: f64, loss: f64) -> Score {
-        Score { accuracy, loss }
+    /// A score on a split of `right.len()` examples, '1' for each one right, with cross-entropy `loss`.
+    fn s(right: &str, loss: f64) -> Score {
+        let correct: Vec<bool> = right.chars().map(|c| c == '1').collect();
+        let accuracy = correct.iter().filter(|&&c| c).count() as f64 / correct.len() as f64;
+        Score { accuracy, loss, correct }
     }
 
     #[test]
-    fn a_round_improves_by_accuracy_or_by_a_clear_drop_in_loss() {
+    fn a_round_improves_by_clearly_more_examples_right_or_a_clear_drop_in_loss() {
         let mut stop = Stopping::default();
-        assert!(stop.improved(1, s(0.80, 0.50)), "the first round is the best so far");
-        assert!(stop.improved(2, s(0.85, 0.55)), "accuracy up, even with the loss up");
-        assert!(stop.improved(3, s(0.85, 0.50)), "same accuracy, loss down 9%");
-        assert!(!stop.improved(4, s(0.85, 0.499)), "a loss drop under 1% is noise");
-        assert!(stop.improved(5, s(0.84, 0.40)), "a 20% loss drop counts even with fewer right");
-        assert!(!stop.improved(6, s(0.84, 0.45)));
-        assert_eq!(stop.best_round(), Some(5), "a worse round never replaces the kept one");
+        assert!(stop.improved(1, s("0000000000", 0.50)), "the first round is the best so far");
+        assert!(stop.improved(2, s("1110000000", 0.52)), "won 3, lost 0: 3 > √3, even with the loss up");
+        assert!(!stop.improved(3, s("1111000000", 0.50)), "won 1, lost 0: not more than √1; loss down 4%");
+        assert!(!stop.improved(4, s("0001111100", 0.52)), "won 5, lost 3: 2 < √8, though 2 more are right");
+        assert!(stop.improved(5, s("1111111100", 0.52)), "won 5, lost 0");
+        assert!(!stop.improved(6, s("1111111000", 0.52)), "fewer right");
+        assert!(stop.improved(7, s("1111111000", 0.49)), "fewer right, but the loss down 6%");
+        assert!(!stop.improved(8, s("1111111000", 0.47)), "as many right, the loss down 4%");
+        assert_eq!(stop.best_round(), Some(7), "a round that did not improve never replaces the kept one");
+    }
+
+    #[test]
+    fn a_best_recorded_without_its_examples_is_beaten_by_any_higher_accuracy() {
+        let mut stop: Stopping = serde_json::from_str(r#"{"best":[1,{"accuracy":0.5,"loss":0.7}]}"#)
+            .expect("a record from before `correct`");
+        assert!(!stop.improved(2, s("1100", 0.7)), "equal accuracy");
+        assert!(stop.improved(3, s("1110", 0.7)));
+        assert!(!stop.improved(4, s("1111", 0.7)), "compared example by example from here on: won 1, lost 0");
+        assert_eq!(stop.best_round(), Some(3));
     }
 
     #[test]

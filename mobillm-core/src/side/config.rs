@@ -161,10 +161,16 @@ pub fn default_outputs(labels: usize) -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Optimizer {
+    /// AdamW, one second moment per weight: for networks trained on plain activations (`mobillm` sessions on the
+    /// server, `local` on the device).
+    AdamW,
     /// AdamW with one second moment per projection row and per output column instead of per weight
     /// ([`super::adamw::AdamW::share_second_moment`]): a step in the secret coordinates is the rotated image of the
     /// step on plain activations, as with SGD, so the secrets cost nothing (per-weight AdamW depends on the basis).
-    AdamW,
+    /// What `pae` sessions train with. Not the default: with no rotation to be equivariant to, it trains worse on
+    /// small data sets (docs/side-network.md, *Optimiser*).
+    #[serde(rename = "adamw-equivariant")]
+    EquivariantAdamW,
     /// Plain SGD, whose steps are easy to check by hand in tests.
     Sgd,
 }

@@ -105,15 +105,17 @@ impl SideTrainer {
         }
         let net = SideNet::new(cfg, cfg.outputs, VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu))?;
         let opt = match train.optimizer {
-            Optimizer::AdamW => {
+            Optimizer::AdamW | Optimizer::EquivariantAdamW => {
                 let params =
                     candle_nn::ParamsAdamW { lr: train.lr, weight_decay: train.weight_decay, ..Default::default() };
                 let mut adamw = AdamW::new(vars, params)?;
-                // R_i turns the rows of P_i (its input axis), Q the columns of W_out (its output axis).
-                let data = varmap.data().lock().expect("VarMap");
-                for (name, axis) in [(PROJ, 2), (OUT, 0)] {
-                    if let Some(var) = data.get(name) {
-                        adamw.share_second_moment(var, axis)?;
+                if train.optimizer == Optimizer::EquivariantAdamW {
+                    // R_i turns the rows of P_i (its input axis), Q the columns of W_out (its output axis).
+                    let data = varmap.data().lock().expect("VarMap");
+                    for (name, axis) in [(PROJ, 2), (OUT, 0)] {
+                        if let Some(var) = data.get(name) {
+                            adamw.share_second_moment(var, axis)?;
+                        }
                     }
                 }
                 Opt::AdamW(adamw)
