@@ -4,8 +4,9 @@
 //! ~100 MB allocated and freed on every step, which a `local` fine-tune measured as the device's RSS swinging
 //! 236 → 371 MB at each step. Here the only memory beyond the parameters is the two moments.
 //!
-//! A parameter's second moment can also be shared along one axis ([`AdamW::share_second_moment`]): the trainer
-//! shares it along the axes the device's secret rotations act on, so that a step is equivariant to them.
+//! A parameter's second moment can also be shared along one axis ([`AdamW::share_second_moment`]): for `pae`
+//! sessions (`Optimizer::EquivariantAdamW`) the trainer shares it along the axes the device's secret rotations act
+//! on, so that a step is equivariant to them.
 
 use std::cell::RefCell;
 
