@@ -196,6 +196,32 @@ pub fn one_hot(labels: &[u32], k: usize) -> Mat {
     Mat::from_fn(labels.len(), k, |i, j| f32::from(labels[i] as usize == j))
 }
 
+/// Accuracy of `scores` after the one constant per label that best fits `labels` (softmax cross-entropy, by gradient
+/// descent): what anyone holding a few labelled texts gets from a model by correcting its label bias alone, and so
+/// the baseline a stolen model must beat before it has told its thief anything more.
+pub fn calibrated_accuracy(scores: &Mat, labels: &[u32]) -> f64 {
+    let (n, k) = scores.shape();
+    let mut offset = vec![0.0f64; k];
+    // The gradient is the mean of (softmax − one-hot), at most 1 in size and 1/2-Lipschitz, so a unit step
+    // converges; 2000 steps reach offsets of any size a model's logits need.
+    for _ in 0..2000 {
+        let mut gradient = vec![0.0f64; k];
+        for i in 0..n {
+            let row: Vec<f64> = (0..k).map(|j| scores[(i, j)] as f64 + offset[j]).collect();
+            let top = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = row.iter().map(|v| (v - top).exp()).sum();
+            for j in 0..k {
+                gradient[j] += (row[j] - top).exp() / total - f64::from(labels[i] as usize == j);
+            }
+        }
+        for (o, g) in offset.iter_mut().zip(&gradient) {
+            *o -= g / n.max(1) as f64;
+        }
+    }
+    let shifted = Mat::from_fn(n, k, |i, j| scores[(i, j)] + offset[j] as f32);
+    accuracy(&argmax_rows(&shifted), labels)
+}
+
 /// Held-out accuracy of a ridge classifier trained on the first half of (`x`, `labels`) and scored on the second:
 /// how an attacker picks a layer using only its own public data.
 pub fn probe_cv_accuracy(x: &Mat, labels: &[u32], k: usize) -> f64 {
@@ -661,6 +687,26 @@ mod tests {
             (0..1000).map(|i| u32::from(if i % 2 == 0 { i % 20 < 11 } else { i % 20 != 1 })).collect();
         assert_eq!(majority_mapping(&clusters, &votes, 2, 2), vec![1, 1]);
         assert_eq!(agreement_naming(&clusters, &votes, 2), vec![0, 1]);
+    }
+
+    #[test]
+    fn calibration_undoes_a_constant_label_bias_and_nothing_more() {
+        // Three labels; the informative score for the true label is buried under a bias of 6 towards label 0, so
+        // the raw argmax says 0 for nearly everything. One offset per label recovers the scores' information; on
+        // scores that carry none it cannot beat always answering the majority label.
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let labels: Vec<u32> = (0..900).map(|i| [0, 1, 1, 2, 2, 2][i % 6]).collect();
+        let informative = Mat::from_fn(900, 3, |i, j| {
+            f32::from(labels[i] as usize == j) * 2.0 + gaussian(&mut rng) as f32 * 0.5 + if j == 0 { 6.0 } else { 0.0 }
+        });
+        let raw = accuracy(&argmax_rows(&informative), &labels);
+        let calibrated = calibrated_accuracy(&informative, &labels);
+        assert!(raw < 0.2, "raw accuracy {raw}");
+        assert!(calibrated > 0.9, "calibrated accuracy {calibrated}");
+        let noise = Mat::from_fn(900, 3, |_, j| gaussian(&mut rng) as f32 + if j == 0 { 6.0 } else { 0.0 });
+        let majority = 0.5;
+        let calibrated = calibrated_accuracy(&noise, &labels);
+        assert!(calibrated <= majority + 0.02, "calibrated accuracy of noise {calibrated}");
     }
 
     #[test]

@@ -377,7 +377,8 @@ pub fn run(mut args: Args) -> Result<()> {
     }
     let mut line = json!({
         "chance": chance,
-        "zero_shot_acc": full["secrets_on"]["details"]["model"]["zero_shot"],
+        "zero_shot_acc": full["secrets_on"]["details"]["model"]["uncalibrated"]["zero_shot"],
+        "zero_shot_calibrated_acc": full["secrets_on"]["details"]["model"]["zero_shot"],
         "default": full["default"],
         "goals_met": full["goals_met"],
     });
@@ -408,17 +409,12 @@ fn check(full: &Value, chance: f64) -> Result<()> {
     expect(reid >= 0.9, format!("secrets off: re-identification {reid:.3}, expected ≥ 0.9"));
     expect(label >= 0.9, format!("secrets off: label attack {label:.3}, expected ≥ 0.9"));
     expect(text >= 20.0 * text_chance, format!("secrets off: token recovery {text:.4}, expected ≥ 20× chance"));
-    // The adapter is stolen by someone who also has the public backbone: alone it may only undo the backbone's
-    // label bias (a prompt whose zero-shot answer is always one label), added to the backbone's logits it works.
-    let zero_shot = num(&full["zero_shot_acc"]);
-    let (stolen, with_backbone) = (num(&off["stolen_adapter_acc"]), num(&off["stolen_adapter_with_backbone_acc"]));
-    expect(
-        stolen >= chance + 0.15 || with_backbone >= zero_shot.max(chance) + 0.15,
-        format!(
-            "secrets off: stolen adapter {stolen:.3} alone, {with_backbone:.3} with the backbone, expected ≥ chance \
-             + 0.15 or ≥ the backbone's zero-shot {zero_shot:.3} + 0.15"
-        ),
-    );
+    // The stolen adapter's figures grant the thief the best offset per label (audit::model). Alone is the use
+    // the check reads: added to the backbone's logits it is compared with the backbone under the same offset, and
+    // on a prompt whose calibrated zero-shot is within a few points of any fine-tune (UCI's chat format, 91.8%)
+    // that comparison cannot tell a working attack from a failed one.
+    let stolen = num(&off["stolen_adapter_acc"]);
+    expect(stolen >= chance + 0.15, format!("secrets off: stolen adapter {stolen:.3}, expected ≥ chance + 0.15"));
     let default = &full["default"];
     let (reid, text) = (num(&default["reidentification"]), num(&default["text_recovery"]));
     // Re-identification sits near its goal (4.5–5.7% measured), so a bound at the goal would fail about half the
@@ -433,12 +429,6 @@ fn check(full: &Value, chance: f64) -> Result<()> {
     expect(text <= 0.025, format!("default: token recovery {text:.4}, expected ≤ 0.025 (goal 0.05)"));
     let stolen = num(&default["stolen_adapter_acc"]);
     expect(stolen <= chance + 0.05, format!("default: stolen adapter {stolen:.3}, expected ≤ chance + 0.05"));
-    let with_backbone =
-        DEFAULT.iter().map(|c| num(&full[*c]["stolen_adapter_with_backbone_acc"])).fold(f64::NAN, f64::max);
-    expect(
-        with_backbone <= zero_shot.max(chance) + 0.05,
-        format!("default: stolen adapter with the backbone {with_backbone:.3}, expected ≤ its zero-shot + 0.05"),
-    );
     anyhow::ensure!(failures.is_empty(), "privacy audit check failed:\n  {}", failures.join("\n  "));
     eprintln!(
         "audit check passed: every attack family works with the secrets off; with the default, re-identification, \

@@ -62,9 +62,16 @@ pub fn write_docs(r: &Value) -> Result<()> {
     for key in keys("/details/text/attacks") {
         row(&format!("· {}", key.replace('_', " ")), &format!("/details/text/attacks/{key}"), "");
     }
-    row("**stolen adapter** alone", "/stolen_adapter_acc", &label_goal);
-    row("· stolen adapter + public backbone logits", "/stolen_adapter_with_backbone_acc", "");
-    row("· public backbone alone (zero-shot)", "/details/model/zero_shot", "");
+    row("**stolen adapter** alone, best offset per label", "/stolen_adapter_acc", &label_goal);
+    row("· stolen adapter + public backbone logits, best offset", "/stolen_adapter_with_backbone_acc", "");
+    row("· public backbone alone, best offset (calibrated zero-shot)", "/details/model/zero_shot", "");
+    row("· stolen adapter alone, as it is", "/details/model/uncalibrated/adapter_alone", "");
+    row(
+        "· stolen adapter + public backbone logits, as they are",
+        "/details/model/uncalibrated/with_public_backbone",
+        "",
+    );
+    row("· public backbone alone (zero-shot)", "/details/model/uncalibrated/zero_shot", "");
     row("the device's own fine-tuned accuracy", "/details/device_finetuned_acc", "");
     let section = format!(
         "{START}\n## Measured\n\n`{cmd}` on {machine}, {date}: {train} training sentences fine-tuned through the real \
