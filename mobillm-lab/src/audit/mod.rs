@@ -428,7 +428,7 @@ fn check(full: &Value, chance: f64) -> Result<()> {
     );
     // Token recovery is the best of four attacks at six layers in two conditions, and moves with the secrets'
     // draw (0.8–2.6% measured on the chat-format prompt): it is held to half its goal the same way, by the rate's
-    // 99% lower bound over the content tokens counted — at 200 texts of about 8, failing from about 3.5%.
+    // 99% lower bound over the content tokens counted — at 200 texts of about 6, failing from about 3.8%.
     let tokens = attacked * num(&full["secrets_on"]["details"]["text"]["content_tokens_per_text"]);
     let text_low = wilson_lower_bound(text, tokens, 2.326);
     expect(
