@@ -421,7 +421,7 @@ fn check(full: &Value, chance: f64) -> Result<()> {
     // runs on noise alone. The check fails when the data show the goal missed: the rate's one-sided 99% lower
     // confidence bound (Wilson) above 5% — at 200 attacked samples, 18 or more re-identified.
     let attacked = num(&full["data"]["attacked"]);
-    let reid_low = wilson_lower_bound(reid, attacked, 2.326);
+    let reid_low = wilson_lower_bound(reid, attacked, Z_ONE_SIDED_99);
     expect(
         reid_low <= 0.05,
         format!("default: re-identification {reid:.3} of {attacked}, its 99% lower bound {reid_low:.3} is over 0.05"),
@@ -430,7 +430,7 @@ fn check(full: &Value, chance: f64) -> Result<()> {
     // draw (0.8–2.6% measured on the chat-format prompt): it is held to half its goal the same way, by the rate's
     // 99% lower bound over the content tokens counted — at 200 texts of about 6, failing from about 3.8%.
     let tokens = attacked * num(&full["secrets_on"]["details"]["text"]["content_tokens_per_text"]);
-    let text_low = wilson_lower_bound(text, tokens, 2.326);
+    let text_low = wilson_lower_bound(text, tokens, Z_ONE_SIDED_99);
     expect(
         text_low <= 0.025,
         format!(
@@ -441,7 +441,7 @@ fn check(full: &Value, chance: f64) -> Result<()> {
     // in one quick audit): held to its goal by its accuracy's 99% lower bound, like the rates above.
     let stolen = num(&default["stolen_adapter_acc"]);
     let public = num(&full["data"]["public"]);
-    let stolen_low = wilson_lower_bound(stolen, public, 2.326);
+    let stolen_low = wilson_lower_bound(stolen, public, Z_ONE_SIDED_99);
     expect(
         stolen_low <= chance + 0.05,
         format!("default: stolen adapter {stolen:.3} on {public} texts, its 99% lower bound {stolen_low:.3} is over chance + 0.05"),
@@ -453,6 +453,9 @@ fn check(full: &Value, chance: f64) -> Result<()> {
     );
     Ok(())
 }
+
+/// Standard errors below the rate for the check's one-sided 99% lower confidence bounds.
+const Z_ONE_SIDED_99: f64 = 2.326;
 
 /// The lower end of the Wilson score interval for a rate `p` measured on `n` trials, `z` standard errors down.
 fn wilson_lower_bound(p: f64, n: f64, z: f64) -> f64 {
