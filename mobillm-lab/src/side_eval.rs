@@ -106,8 +106,7 @@ pub struct Args {
     #[arg(long)]
     pub calibrate: bool,
     /// Train every round up to `--max-rounds` even after the stopping rule ends the fine-tune (the round kept
-    /// stays the rule's), recording each round's validation predictions and per-example losses, to compare stopping
-    /// rules afterwards.
+    /// stays the rule's), recording each round's validation predictions, to compare stopping rules afterwards.
     #[arg(long)]
     pub all_rounds: bool,
 }
@@ -325,11 +324,7 @@ fn one_run(
         })?;
         decoded = Some(secrets.decode_outputs(&trainer.outputs(&x)?)?);
         let folded = secrets.fold(trainer.net())?;
-        let v = if has_validation {
-            Some(Validation::of(&(&validation.logits + folded.forward(&x_validation)?)?, &validation.labels)?)
-        } else {
-            None
-        };
+        let v = if has_validation { Some(score(&folded, &x_validation, &validation)?) } else { None };
         let correction = folded.forward(&x_test)?;
         let sum = match correction_sum.take() {
             Some(s) => (s + &correction)?,
@@ -379,7 +374,7 @@ fn one_run(
             })?;
             let corrections = |x: &Tensor| -> Result<Tensor> { Ok(ce.outputs(x)?.narrow(1, 0, k)?) };
             let v = if has_validation {
-                Some(Validation::of(&(&validation.logits + corrections(&x_val_rot)?)?, &validation.labels)?)
+                Some(Score::of(&(&validation.logits + corrections(&x_val_rot)?)?, &validation.labels)?)
             } else {
                 None
             };
@@ -473,7 +468,7 @@ fn rounds(
     max_rounds: usize,
     has_validation: bool,
     all_rounds: bool,
-    mut round: impl FnMut(usize) -> Result<(Option<Validation>, f64, Option<f64>)>,
+    mut round: impl FnMut(usize) -> Result<(Option<Score>, f64, Option<f64>)>,
 ) -> Result<Trace> {
     let max = if has_validation { max_rounds } else { max_rounds.min(ROUNDS_WITHOUT_VALIDATION) };
     let mut stopping = Stopping::default();
@@ -483,17 +478,16 @@ fn rounds(
         let (validation, test_acc, loss) = round(r)?;
         trace.rounds.push(serde_json::json!({
             "round": r, "loss": loss, "test_acc": test_acc,
-            "validation_acc": validation.as_ref().map(|v| v.score.accuracy),
-            "validation_loss": validation.as_ref().map(|v| v.score.loss),
-            "validation_correct": validation.as_ref().map(|v| v.score.correct.iter().map(|&c| if c { '1' } else { '0' }).collect::<String>()),
-            "validation_losses": validation.as_ref().map(|v| &v.losses),
+            "validation_acc": validation.as_ref().map(|v| v.accuracy),
+            "validation_loss": validation.as_ref().map(|v| v.loss),
+            "validation_correct": validation.as_ref().map(|v| v.correct.iter().map(|&c| if c { '1' } else { '0' }).collect::<String>()),
         }));
         if stopped {
             continue;
         }
         trace.rounds_used = r;
         let improved = match validation {
-            Some(v) => stopping.improved(r, v.score),
+            Some(v) => stopping.improved(r, v),
             None => true,
         };
         if improved {
@@ -505,28 +499,6 @@ fn rounds(
         }
     }
     Ok(trace)
-}
-
-/// A round's score on the validation split, and each example's cross-entropy (recorded, so that a stopping rule on
-/// paired losses can be replayed later).
-struct Validation {
-    score: Score,
-    losses: Vec<f32>,
-}
-
-impl Validation {
-    fn of(fused: &Tensor, labels: &[u32]) -> Result<Self> {
-        let rows = fused.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        let losses = rows
-            .iter()
-            .zip(labels)
-            .map(|(row, &label)| {
-                let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                top + row.iter().map(|v| (v - top).exp()).sum::<f32>().ln() - row[label as usize]
-            })
-            .collect();
-        Ok(Self { score: Score::of(fused, labels)?, losses })
-    }
 }
 
 /// The rounds one training ran and the held-out accuracy of the network it kept.

@@ -12,7 +12,10 @@
 //! moves by a point or two between equally good rounds, and on UCI a later round that "improved" by that much
 //! was usually worse held out than round 1. Why the loss too, by a clear margin: on a small split the accuracy
 //! saturates (80 BBC articles, 3 wrong from round 2 on) while the rounds still pay off held out, and it shows as
-//! a falling cross-entropy. Both thresholds were chosen on four tasks' rounds (docs/side-network.md, *Rounds*).
+//! a falling cross-entropy. Why a margin as wide as 15%: on UCI's 2400 sentences the later rounds lower the
+//! split's cross-entropy by 4–25% — every example a little more confident, 9 in 10 of them lower — without
+//! helping held out, so neither a smaller drop nor one consistent across examples tells them from rounds that
+//! help. Both thresholds were chosen on four tasks' rounds (docs/side-network.md, *Rounds*).
 
 use candle_core::{Device, Tensor};
 
@@ -33,7 +36,7 @@ pub const ROUNDS_WITHOUT_VALIDATION: usize = 3;
 /// A round must win this many standard deviations more of the split's disputed examples than it loses…
 pub const MIN_GAIN_SDS: f64 = 1.0;
 /// …or lower the split's cross-entropy by this share.
-pub const MIN_LOSS_GAIN: f64 = 0.05;
+pub const MIN_LOSS_GAIN: f64 = 0.15;
 
 /// The indices of `n` training examples to hold back and of those to send, each sorted; none held back when a
 /// split would be smaller than [`MIN_VALIDATION`] or there is only one round to choose.
@@ -124,12 +127,12 @@ mod tests {
         let mut stop = Stopping::default();
         assert!(stop.improved(1, s("0000000000", 0.50)), "the first round is the best so far");
         assert!(stop.improved(2, s("1110000000", 0.52)), "won 3, lost 0: 3 > √3, even with the loss up");
-        assert!(!stop.improved(3, s("1111000000", 0.50)), "won 1, lost 0: not more than √1; loss down 4%");
+        assert!(!stop.improved(3, s("1111000000", 0.45)), "won 1, lost 0: not more than √1; loss down 13%");
         assert!(!stop.improved(4, s("0001111100", 0.52)), "won 5, lost 3: 2 < √8, though 2 more are right");
         assert!(stop.improved(5, s("1111111100", 0.52)), "won 5, lost 0");
         assert!(!stop.improved(6, s("1111111000", 0.52)), "fewer right");
-        assert!(stop.improved(7, s("1111111000", 0.49)), "fewer right, but the loss down 6%");
-        assert!(!stop.improved(8, s("1111111000", 0.47)), "as many right, the loss down 4%");
+        assert!(stop.improved(7, s("1111111000", 0.44)), "fewer right, but the loss down 15.4%");
+        assert!(!stop.improved(8, s("1111111000", 0.38)), "as many right, the loss down 13.6%");
         assert_eq!(stop.best_round(), Some(7), "a round that did not improve never replaces the kept one");
     }
 
