@@ -127,7 +127,7 @@ mod tests {
         let mut stop = Stopping::default();
         assert!(stop.improved(1, s("0000000000", 0.50)), "the first round is the best so far");
         assert!(stop.improved(2, s("1110000000", 0.52)), "won 3, lost 0: 3 > √3, even with the loss up");
-        assert!(!stop.improved(3, s("1111000000", 0.45)), "won 1, lost 0: not more than √1; loss down 13%");
+        assert!(!stop.improved(3, s("1111000000", 0.45)), "won 1, lost 0: not more than √1; loss down 13.5%");
         assert!(!stop.improved(4, s("0001111100", 0.52)), "won 5, lost 3: 2 < √8, though 2 more are right");
         assert!(stop.improved(5, s("1111111100", 0.52)), "won 5, lost 0");
         assert!(!stop.improved(6, s("1111111000", 0.52)), "fewer right");
