@@ -235,14 +235,15 @@ impl AssistClient {
 
     /// Asks the server to train `epochs` more epochs from the current weights (the job is queued, then runs).
     pub fn train(&self, s: &Session, epochs: usize) -> Result<JobState> {
-        self.train_keyed(s, epochs, &idempotency_key()?)
+        self.train_keyed(s, epochs, false, &idempotency_key()?)
     }
 
     /// [`AssistClient::train`] with the caller's idempotency key: asked again with the same key (after a crash,
-    /// say), the server answers with the job that key started instead of starting another.
-    pub fn train_keyed(&self, s: &Session, epochs: usize, key: &str) -> Result<JobState> {
+    /// say), the server answers with the job that key started instead of starting another. `from_scratch` trains
+    /// from the session's initial weights instead.
+    pub fn train_keyed(&self, s: &Session, epochs: usize, from_scratch: bool, key: &str) -> Result<JobState> {
         let url = self.session_url(s, "/train");
-        let req = TrainRequest { epochs };
+        let req = TrainRequest { epochs, from_scratch };
         let resp = self.send(|| self.http.post(&url).bearer_auth(&s.token).header(IDEMPOTENCY_KEY, key).json(&req))?;
         Ok(self.json::<crate::protocol::TrainAccepted>(resp, "train")?.job)
     }

@@ -350,12 +350,16 @@ pub struct TargetsAck {
     pub updated: usize,
 }
 
-/// `POST /v1/sessions/{id}/train`: train this many more epochs, continuing from the current weights.
+/// `POST /v1/sessions/{id}/train`: train this many more epochs, continuing from the current weights — or, with
+/// `from_scratch`, from the session's initial weights (the device's refit on every example after the rounds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainRequest {
     #[serde(deserialize_with = "whole::usize")]
     pub epochs: usize,
+    /// Omitted (what older devices send) means false; sent only when true, so older servers see no change.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_scratch: bool,
 }
 
 /// `202` to [`TrainRequest`].

@@ -145,27 +145,31 @@ fn pae_holds_back_a_validation_split_and_keeps_the_last_round_that_improved_on_i
     let o = fine_tune(backbone, spec(), &train, &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
     assert_eq!((o.train_samples, o.validation_samples), (220, 22), "a tenth stays on the device");
     let rec = server.state.store.sessions(None, 100).unwrap().pop().unwrap();
-    assert_eq!(server.state.store.training_set(&rec).unwrap().ids.len(), 198, "the server never saw the split");
+    assert_eq!(server.state.store.training_set(&rec).unwrap().ids.len(), 220, "the refit sent the split too");
     server.state.store.delete_session(&rec.id).unwrap();
 
     assert!((1..=4).contains(&o.rounds_used), "{o:?}");
-    assert_eq!(o.rounds.len(), o.rounds_used, "one report per round run");
-    assert!(o.rounds.iter().all(|r| r.validation_acc.is_some()), "every round was scored on the split");
     if o.rounds_used < 4 {
         assert_eq!(o.kept_round, o.rounds_used - 1, "it stops at the first round that did not improve");
     }
-    // The adapter is the kept round's network.
-    assert_eq!(o.finetuned_acc, Some(o.rounds[o.kept_round - 1].finetuned_acc));
+    // One report per round, then the refit's: as many rounds as were kept, not scored on the split it trains on.
+    assert_eq!(o.refit_rounds, o.kept_round);
+    assert_eq!(o.rounds.len(), o.rounds_used + o.refit_rounds, "{:?}", o.rounds);
+    let (rule, refit) = o.rounds.split_at(o.rounds_used);
+    assert!(rule.iter().all(|r| r.validation_acc.is_some()), "every round was scored on the split");
+    assert!(refit.iter().all(|r| r.validation_acc.is_none()), "{refit:?}");
+    // The adapter is the refit's last network.
+    assert_eq!(o.finetuned_acc, o.rounds.last().map(|r| r.finetuned_acc));
 
-    // Steps too small to move the validation loss by 1%: the second round is no improvement, so the fine-tune
+    // Steps too small to move the validation loss by 15%: the second round is no improvement, so the fine-tune
     // stops there and keeps the first.
     let stalled = FineTuneConfig { lr: 1e-9, keep_server_session: false, ..cfg.clone() };
     let s = fine_tune(backbone, spec(), &train, &test, &stalled, &CancelToken::new(), &mut |_| {}).unwrap();
-    assert_eq!((s.rounds_used, s.kept_round), (2, 1), "{:?}", s.rounds);
+    assert_eq!((s.rounds_used, s.kept_round, s.refit_rounds), (2, 1, 1), "{:?}", s.rounds);
 
     // Too few examples for a split: all are sent and the fixed 3 rounds run, not the 4 allowed.
     let small = fine_tune(backbone, spec(), &train[..40], &test, &cfg, &CancelToken::new(), &mut |_| {}).unwrap();
-    assert_eq!((small.validation_samples, small.rounds_used, small.kept_round), (0, 3, 3));
+    assert_eq!((small.validation_samples, small.rounds_used, small.kept_round, small.refit_rounds), (0, 3, 3, 0));
     assert!(small.rounds.iter().all(|r| r.validation_acc.is_none()));
 }
 

@@ -79,6 +79,7 @@ impl From<Phase> for FineTunePhase {
             Phase::Forward => FineTunePhase::Forward,
             Phase::Train => FineTunePhase::Train,
             Phase::Targets => FineTunePhase::Targets,
+            Phase::Refit => FineTunePhase::Refit,
             Phase::Evaluate => FineTunePhase::Evaluate,
             Phase::Done => FineTunePhase::Done,
         }
@@ -155,6 +156,7 @@ impl From<Outcome> for FineTuneResult {
             test_samples: o.test_samples as u64,
             rounds_used: o.rounds_used as u32,
             kept_round: o.kept_round as u32,
+            refit_rounds: o.refit_rounds as u32,
             upload_bytes: o.upload_bytes,
             device_forward_seconds: o.device_forward_s,
             device_train_seconds: o.device_train_s,
@@ -313,7 +315,8 @@ mod tests {
 
     #[test]
     fn phases_and_progress_map_one_to_one() {
-        let phases = [Phase::Secrets, Phase::Forward, Phase::Train, Phase::Targets, Phase::Evaluate, Phase::Done];
+        let phases =
+            [Phase::Secrets, Phase::Forward, Phase::Train, Phase::Targets, Phase::Refit, Phase::Evaluate, Phase::Done];
         let mapped: Vec<FineTunePhase> = phases.iter().map(|&p| p.into()).collect();
         let mut distinct = mapped.clone();
         distinct.dedup();

@@ -125,6 +125,8 @@ pub enum FineTunePhase {
     Forward,
     Train,
     Targets,
+    /// Training again on every example, the validation split included, for the rounds the rule kept.
+    Refit,
     Evaluate,
     Done,
 }
@@ -182,9 +184,12 @@ pub struct FineTuneResult {
     pub train_samples: u64,
     pub validation_samples: u64,
     pub test_samples: u64,
-    /// Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the adapter holds.
+    /// Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the validation split chose.
     pub rounds_used: u32,
     pub kept_round: u32,
+    /// `pae` with a validation split: the rounds run again on every example (`kept_round` of them), whose last
+    /// network the adapter holds; 0 otherwise (the adapter holds `kept_round`'s).
+    pub refit_rounds: u32,
     pub upload_bytes: u64,
     pub device_forward_seconds: f64,
     /// Seconds the device spent training the side network (`local`; 0 otherwise).

@@ -153,7 +153,11 @@ fn train(state: &AppState, rec: SessionRecord, control: &JobControl) -> Result<(
     }
     let (done, total) = (rec.job.epochs_done, rec.job.epochs_total);
     // One job is one `pae` round: it ends at a learning rate near zero, and a resumed job continues the schedule.
-    let mut trainer = load_trainer(state, &rec)?.annealed(done, total);
+    let trainer = match rec.fresh_weights {
+        true => SideTrainer::new(&rec.side, &rec.train).map_err(|e| e.to_string())?,
+        false => load_trainer(state, &rec)?,
+    };
+    let mut trainer = trainer.annealed(done, total);
     let (t, d, k) = (rec.shape.layers, rec.shape.dim, rec.shape.outputs);
     let x = Tensor::from_vec(set.x, (n, t, d), &Device::Cpu).map_err(|e| e.to_string())?;
     let targets = Tensor::from_vec(set.targets, (n, k), &Device::Cpu).map_err(|e| e.to_string())?;
@@ -176,6 +180,7 @@ fn train(state: &AppState, rec: SessionRecord, control: &JobControl) -> Result<(
                         holds_lease(r, control.worker())?;
                         r.job.epochs_done = epochs_done;
                         r.job.loss = Some(report.loss);
+                        r.fresh_weights = false;
                         r.start_attempts = 0;
                         if epochs_done >= r.job.epochs_total {
                             r.job.status = JobStatus::Done;

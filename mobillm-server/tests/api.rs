@@ -310,8 +310,32 @@ async fn training_outputs_targets_and_adapter(backend: Backend) {
         Frame::rows(FrameKind::Targets, with_unknown, OUTPUTS, vec![9.0; 3 * OUTPUTS]).encode(Quant::F16).unwrap();
     let (status, body) = call(&state, "PUT", &format!("/v1/sessions/{id}/targets"), Some(&token), bad).await;
     assert_eq!((status, body["code"].as_str()), (StatusCode::BAD_REQUEST, Some("unknown_sample")));
-    let set = blocking(&state, move |s| s.store.training_set(&s.store.session(&id).unwrap().unwrap()).unwrap()).await;
+    let session = id.clone();
+    let set =
+        blocking(&state, move |s| s.store.training_set(&s.store.session(&session).unwrap().unwrap()).unwrap()).await;
     assert!(set.targets.iter().all(|&t| t == 1.0), "the refused update left every target as it was");
+
+    // `from_scratch` trains from the initial weights: twice from scratch gives one network, and continuing
+    // from the checkpoint another.
+    let adapter_after = async |body: serde_json::Value| {
+        let (status, resp) =
+            call(&state, "POST", &format!("/v1/sessions/{id}/train"), Some(&token), body.to_string().into_bytes())
+                .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{resp}");
+        assert_eq!(wait_done(&state, &id, &token).await["job"]["status"], "done");
+        let bytes = raw_get(&state, &format!("/v1/sessions/{id}/adapter"), &token).await;
+        let (mut tensors, _) =
+            mobillm_core::side::weights_file::from_bytes(&zstd::stream::decode_all(&bytes[..]).unwrap()).unwrap();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        tensors.iter().flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect::<Vec<f32>>()
+    };
+    let scratch = serde_json::json!({"epochs": 3, "from_scratch": true});
+    let first = adapter_after(scratch.clone()).await;
+    let continued = adapter_after(serde_json::json!({"epochs": 3})).await;
+    let again = adapter_after(scratch).await;
+    let distance = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(distance(&first, &again) < 1e-5, "from scratch twice: {}", distance(&first, &again));
+    assert!(distance(&first, &continued) > 1e-3, "continuing moved on: {}", distance(&first, &continued));
 }
 
 #[test]

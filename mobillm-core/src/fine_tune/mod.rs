@@ -77,12 +77,17 @@ pub struct Outcome {
     /// server's step time as seen by the device (`mobillm`).
     pub server_train_s: f64,
     pub wall_s: f64,
-    /// Refinement rounds run (`pae`; at most `max_rounds`) or passes over the data (`mobillm`), and the one whose
-    /// network the adapter holds (the last that improved on the validation split; the last without one).
+    /// Refinement rounds run (`pae`; at most `max_rounds`) or passes over the data (`mobillm`), and the one the
+    /// validation split chose (the last that improved on it; the last without one).
     pub rounds_used: usize,
     pub kept_round: usize,
-    /// Held-out accuracy after each refinement round (`pae`) or pass over the data (`mobillm`), with the time
-    /// since the fine-tune started (for time-to-accuracy); empty without held-out examples.
+    /// `pae` with a validation split: the rounds run again from the initial weights on every example, the split
+    /// included (`kept_round` of them; `stopping`); the adapter holds the last one's network. 0 otherwise: the
+    /// adapter holds `kept_round`'s.
+    pub refit_rounds: usize,
+    /// Held-out accuracy after each refinement round (`pae`, the refit's after them) or pass over the data
+    /// (`mobillm`), with the time since the fine-tune started (for time-to-accuracy); empty without held-out
+    /// examples.
     pub rounds: Vec<RoundReport>,
     /// Times the fine-tune was resumed from its state file (0: it ran in one go). The figures above add up every
     /// process's share.
@@ -201,18 +206,20 @@ fn run(
     let validation: Vec<Example> = held_back.iter().map(|&i| train[i].clone()).collect();
     let validation_labels: Vec<u32> = held_back.iter().map(|&i| all_labels[i]).collect();
     let fit: Vec<Example> = sent.iter().map(|&i| train[i].clone()).collect();
-    let labels: Vec<u32> = sent.iter().map(|&i| all_labels[i]).collect();
-    // Drawn once: every round trains on the same noisy labels, so each label is released once (and a resumed
-    // fine-tune draws the same from its recorded seed).
+    // Drawn once, for every example: every round trains on the same noisy labels and the refit sends the split's
+    // (`stopping`), so each label is released once (and a resumed fine-tune draws the same from its recorded
+    // seed).
     let noise_seed = match (&journal, cfg.label_epsilon) {
         (Some(j), _) => j.record.noise_seed,
         (None, Some(_)) => Some(os_seed()?),
         (None, None) => None,
     };
-    let labels = match (cfg.label_epsilon, noise_seed) {
-        (Some(epsilon), Some(seed)) => label_noise::randomize(&labels, task.labels().len(), epsilon, seed)?,
-        _ => labels,
+    let released = match (cfg.label_epsilon, noise_seed) {
+        (Some(epsilon), Some(seed)) => label_noise::randomize(&all_labels, task.labels().len(), epsilon, seed)?,
+        _ => all_labels.clone(),
     };
+    let labels: Vec<u32> = sent.iter().map(|&i| released[i]).collect();
+    let refit_labels: Vec<u32> = held_back.iter().map(|&i| released[i]).collect();
     let test_labels = label_indices(&task, test)?;
     let secrets = match (&journal, cfg.mode == Mode::Pae && cfg.secrets) {
         (Some(j), true) => Secrets::from_seed(
@@ -256,7 +263,8 @@ fn run(
                     (RemoteSession::reopen(cfg, &side, session, acked, &path)?, journal)
                 }
                 None => {
-                    let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), fit.len())?;
+                    // Sized for every example: the refit sends the split too.
+                    let remote = RemoteSession::open(cfg, &side, backbone.fingerprint(), train.len())?;
                     let journal = Journal::start(
                         cfg.state.clone(),
                         Start {
@@ -278,7 +286,14 @@ fn run(
             };
             resumes = journal.record.resumes;
             wall_before = journal.record.wall_s;
-            let result = run.pae(&remote, &mut journal, (&fit, &labels), validation, test, progress);
+            let result = run.pae(
+                &remote,
+                &mut journal,
+                (&fit, &labels),
+                (validation.0, validation.1, &refit_labels),
+                test,
+                progress,
+            );
             match result {
                 // The end and a cancel delete the record and (unless asked to keep it) the session.
                 Ok(_) | Err(Error::Cancelled) => {
@@ -335,6 +350,7 @@ fn run(
         wall_s: wall_before + started.elapsed().as_secs_f64(),
         rounds_used: trained.rounds.used,
         kept_round: trained.rounds.stopping.best_round().unwrap_or(trained.rounds.used),
+        refit_rounds: trained.rounds.refit,
         rounds: trained.rounds.reports,
         resumes,
     })
@@ -410,6 +426,8 @@ struct Rounds {
     kept: Option<SideNet>,
     stopping: stopping::Stopping,
     used: usize,
+    /// The refit's rounds run (`pae`).
+    refit: usize,
 }
 
 impl Run<'_> {

@@ -8,7 +8,10 @@
 //! returns the logits of their candidate words, the decoys are chosen and fitted on the whitened calibration
 //! subset, each example's decoy labels are drawn once when it is forwarded and kept with its `z_b`, and every
 //! target carries the decoys' differences beside the real ones. Rounds continue until the validation split the
-//! device holds back stops improving, or `max_rounds` (`stopping`).
+//! device holds back stops improving, or `max_rounds` (`stopping`). Then the refit: the device sends the split
+//! (whitened and rotated like the rest) and everyone's first targets, and the server trains from its initial
+//! weights for as many rounds as the rule kept, on every example; the adapter is the refit's last network. Not
+//! with decoys: the split's decoy labels would need its decoy words' logits, which its forward does not keep.
 //!
 //! Every acknowledged step goes into the fine-tune's [`Journal`] (`state`): a resumed fine-tune forwards only the
 //! examples the server has not acknowledged, with the recorded whitening, ids and secrets, and re-enters the
@@ -19,11 +22,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::held_out::Pivots;
 use super::progress::{Phase, Progress};
 use super::remote::{RemoteSession, Sent, Upload};
 use super::state::{Journal, Step};
 use super::stopping::ROUNDS_WITHOUT_VALIDATION;
-use super::{random_split, Rounds, Run, Trained};
+use super::{random_split, RoundReport, Rounds, Run, Trained};
 use crate::backbone::batching::{scatter_rows, BATCH_TOKENS};
 use crate::dataset::Example;
 use crate::error::{Error, Result};
@@ -39,7 +43,8 @@ impl Run<'_> {
         remote: &RemoteSession,
         journal: &mut Journal,
         (train, labels): (&[Example], &[u32]),
-        (validation, validation_labels): (&[Example], &[u32]),
+        // The split, its true labels (to score rounds) and those the refit sends (noisy under label noise).
+        (validation, validation_labels, refit_labels): (&[Example], &[u32], &[u32]),
         test: &[Example],
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Trained> {
@@ -202,8 +207,11 @@ impl Run<'_> {
         self.secrets.release_rotations();
 
         let (mut held_out, mut validation_pivots) = (None, None);
-        let Step::Round { round: first_round, .. } = journal.record.step else {
-            return Err(Error::Internal("the upload ended without a round to start".into()));
+        let (first_round, used, refit_from) = match journal.record.step {
+            Step::Round { round, .. } => (round, round - 1, 1),
+            // A resumed refit: the rounds are over.
+            Step::Refit { after, round, .. } => (usize::MAX, after, round),
+            Step::Upload => return Err(Error::Internal("the upload ended without a round to start".into())),
         };
         // A resumed fine-tune takes up the rounds' record; the network kept is the best round's (in the tensors
         // file).
@@ -211,61 +219,110 @@ impl Run<'_> {
             reports: journal.record.reports.clone(),
             kept,
             stopping: journal.record.stopping.clone(),
-            used: first_round - 1,
+            used,
+            refit: 0,
         };
         let mut loss = None;
         let max_rounds = match validation.is_empty() {
             true => self.cfg.max_rounds.min(ROUNDS_WITHOUT_VALIDATION),
             false => self.cfg.max_rounds,
         };
+        let decoy_columns = k * (m + 1);
         for round in first_round..=max_rounds {
-            let Step::Round { train_key, .. } = journal.record.step.clone() else { unreachable!("set above") };
-            let key = match train_key {
-                // Asked before a crash or detach: asking again with the key returns that job.
-                Some(key) => key,
-                None => {
-                    if round > 1 {
-                        // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
-                        progress(&Progress::new(Phase::Targets, 0, n, round, loss));
-                        let o = remote.outputs(&ids)?;
-                        let decoded = self.secrets.decode_columns(&o, k * (m + 1))?;
-                        let delta = decoys::differences(&z_b, Some(&decoded), labels, &decoy_labels, self.cfg.tau)?;
-                        journal.record.upload_bytes +=
-                            remote.upload_targets(&ids, &(o + self.secrets.encode_targets(&delta)?)?)?;
-                    }
-                    self.cancel.check()?;
-                    let key = crate::client::idempotency_key()?;
-                    journal.record.step = Step::Round { round, train_key: Some(key.clone()) };
-                    journal.save()?;
-                    key
+            let key = self.train_key(journal, progress, |progress| {
+                if round == 1 {
+                    return Ok(0);
                 }
-            };
+                // Refinement: decode the server's outputs and send new targets o + Q·[Δ; 0].
+                progress(&Progress::new(Phase::Targets, 0, n, round, loss));
+                let o = remote.outputs(&ids)?;
+                let decoded = self.secrets.decode_columns(&o, decoy_columns)?;
+                let delta = decoys::differences(&z_b, Some(&decoded), labels, &decoy_labels, self.cfg.tau)?;
+                remote.upload_targets(&ids, &(o + self.secrets.encode_targets(&delta)?)?)
+            })?;
             let start = Instant::now();
-            remote.start_training(self.cfg.epochs, &key)?;
+            remote.start_training(self.cfg.epochs, false, &key)?;
             progress(&Progress::new(Phase::Train, 0, self.cfg.epochs, round, loss));
             if held_out.is_none() && validation_pivots.is_none() {
                 // The server trains while the device forwards the validation and held-out sets (once per process).
                 validation_pivots = self.forward_held_out(validation, whitening.as_ref(), progress)?;
                 held_out = self.forward_held_out(test, whitening.as_ref(), progress)?;
             }
-            loss = remote.wait_trained(self.cfg, |job| {
-                self.cancel.check()?;
-                progress(&Progress::new(Phase::Train, job.epochs_done, job.epochs_total, round, job.loss));
-                Ok(())
-            })?;
+            loss = self.wait_trained(remote, Phase::Train, round, progress)?;
             journal.record.server_train_s += start.elapsed().as_secs_f64();
             let net = self.secrets.fold(&remote.side_network()?)?;
             let validation = validation_pivots.as_ref().map(|v| (v, validation_labels));
             let flow = self.end_round(&mut rounds, round, net, held_out.as_ref(), validation)?;
-            if flow.is_break() || round == max_rounds {
-                break;
+            let next = match flow.is_break() || round == max_rounds {
+                true => Step::Refit { after: round, round: 1, train_key: None },
+                false => Step::Round { round: round + 1, train_key: None },
+            };
+            // A kept round's network goes into the tensors file before the record moves on.
+            if flow.is_continue() {
+                journal.save_tensors(whitening.as_ref(), rounds.kept.as_ref().map(|net| (round, net)))?;
             }
-            // The round is kept (it improved): its network goes into the tensors file before the record moves on.
-            journal.save_tensors(whitening.as_ref(), rounds.kept.as_ref().map(|net| (round, net)))?;
             journal.record.stopping = rounds.stopping.clone();
             journal.record.reports = rounds.reports.clone();
-            journal.record.step = Step::Round { round: round + 1, train_key: None };
+            journal.record.step = next;
             journal.save()?;
+            if flow.is_break() {
+                break;
+            }
+        }
+
+        // The refit (`stopping`): the rounds the rule kept, again from the initial weights, on every example.
+        let refit_rounds = match (m, validation.is_empty()) {
+            (0, false) => rounds.stopping.best_round().unwrap_or(0),
+            _ => 0,
+        };
+        if refit_rounds > 0 {
+            if validation_pivots.is_none() {
+                validation_pivots = self.forward_held_out(validation, whitening.as_ref(), progress)?;
+                held_out = self.forward_held_out(test, whitening.as_ref(), progress)?;
+            }
+            let split = validation_pivots.as_ref().ok_or_else(|| Error::Internal("no validation split".into()))?;
+            let all_ids: Vec<SampleId> = ids.iter().chain(&journal.record.validation_ids).copied().collect();
+            let all_labels: Vec<u32> = labels.iter().chain(refit_labels).copied().collect();
+            let all_z_b = Tensor::cat(&[&z_b, &split.logits], 0)?;
+            let split_ids = journal.record.validation_ids.clone();
+            for round in refit_from..=refit_rounds {
+                let key = self.train_key(journal, progress, |progress| {
+                    progress(&Progress::new(Phase::Refit, 0, self.cfg.epochs, round, loss));
+                    let (o, sent) = match round {
+                        // The split's samples and everyone's first targets; training starts from scratch.
+                        1 => (None, self.upload_split(remote, split, &split_ids, refit_labels)?),
+                        _ => (Some(remote.outputs(&all_ids)?), 0),
+                    };
+                    let decoded = o.as_ref().map(|o| self.secrets.decode_outputs(o)).transpose()?;
+                    let delta = decoys::differences(&all_z_b, decoded.as_ref(), &all_labels, &[], self.cfg.tau)?;
+                    let targets = match o {
+                        Some(o) => (o + self.secrets.encode_targets(&delta)?)?,
+                        None => self.secrets.encode_targets(&delta)?,
+                    };
+                    Ok(sent + remote.upload_targets(&all_ids, &targets)?)
+                })?;
+                let start = Instant::now();
+                remote.start_training(self.cfg.epochs, round == 1, &key)?;
+                loss = self.wait_trained(remote, Phase::Refit, round, progress)?;
+                journal.record.server_train_s += start.elapsed().as_secs_f64();
+                let net = self.secrets.fold(&remote.side_network()?)?;
+                if let Some(p) = held_out.as_ref() {
+                    rounds.reports.push(RoundReport {
+                        round: rounds.used + round,
+                        finetuned_acc: p.accuracy(Some(&net), self.test_labels)?,
+                        validation_acc: None,
+                        elapsed_s: self.started.elapsed().as_secs_f64(),
+                    });
+                }
+                rounds.refit = round;
+                if round == refit_rounds {
+                    rounds.kept = Some(net);
+                } else {
+                    journal.record.reports = rounds.reports.clone();
+                    journal.record.step = Step::Refit { after: rounds.used, round: round + 1, train_key: None };
+                    journal.save()?;
+                }
+            }
         }
         Ok(Trained {
             rounds,
@@ -277,6 +334,79 @@ impl Run<'_> {
             server_train_s: journal.record.server_train_s,
             loss,
         })
+    }
+}
+
+impl Run<'_> {
+    /// The idempotency key of the current step's training request: the recorded one, or — after `send_targets`
+    /// has sent what the round trains on (returning its bytes) — a new one, recorded before it is used.
+    fn train_key(
+        &self,
+        journal: &mut Journal,
+        progress: &mut dyn FnMut(&Progress),
+        send_targets: impl FnOnce(&mut dyn FnMut(&Progress)) -> Result<u64>,
+    ) -> Result<String> {
+        let (Step::Round { train_key, .. } | Step::Refit { train_key, .. }) = &journal.record.step else {
+            return Err(Error::Internal("no round to train".into()));
+        };
+        // Asked before a crash or detach: asking again with the key returns that job.
+        if let Some(key) = train_key {
+            return Ok(key.clone());
+        }
+        journal.record.upload_bytes += send_targets(progress)?;
+        self.cancel.check()?;
+        let key = crate::client::idempotency_key()?;
+        if let Step::Round { train_key, .. } | Step::Refit { train_key, .. } = &mut journal.record.step {
+            *train_key = Some(key.clone());
+        }
+        journal.save()?;
+        Ok(key)
+    }
+
+    /// Waits for the server's training job, reporting its epochs as `phase` of `round`; returns its last loss.
+    fn wait_trained(
+        &self,
+        remote: &RemoteSession,
+        phase: Phase,
+        round: usize,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Option<f64>> {
+        remote.wait_trained(self.cfg, |job| {
+            self.cancel.check()?;
+            progress(&Progress::new(phase, job.epochs_done, job.epochs_total, round, job.loss));
+            Ok(())
+        })
+    }
+
+    /// Sends the validation split for the refit: whitened and rotated as the training examples were, with their
+    /// first targets, `upload_chunk` a frame; returns the bytes sent. The rotations are released again after.
+    fn upload_split(&self, remote: &RemoteSession, split: &Pivots, ids: &[SampleId], labels: &[u32]) -> Result<u64> {
+        let (t, d) = (self.side.taps, self.side.hidden);
+        let n = split.taps.dim(0)?;
+        if ids.len() != n || labels.len() != n {
+            return Err(Error::Internal(format!("{n} held-back examples, {} ids, {} labels", ids.len(), labels.len())));
+        }
+        let mut sent = 0;
+        for s in (0..n).step_by(self.cfg.upload_chunk) {
+            self.cancel.check()?;
+            let rows = self.cfg.upload_chunk.min(n - s);
+            let taps = split.taps.narrow(0, s, rows)?.to_dtype(DType::F32)?;
+            let x = self.secrets.rotate_activations(&device_inputs(&taps, split.whitening.as_ref())?)?;
+            let logits = split.logits.narrow(0, s, rows)?;
+            let delta = decoys::differences(&logits, None, &labels[s..s + rows], &[], self.cfg.tau)?;
+            let y = self.secrets.encode_targets(&delta)?;
+            let frame = Frame::samples(
+                ids[s..s + rows].to_vec(),
+                t,
+                d,
+                x.flatten_all()?.to_vec1::<f32>()?,
+                self.side.outputs,
+                y.flatten_all()?.to_vec1::<f32>()?,
+            );
+            sent += remote.upload_samples(&frame, self.cfg.quant)?;
+        }
+        self.secrets.release_rotations();
+        Ok(sent)
     }
 }
 

@@ -16,6 +16,10 @@ pub enum Phase {
     Train,
     /// Sending refinement targets.
     Targets,
+    /// The refit (`pae` with a validation split): training again from the initial weights on every example, the
+    /// split included, for as many rounds as the rule kept; `round` is the refit's, `done`/`total` count epochs
+    /// (0 of them while the split and the targets are sent).
+    Refit,
     /// Device forward of the held-out examples and scoring.
     Evaluate,
     Done,

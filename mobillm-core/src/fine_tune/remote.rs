@@ -188,11 +188,18 @@ impl RemoteSession {
         Ok(sent)
     }
 
-    /// Queues `epochs` more epochs of training from the current weights; asked again with the same idempotency
-    /// `key`, the server answers with the job it started then.
-    pub fn start_training(&self, epochs: usize, key: &str) -> Result<()> {
-        self.client.train_keyed(&self.session, epochs, key)?;
+    /// Queues `epochs` more epochs of training from the current weights (`from_scratch`: from the initial ones);
+    /// asked again with the same idempotency `key`, the server answers with the job it started then.
+    pub fn start_training(&self, epochs: usize, from_scratch: bool, key: &str) -> Result<()> {
+        self.client.train_keyed(&self.session, epochs, from_scratch, key)?;
         Ok(())
+    }
+
+    /// Sends one `pae` samples frame outside the upload's stream (the refit's split); returns the bytes sent.
+    pub fn upload_samples(&self, frame: &Frame, quant: Quant) -> Result<u64> {
+        let encoded = frame.encode(quant)?;
+        self.client.upload_frame(&self.session, &encoded)?;
+        Ok(encoded.len() as u64)
     }
 
     /// Waits for the training job (`on_poll` sees each poll and may stop the wait: a cancel, say). Returns the

@@ -32,8 +32,8 @@ use crate::error::{Error, Result};
 use crate::side::{weights_file, SampleId, SideConfig, SideNet, Whitening};
 use crate::task::TaskSpec;
 
-/// The record's format; a record of another is refused.
-const FORMAT: u32 = 1;
+/// The record's format; a record of another is refused (2: the refit's step and the split's ids).
+const FORMAT: u32 = 2;
 /// The tensors file's metadata key for the round of the network it holds.
 const KEPT_ROUND: &str = "kept_round";
 
@@ -207,6 +207,9 @@ pub enum Step {
     /// Round `round`: its new targets still to send (rounds after the first) until `train_key` is set; then its
     /// training asked for with that idempotency key (asking again with it never starts a second job).
     Round { round: usize, train_key: Option<String> },
+    /// The refit's round `round` (`stopping`), after the rule's `after` rounds: the same, its first round also
+    /// sending the validation split.
+    Refit { after: usize, round: usize, train_key: Option<String> },
 }
 
 /// What is written (see the module documentation).
@@ -223,8 +226,9 @@ pub struct Record {
     pub noise_seed: Option<[u8; 32]>,
     /// The training examples held back on the device (indices into the training examples).
     pub validation: Vec<usize>,
-    /// One random id per sent example, in order.
+    /// One random id per sent example, in order, and per held-back example (sent for the refit).
     pub ids: Vec<SampleId>,
+    pub validation_ids: Vec<SampleId>,
     /// Per sent example: acknowledged by the server, and its label logits `z_b` (K values, as f32 bits; zeros
     /// until acknowledged).
     pub acked: Vec<bool>,
@@ -283,6 +287,7 @@ pub struct Start<'a> {
 impl Journal {
     /// A new fine-tune's record, written at once when there is a file.
     pub fn start(file: Option<StateFile>, s: Start) -> Result<Self> {
+        let validation_ids = s.validation.iter().map(|_| SampleId::random()).collect::<Result<_>>()?;
         let record = Record {
             format: FORMAT,
             backbone: s.backbone.to_string(),
@@ -293,6 +298,7 @@ impl Journal {
             noise_seed: s.noise_seed,
             validation: s.validation,
             ids: (0..s.sent).map(|_| SampleId::random()).collect::<Result<_>>()?,
+            validation_ids,
             acked: vec![false; s.sent],
             z_b: vec![0; s.sent * s.labels],
             whitened: false,
@@ -328,7 +334,10 @@ impl Journal {
             return Err(file.cannot(format!("the options differ from the recorded ones ({})", changed.join(", "))));
         }
         let n = record.ids.len();
-        if record.acked.len() != n || record.z_b.len() != n * labels {
+        if record.acked.len() != n
+            || record.z_b.len() != n * labels
+            || record.validation_ids.len() != record.validation.len()
+        {
             return Err(file.cannot("the record is inconsistent (its per-example lists differ in length)"));
         }
         let all_acked = record.acked.iter().all(|&a| a);

@@ -115,6 +115,7 @@ pub async fn create(
         train_request: None,
         last_step: None,
         lease: None,
+        fresh_weights: false,
     };
     let id = state
         .blocking(move |s| {

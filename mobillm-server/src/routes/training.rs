@@ -30,7 +30,7 @@ use crate::store::{now_unix, Refusal};
 use crate::trainers::Live;
 
 enum Start {
-    Queued(JobState, JobState),
+    Queued(JobState, (JobState, bool)),
     Replayed(JobState),
 }
 
@@ -68,8 +68,10 @@ pub async fn start(
                 if r.job.status.is_active() {
                     return Err(Refusal::Conflict("the session is already training".into()));
                 }
-                let before = r.job.clone();
-                // Continue from the current weights: a new request adds epochs on top of what was trained.
+                let before = (r.job.clone(), r.fresh_weights);
+                // Continue from the current weights unless asked to start over: a new request adds epochs on
+                // top of what was trained.
+                r.fresh_weights = req.from_scratch;
                 r.job = JobState {
                     status: JobStatus::Queued,
                     epochs_total: req.epochs,
@@ -90,7 +92,7 @@ pub async fn start(
                         return Ok(job);
                     }
                     let _ = s.store.update(&rec.id, |r| {
-                        r.job = before;
+                        (r.job, r.fresh_weights) = before;
                         r.train_request = None;
                         Ok(())
                     });

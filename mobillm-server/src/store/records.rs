@@ -61,6 +61,10 @@ pub struct SessionRecord {
     /// the lease has passed, and a worker whose lease has passed may no longer write the session.
     #[serde(default)]
     pub lease: Option<Lease>,
+    /// The current job was asked for `from_scratch`: it starts from the initial weights, not the checkpoint.
+    /// Cleared by its first checkpoint, so a job resumed after that continues from it.
+    #[serde(default)]
+    pub fresh_weights: bool,
 }
 
 impl SessionRecord {

@@ -2102,10 +2102,15 @@ public struct FineTuneResult {
     public var validationSamples: UInt64
     public var testSamples: UInt64
     /**
-     * Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the adapter holds.
+     * Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the validation split chose.
      */
     public var roundsUsed: UInt32
     public var keptRound: UInt32
+    /**
+     * `pae` with a validation split: the rounds run again on every example (`kept_round` of them), whose last
+     * network the adapter holds; 0 otherwise (the adapter holds `kept_round`'s).
+     */
+    public var refitRounds: UInt32
     public var uploadBytes: UInt64
     public var deviceForwardSeconds: Double
     /**
@@ -2132,8 +2137,12 @@ public struct FineTuneResult {
          * Training examples given; `validation_samples` of them stayed on the device to decide when to stop.
          */trainSamples: UInt64, validationSamples: UInt64, testSamples: UInt64, 
         /**
-         * Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the adapter holds.
-         */roundsUsed: UInt32, keptRound: UInt32, uploadBytes: UInt64, deviceForwardSeconds: Double, 
+         * Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the validation split chose.
+         */roundsUsed: UInt32, keptRound: UInt32, 
+        /**
+         * `pae` with a validation split: the rounds run again on every example (`kept_round` of them), whose last
+         * network the adapter holds; 0 otherwise (the adapter holds `kept_round`'s).
+         */refitRounds: UInt32, uploadBytes: UInt64, deviceForwardSeconds: Double, 
         /**
          * Seconds the device spent training the side network (`local`; 0 otherwise).
          */deviceTrainSeconds: Double, serverTrainSeconds: Double, wallSeconds: Double, 
@@ -2149,6 +2158,7 @@ public struct FineTuneResult {
         self.testSamples = testSamples
         self.roundsUsed = roundsUsed
         self.keptRound = keptRound
+        self.refitRounds = refitRounds
         self.uploadBytes = uploadBytes
         self.deviceForwardSeconds = deviceForwardSeconds
         self.deviceTrainSeconds = deviceTrainSeconds
@@ -2182,6 +2192,7 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
                 testSamples: FfiConverterUInt64.read(from: &buf), 
                 roundsUsed: FfiConverterUInt32.read(from: &buf), 
                 keptRound: FfiConverterUInt32.read(from: &buf), 
+                refitRounds: FfiConverterUInt32.read(from: &buf), 
                 uploadBytes: FfiConverterUInt64.read(from: &buf), 
                 deviceForwardSeconds: FfiConverterDouble.read(from: &buf), 
                 deviceTrainSeconds: FfiConverterDouble.read(from: &buf), 
@@ -2201,6 +2212,7 @@ public struct FfiConverterTypeFineTuneResult: FfiConverterRustBuffer {
         FfiConverterUInt64.write(value.testSamples, into: &buf)
         FfiConverterUInt32.write(value.roundsUsed, into: &buf)
         FfiConverterUInt32.write(value.keptRound, into: &buf)
+        FfiConverterUInt32.write(value.refitRounds, into: &buf)
         FfiConverterUInt64.write(value.uploadBytes, into: &buf)
         FfiConverterDouble.write(value.deviceForwardSeconds, into: &buf)
         FfiConverterDouble.write(value.deviceTrainSeconds, into: &buf)
@@ -2435,6 +2447,10 @@ public enum FineTunePhase: Equatable, Hashable {
     case forward
     case train
     case targets
+    /**
+     * Training again on every example, the validation split included, for the rounds the rule kept.
+     */
+    case refit
     case evaluate
     case done
 
@@ -2466,9 +2482,11 @@ public struct FfiConverterTypeFineTunePhase: FfiConverterRustBuffer {
         
         case 4: return .targets
         
-        case 5: return .evaluate
+        case 5: return .refit
         
-        case 6: return .done
+        case 6: return .evaluate
+        
+        case 7: return .done
         
         default: throw UniffiInternalError.unexpectedEnumCase
         }
@@ -2494,12 +2512,16 @@ public struct FfiConverterTypeFineTunePhase: FfiConverterRustBuffer {
             writeInt(&buf, Int32(4))
         
         
-        case .evaluate:
+        case .refit:
             writeInt(&buf, Int32(5))
         
         
-        case .done:
+        case .evaluate:
             writeInt(&buf, Int32(6))
+        
+        
+        case .done:
+            writeInt(&buf, Int32(7))
         
         }
     }

@@ -262,8 +262,13 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         "validation_samples": outcome.validation_samples,
         "test_samples": outcome.test_samples,
         "upload_bytes": outcome.upload_bytes,
-        "upload_bytes_per_sample":
-            outcome.upload_bytes as f64 / (outcome.train_samples - outcome.validation_samples).max(1) as f64,
+        // The refit sends the split too; without one, the split never leaves the device.
+        "upload_bytes_per_sample": outcome.upload_bytes as f64
+            / match outcome.refit_rounds {
+                0 => outcome.train_samples - outcome.validation_samples,
+                _ => outcome.train_samples,
+            }
+            .max(1) as f64,
         "device_forward_s": outcome.device_forward_s,
         "device_train_s": outcome.device_train_s,
         "device_peak_rss_mb": memory::peak_rss_mb(),
@@ -271,6 +276,7 @@ fn run_fine_tune(args: FineTuneArgs) -> Result<(), Box<dyn std::error::Error>> {
         "wall_s": started.elapsed().as_secs_f64(),
         "rounds_used": outcome.rounds_used,
         "kept_round": outcome.kept_round,
+        "refit_rounds": outcome.refit_rounds,
         "rounds": outcome.rounds,
         "resumes": outcome.resumes,
     });

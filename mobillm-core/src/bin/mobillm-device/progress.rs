@@ -31,6 +31,7 @@ fn title(p: &Progress, mode: Mode) -> String {
         Phase::Train if local => format!("device training, round {}", p.round),
         Phase::Train => format!("server training, round {}", p.round),
         Phase::Targets => format!("round {}: new targets", p.round),
+        Phase::Refit => format!("refit on every example, round {}", p.round),
         Phase::Evaluate => "held-out forward".into(),
         Phase::Done => "done".into(),
     }

@@ -3780,11 +3780,17 @@ data class FineTuneResult (
     var `testSamples`: kotlin.ULong
     , 
     /**
-     * Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the adapter holds.
+     * Rounds run (`pae`, `local`) or passes over the data (`mobillm`), and the one the validation split chose.
      */
     var `roundsUsed`: kotlin.UInt
     , 
     var `keptRound`: kotlin.UInt
+    , 
+    /**
+     * `pae` with a validation split: the rounds run again on every example (`kept_round` of them), whose last
+     * network the adapter holds; 0 otherwise (the adapter holds `kept_round`'s).
+     */
+    var `refitRounds`: kotlin.UInt
     , 
     var `uploadBytes`: kotlin.ULong
     , 
@@ -3823,6 +3829,7 @@ data class FineTuneResult (
         this.`testSamples`,
         this.`roundsUsed`,
         this.`keptRound`,
+        this.`refitRounds`,
         this.`uploadBytes`,
         this.`deviceForwardSeconds`,
         this.`deviceTrainSeconds`,
@@ -3850,6 +3857,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterULong.read(buf),
             FfiConverterUInt.read(buf),
             FfiConverterUInt.read(buf),
+            FfiConverterUInt.read(buf),
             FfiConverterULong.read(buf),
             FfiConverterDouble.read(buf),
             FfiConverterDouble.read(buf),
@@ -3869,6 +3877,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterULong.allocationSize(value.`testSamples`) +
             FfiConverterUInt.allocationSize(value.`roundsUsed`) +
             FfiConverterUInt.allocationSize(value.`keptRound`) +
+            FfiConverterUInt.allocationSize(value.`refitRounds`) +
             FfiConverterULong.allocationSize(value.`uploadBytes`) +
             FfiConverterDouble.allocationSize(value.`deviceForwardSeconds`) +
             FfiConverterDouble.allocationSize(value.`deviceTrainSeconds`) +
@@ -3887,6 +3896,7 @@ public object FfiConverterTypeFineTuneResult: FfiConverterRustBuffer<FineTuneRes
             FfiConverterULong.write(value.`testSamples`, buf)
             FfiConverterUInt.write(value.`roundsUsed`, buf)
             FfiConverterUInt.write(value.`keptRound`, buf)
+            FfiConverterUInt.write(value.`refitRounds`, buf)
             FfiConverterULong.write(value.`uploadBytes`, buf)
             FfiConverterDouble.write(value.`deviceForwardSeconds`, buf)
             FfiConverterDouble.write(value.`deviceTrainSeconds`, buf)
@@ -4035,6 +4045,10 @@ enum class FineTunePhase {
     FORWARD,
     TRAIN,
     TARGETS,
+    /**
+     * Training again on every example, the validation split included, for the rounds the rule kept.
+     */
+    REFIT,
     EVALUATE,
     DONE;
 

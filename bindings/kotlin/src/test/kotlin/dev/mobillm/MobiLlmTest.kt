@@ -142,6 +142,7 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
         // Too few examples for a validation split: all were sent and both rounds ran.
         assertEquals(0uL, result.validationSamples)
         assertEquals(2u, result.roundsUsed)
+        assertEquals(0u, result.refitRounds)
         assertNotNull(result.finetunedAccuracy)
         assertTrue(result.uploadBytes > 0uL)
         val phases = recorder.events.map { it.phase }
@@ -257,7 +258,7 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
         assertFailsWith<MobiLlmException.Cancelled> { runBlocking { session.fineTune(options(epochs = 1000u), listener) } }
         assertTrue(handle.isCancelled())
     },
-    "a JVM killed mid-upload, while the server trains or between rounds resumes in a new JVM" to {
+    "a JVM killed mid-upload, while the server trains, between rounds or in the refit resumes in a new JVM" to {
         val state = File(tmp, "resume.state")
         val whole = assertNotNull(deviceJvm(state, "fresh", null))
         assertTrue(!state.exists(), "a finished fine-tune removes its state")
@@ -265,6 +266,7 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
             "mid-upload" to { f -> f[1] == "FORWARD" && f[4].toLong() > 0 && f[3].toLong() * 4 >= f[4].toLong() * 3 },
             "while the server trains" to { f -> f[1] == "TRAIN" && f[2] == "1" },
             "between rounds" to { f -> f[1] == "TARGETS" && f[2] == "2" },
+            "in the refit" to { f -> f[1] == "REFIT" && f[2] == "1" && f[3].toLong() >= 1 },
         )
         for ((point, killAt) in points) {
             val stored = serverCounter("mobillm_samples_stored_total")
@@ -274,7 +276,8 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
             val resumed = assertNotNull(deviceJvm(state, "resume", null))
             val sentAgain = serverCounter("mobillm_samples_duplicate_total") - duplicates
             println("        $point: $sentAgain samples sent again, accuracy ${resumed[1]} (uninterrupted ${whole[1]})")
-            assertEquals(360L, serverCounter("mobillm_samples_stored_total") - stored, "$point: each sample stored once")
+            // The 360 sent, then the 40 held back for validation, sent for the refit.
+            assertEquals(400L, serverCounter("mobillm_samples_stored_total") - stored, "$point: each sample stored once")
             // Only a frame in flight at the kill (stored, its answer lost) may go again; after the upload, nothing.
             if (point == "mid-upload") assertTrue(sentAgain <= 64, "$point: $sentAgain") else assertEquals(0L, sentAgain)
             assertEquals("1", resumed[2], "$point: resumed once")
@@ -306,7 +309,8 @@ private val tests: List<Pair<String, () -> Unit>> = listOf(
         val stored = serverCounter("mobillm_samples_stored_total")
         val result = runBlocking { session.resume(state.path, options, null) }
         assertEquals(1u, result.resumes)
-        assertEquals(stored, serverCounter("mobillm_samples_stored_total"), "nothing sent again")
+        assertEquals(stored + 40, serverCounter("mobillm_samples_stored_total"), "nothing sent again; the split once")
+        assertEquals(result.keptRound, result.refitRounds, "the refit ran the rounds the split chose")
         assertTrue(result.finetunedAccuracy!! > result.zeroShotAccuracy!!)
         assertTrue(!state.exists())
     },
