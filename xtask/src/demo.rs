@@ -36,8 +36,8 @@ pub struct Args {
     #[arg(long)]
     pub save: Option<PathBuf>,
     /// `pae`: kill the device process (SIGKILL) at this point of a resumable fine-tune, then resume it in a new
-    /// one: `upload:50%` (share of the training examples forwarded), `train:N` (the server training round N) or
-    /// `targets:N` (round N's targets being sent).
+    /// one: `upload:50%` (share of the training examples forwarded), `train:N` (the server training round N),
+    /// `targets:N` (round N's targets being sent) or `refit:N` (the server training the refit's round N).
     #[arg(long)]
     pub kill_at: Option<KillAt>,
     /// Further arguments for `mobillm-device fine-tune` (after `--`).
@@ -150,12 +150,13 @@ pub enum KillAt {
     Upload(f64),
     Train(usize),
     Targets(usize),
+    Refit(usize),
 }
 
 impl std::str::FromStr for KillAt {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        let (what, at) = s.split_once(':').context("--kill-at upload:P% | train:N | targets:N")?;
+        let (what, at) = s.split_once(':').context("--kill-at upload:P% | train:N | targets:N | refit:N")?;
         Ok(match what {
             "upload" => {
                 let p: f64 = at.trim_end_matches('%').parse().context("upload:P% takes a percentage")?;
@@ -164,7 +165,8 @@ impl std::str::FromStr for KillAt {
             }
             "train" => KillAt::Train(at.parse().context("train:N takes a round")?),
             "targets" => KillAt::Targets(at.parse().context("targets:N takes a round")?),
-            other => bail!("--kill-at {other}:…: upload, train or targets"),
+            "refit" => KillAt::Refit(at.parse().context("refit:N takes a round")?),
+            other => bail!("--kill-at {other}:…: upload, train, targets or refit"),
         })
     }
 }
@@ -177,6 +179,8 @@ impl KillAt {
             KillAt::Upload(share) => phase == "forward" && total > 0.0 && done >= share * total,
             KillAt::Train(n) => phase == "train" && round == n,
             KillAt::Targets(n) => phase == "targets" && round == n,
+            // Once the server is training it (the split and the targets are sent).
+            KillAt::Refit(n) => phase == "refit" && round == n && done >= 1.0,
         }
     }
 }

@@ -379,7 +379,8 @@ impl Run<'_> {
     }
 
     /// Sends the validation split for the refit: whitened and rotated as the training examples were, with their
-    /// first targets, `upload_chunk` a frame; returns the bytes sent. The rotations are released again after.
+    /// first targets, [`SPLIT_CHUNK`] a frame; returns the bytes sent. The rotations were released after the
+    /// upload, so each frame draws them again, one layer at a time (≈2 s a frame at SmolLM2's size).
     fn upload_split(&self, remote: &RemoteSession, split: &Pivots, ids: &[SampleId], labels: &[u32]) -> Result<u64> {
         let (t, d) = (self.side.taps, self.side.hidden);
         let n = split.taps.dim(0)?;
@@ -387,9 +388,9 @@ impl Run<'_> {
             return Err(Error::Internal(format!("{n} held-back examples, {} ids, {} labels", ids.len(), labels.len())));
         }
         let mut sent = 0;
-        for s in (0..n).step_by(self.cfg.upload_chunk) {
+        for s in (0..n).step_by(SPLIT_CHUNK) {
             self.cancel.check()?;
-            let rows = self.cfg.upload_chunk.min(n - s);
+            let rows = SPLIT_CHUNK.min(n - s);
             let taps = split.taps.narrow(0, s, rows)?.to_dtype(DType::F32)?;
             let x = self.secrets.rotate_activations(&device_inputs(&taps, split.whitening.as_ref())?)?;
             let logits = split.logits.narrow(0, s, rows)?;
@@ -405,10 +406,13 @@ impl Run<'_> {
             );
             sent += remote.upload_samples(&frame, self.cfg.quant)?;
         }
-        self.secrets.release_rotations();
         Ok(sent)
     }
 }
+
+/// Split examples per refit frame: each frame draws the rotations again, so fewer, larger frames than the
+/// upload's (a 128-row chunk's f32 copies are 8.8 MB at SmolLM2's 30×576; the split is at most 256 examples).
+const SPLIT_CHUNK: usize = 128;
 
 /// How many of `labels` each of the `k` labels has.
 fn class_counts(labels: &[u32], k: usize) -> Vec<usize> {

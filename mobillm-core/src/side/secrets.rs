@@ -105,8 +105,8 @@ impl Secrets {
         self.seed
     }
 
-    /// Drops the rotations until they are needed again (no more activations to send): folding then draws them
-    /// one layer at a time.
+    /// Drops the rotations (no more activations to send, but for the refit's split): folding and rotating then
+    /// draw them one layer at a time.
     pub fn release_rotations(&self) {
         if let Ok(mut kept) = self.rotations.lock() {
             kept.take();
@@ -126,18 +126,23 @@ impl Secrets {
         }
         let Some(seed) = self.seed else { return Ok(x.clone()) };
         let (layers, s, n) = (self.layers, t / self.layers, dims[0]);
-        let rotations = {
-            let mut kept = self.kept_rotations()?;
-            match &*kept {
-                Some(r) => r.clone(),
-                None => kept.insert(draw_rotations(&sub_seeds(seed, layers)[..layers], d)?).clone(),
-            }
+        let kept = self.kept_rotations()?.clone();
+        // Released (the refit's split comes after the upload): each layer's is drawn in turn and dropped, as the
+        // fold does — keeping all 30 again put 40 MB on the device's peak.
+        let seeds = if kept.is_none() { sub_seeds(seed, layers) } else { Vec::new() };
+        let rotation = |l: usize| -> Result<Tensor> {
+            Ok(match &kept {
+                Some(r) => r.get(l)?.to_dtype(DType::F32)?,
+                None => {
+                    let mut r = vec![f16::ZERO; d * d];
+                    draw_rotation_into(seeds[l], d, &mut r);
+                    Tensor::from_vec(r, (d, d), &Device::Cpu)?.to_dtype(DType::F32)?
+                }
+            })
         };
         // [N, L, s, d] → [L, N·s, d], each layer's rows × R_lᵀ → [N, L·s, d]
         let by_layer = x.reshape((n, layers, s, d))?.transpose(0, 1)?.contiguous()?.reshape((layers, n * s, d))?;
-        let y = (0..layers)
-            .map(|l| Ok(by_layer.get(l)?.matmul(&rotations.get(l)?.to_dtype(DType::F32)?.t()?)?))
-            .collect::<Result<Vec<_>>>()?;
+        let y = (0..layers).map(|l| Ok(by_layer.get(l)?.matmul(&rotation(l)?.t()?)?)).collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&y, 0)?.reshape((layers, n, s, d))?.transpose(0, 1)?.contiguous()?.reshape((n, t, d))?)
     }
 
