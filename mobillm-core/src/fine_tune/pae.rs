@@ -379,40 +379,38 @@ impl Run<'_> {
     }
 
     /// Sends the validation split for the refit: whitened and rotated as the training examples were, with their
-    /// first targets, [`SPLIT_CHUNK`] a frame; returns the bytes sent. The rotations were released after the
-    /// upload, so each frame draws them again, one layer at a time (≈2 s a frame at SmolLM2's size).
+    /// first targets, `upload_chunk` a frame; returns the bytes sent. The split is whitened in small chunks into
+    /// one buffer (the whitening's f32 copies are what spikes: `held_out`) and rotated in place, one layer at a
+    /// time (the rotations were released after the upload and are drawn again: ≈2 s at SmolLM2's size).
     fn upload_split(&self, remote: &RemoteSession, split: &Pivots, ids: &[SampleId], labels: &[u32]) -> Result<u64> {
         let (t, d) = (self.side.taps, self.side.hidden);
-        let n = split.taps.dim(0)?;
+        let (n, per) = (split.taps.dim(0)?, t * d);
         if ids.len() != n || labels.len() != n {
             return Err(Error::Internal(format!("{n} held-back examples, {} ids, {} labels", ids.len(), labels.len())));
         }
+        let mut x = Vec::with_capacity(n * per);
+        for s in (0..n).step_by(WHITEN_ROWS) {
+            let taps = split.taps.narrow(0, s, WHITEN_ROWS.min(n - s))?.to_dtype(DType::F32)?;
+            x.extend(device_inputs(&taps, split.whitening.as_ref())?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        self.secrets.rotate_in_place(&mut x)?;
+        let delta = decoys::differences(&split.logits, None, labels, &[], self.cfg.tau)?;
+        let y = self.secrets.encode_targets(&delta)?.flatten_all()?.to_vec1::<f32>()?;
+        let k_out = self.side.outputs;
         let mut sent = 0;
-        for s in (0..n).step_by(SPLIT_CHUNK) {
+        for s in (0..n).step_by(self.cfg.upload_chunk) {
             self.cancel.check()?;
-            let rows = SPLIT_CHUNK.min(n - s);
-            let taps = split.taps.narrow(0, s, rows)?.to_dtype(DType::F32)?;
-            let x = self.secrets.rotate_activations(&device_inputs(&taps, split.whitening.as_ref())?)?;
-            let logits = split.logits.narrow(0, s, rows)?;
-            let delta = decoys::differences(&logits, None, &labels[s..s + rows], &[], self.cfg.tau)?;
-            let y = self.secrets.encode_targets(&delta)?;
-            let frame = Frame::samples(
-                ids[s..s + rows].to_vec(),
-                t,
-                d,
-                x.flatten_all()?.to_vec1::<f32>()?,
-                self.side.outputs,
-                y.flatten_all()?.to_vec1::<f32>()?,
-            );
+            let e = (s + self.cfg.upload_chunk).min(n);
+            let acts = x[s * per..e * per].to_vec();
+            let frame = Frame::samples(ids[s..e].to_vec(), t, d, acts, k_out, y[s * k_out..e * k_out].to_vec());
             sent += remote.upload_samples(&frame, self.cfg.quant)?;
         }
         Ok(sent)
     }
 }
 
-/// Split examples per refit frame: each frame draws the rotations again, so fewer, larger frames than the
-/// upload's (a 128-row chunk's f32 copies are 8.8 MB at SmolLM2's 30×576; the split is at most 256 examples).
-const SPLIT_CHUNK: usize = 128;
+/// Split rows whitened at a time (each chunk's whitening passes through a few f32 copies of it).
+const WHITEN_ROWS: usize = 16;
 
 /// How many of `labels` each of the `k` labels has.
 fn class_counts(labels: &[u32], k: usize) -> Vec<usize> {

@@ -124,26 +124,46 @@ impl Secrets {
         if dims.len() != 3 || dims[1] != t || dims[2] != d {
             return Err(Error::InvalidInput(format!("activations have shape {dims:?}, expected [N, {t}, {d}]")));
         }
-        let Some(seed) = self.seed else { return Ok(x.clone()) };
-        let (layers, s, n) = (self.layers, t / self.layers, dims[0]);
+        if self.seed.is_none() {
+            return Ok(x.clone());
+        }
+        let mut values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.rotate_in_place(&mut values)?;
+        Ok(Tensor::from_vec(values, (dims[0], t, d), &Device::Cpu)?)
+    }
+
+    /// [`Secrets::rotate_activations`] on `[N, T, d]` values in place, one layer at a time: besides `x`, only one
+    /// layer's rows and rotation are held. With the rotations released (the refit's split comes after the
+    /// upload), each layer's is drawn in turn and dropped, as the fold does: keeping all 30 again, or copying
+    /// the activations whole, put 40–50 MB on the device's peak.
+    pub fn rotate_in_place(&self, x: &mut [f32]) -> Result<()> {
+        let (t, d) = (self.taps, self.hidden);
+        if !x.len().is_multiple_of(t * d) {
+            return Err(Error::InvalidInput(format!("{} activation values are not rows of [{t}, {d}]", x.len())));
+        }
+        let Some(seed) = self.seed else { return Ok(()) };
+        let (layers, s, n) = (self.layers, t / self.layers, x.len() / (t * d));
         let kept = self.kept_rotations()?.clone();
-        // Released (the refit's split comes after the upload): each layer's is drawn in turn and dropped, as the
-        // fold does — keeping all 30 again put 40 MB on the device's peak.
         let seeds = if kept.is_none() { sub_seeds(seed, layers) } else { Vec::new() };
-        let rotation = |l: usize| -> Result<Tensor> {
-            Ok(match &kept {
+        // Layer l's rows of sample i: its s summaries, adjacent, from offset (i·T + l·s)·d.
+        let rows = |i: usize, l: usize| (i * t + l * s) * d..(i * t + (l + 1) * s) * d;
+        for l in 0..layers {
+            let r = match &kept {
                 Some(r) => r.get(l)?.to_dtype(DType::F32)?,
                 None => {
                     let mut r = vec![f16::ZERO; d * d];
                     draw_rotation_into(seeds[l], d, &mut r);
                     Tensor::from_vec(r, (d, d), &Device::Cpu)?.to_dtype(DType::F32)?
                 }
-            })
-        };
-        // [N, L, s, d] → [L, N·s, d], each layer's rows × R_lᵀ → [N, L·s, d]
-        let by_layer = x.reshape((n, layers, s, d))?.transpose(0, 1)?.contiguous()?.reshape((layers, n * s, d))?;
-        let y = (0..layers).map(|l| Ok(by_layer.get(l)?.matmul(&rotation(l)?.t()?)?)).collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&y, 0)?.reshape((layers, n, s, d))?.transpose(0, 1)?.contiguous()?.reshape((n, t, d))?)
+            };
+            let mut layer = Vec::with_capacity(n * s * d);
+            (0..n).for_each(|i| layer.extend_from_slice(&x[rows(i, l)]));
+            let y = Tensor::from_vec(layer, (n * s, d), &Device::Cpu)?.matmul(&r.t()?)?.flatten_all()?;
+            for (i, chunk) in y.to_vec1::<f32>()?.chunks_exact(s * d).enumerate() {
+                x[rows(i, l)].copy_from_slice(chunk);
+            }
+        }
+        Ok(())
     }
 
     /// `Δ: [N, k]` → `Q·[Δ; 0]: [N, K']`, for the task's K labels and any decoys' columns after them
