@@ -143,19 +143,11 @@ impl Secrets {
         }
         let Some(seed) = self.seed else { return Ok(()) };
         let (layers, s, n) = (self.layers, t / self.layers, x.len() / (t * d));
-        let kept = self.kept_rotations()?.clone();
-        let seeds = if kept.is_none() { sub_seeds(seed, layers) } else { Vec::new() };
+        let rotations = self.layer_rotations(seed)?;
         // Layer l's rows of sample i: its s summaries, adjacent, from offset (i·T + l·s)·d.
         let rows = |i: usize, l: usize| (i * t + l * s) * d..(i * t + (l + 1) * s) * d;
         for l in 0..layers {
-            let r = match &kept {
-                Some(r) => r.get(l)?.to_dtype(DType::F32)?,
-                None => {
-                    let mut r = vec![f16::ZERO; d * d];
-                    draw_rotation_into(seeds[l], d, &mut r);
-                    Tensor::from_vec(r, (d, d), &Device::Cpu)?.to_dtype(DType::F32)?
-                }
-            };
+            let r = rotations.layer(l)?;
             let mut layer = Vec::with_capacity(n * s * d);
             (0..n).for_each(|i| layer.extend_from_slice(&x[rows(i, l)]));
             let y = Tensor::from_vec(layer, (n * s, d), &Device::Cpu)?.matmul(&r.t()?)?.flatten_all()?;
@@ -231,6 +223,13 @@ impl Secrets {
         self.rotations.lock().map_err(|_| Error::Internal("secrets lock poisoned".into()))
     }
 
+    /// The layers' rotations, kept or to be drawn from `seed` one at a time.
+    fn layer_rotations(&self, seed: [u8; 32]) -> Result<LayerRotations> {
+        let kept = self.kept_rotations()?.clone();
+        let seeds = if kept.is_none() { sub_seeds(seed, self.layers) } else { Vec::new() };
+        Ok(LayerRotations { kept, seeds, d: self.hidden })
+    }
+
     /// `P_i·R_i` for the projections `[T, w, d]` (input `i` of layer `i / summaries`), one layer at a time:
     /// with the kept rotations, or drawing each layer's from the seed. The result is written straight into one
     /// buffer (no per-layer copies to stack: the fold is one of the device's peaks).
@@ -240,23 +239,36 @@ impl Secrets {
         // A layer's summaries are adjacent: [T, w, d] is [L, s·w, d] without a copy.
         let per_layer = t / self.layers * w * d;
         let p = p.reshape((self.layers, t / self.layers * w, d))?;
-        let kept = self.kept_rotations()?.clone();
-        // Drawing one layer after another: each draw holds ≈10 MB of f64 QR workspace, and running them in
-        // parallel put that many times over on the device's peak at every round's end.
-        let seeds = if kept.is_none() { sub_seeds(seed, self.layers) } else { Vec::new() };
+        let rotations = self.layer_rotations(seed)?;
         let mut out = vec![0f32; t * w * d];
         for (l, slot) in out.chunks_exact_mut(per_layer).enumerate() {
-            let r = match &kept {
-                Some(r) => r.get(l)?.to_dtype(DType::F32)?,
-                None => {
-                    let mut r = vec![f16::ZERO; d * d];
-                    draw_rotation_into(seeds[l], d, &mut r);
-                    Tensor::from_vec(r, (d, d), &Device::Cpu)?.to_dtype(DType::F32)?
-                }
-            };
+            let r = rotations.layer(l)?;
             slot.copy_from_slice(&p.get(l)?.matmul(&r)?.flatten_all()?.to_vec1::<f32>()?);
         }
         Ok(Tensor::from_vec(out, (t, w, d), &Device::Cpu)?)
+    }
+}
+
+/// Each layer's rotation in turn: the kept ones, or — released — drawn from the seed one layer at a time and
+/// dropped after use. Drawing one after another: each draw holds ≈10 MB of f64 QR workspace, and running them in
+/// parallel put that many times over on the device's peak at every round's end.
+struct LayerRotations {
+    kept: Option<Tensor>,
+    seeds: Vec<[u8; 32]>,
+    d: usize,
+}
+
+impl LayerRotations {
+    /// Layer `l`'s rotation `[d, d]` in f32.
+    fn layer(&self, l: usize) -> Result<Tensor> {
+        Ok(match &self.kept {
+            Some(r) => r.get(l)?.to_dtype(DType::F32)?,
+            None => {
+                let mut r = vec![f16::ZERO; self.d * self.d];
+                draw_rotation_into(self.seeds[l], self.d, &mut r);
+                Tensor::from_vec(r, (self.d, self.d), &Device::Cpu)?.to_dtype(DType::F32)?
+            }
+        })
     }
 }
 
