@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{assert_close, Rng};
 use mobillm_core::side::network::{DOWN, GATE_ALPHA, OUT, PROJ, UP};
 use mobillm_core::side::targets::{predict, prediction_differences};
+use mobillm_core::side::whitening;
 use mobillm_core::side::{
     normalize_taps, DeviceAdapter, Objective, Optimizer, Secrets, SideConfig, SideNet, SideTrainer, Summary,
     TrainConfig, Whitening,
@@ -469,7 +470,9 @@ fn device_adapter_files_round_trip_and_reject_damage() {
         taps: (0..T).collect(),
         backbone_fingerprint: "f".repeat(64),
         secret_seed: secrets.seed(),
-        whitening: Some(Whitening::fit(&data.x, 3, 0.1).unwrap()),
+        whitening: Some(
+            Whitening::fit(&data.x, &whitening::Config { rank: 3, relative_eps: 0.1, tail_gain: 1.0 }).unwrap(),
+        ),
         net: secrets.fold(&trained).unwrap(),
     };
     let dir = tempfile::tempdir().unwrap();

@@ -178,9 +178,10 @@ fn label_attacks(session: &Session, k: &mut Knowledge, whitened: &mut Acts) -> R
         }
     };
     let (view, truth) = (&session.view, &session.truth);
-    let (found, details) = labels::attack(&Case::new(view, truth, k, 0, &[]))?;
+    let (found, details) = labels::attack(&Case::new(view, truth, k, 0, crate::audit::ALIGN_AXES, &[]))?;
     merge(found, details["target_clusters_named_by_aligned_probe"].as_f64().unwrap_or(0.0));
-    let (found, details) = k.with_everyone(whitened, |k| labels::attack(&Case::new(view, truth, k, 0, &[])))?;
+    let (found, details) =
+        k.with_everyone(whitened, |k| labels::attack(&Case::new(view, truth, k, 0, crate::audit::ALIGN_AXES, &[])))?;
     merge(found, details["target_clusters_named_by_aligned_probe"].as_f64().unwrap_or(0.0));
     Ok(results)
 }
@@ -201,7 +202,7 @@ fn device_head_accuracy(k: &Knowledge) -> Result<f64> {
     let (n, t, d) = (k.n_train, k.everyone.t, k.everyone.d);
     let all = Tensor::from_slice(&k.everyone.flat, (k.everyone.n, t, d), &Device::Cpu)?;
     let calibration = all.narrow(0, 0, n.min(whitening::CALIBRATION_SAMPLES))?;
-    let w = Whitening::fit(&calibration, whitening::RANK, whitening::RELATIVE_EPS)?;
+    let w = Whitening::fit(&calibration, &whitening::Config::for_examples(n))?;
     let x = w.apply(&all)?.reshape((k.everyone.n, t * d))?;
     let (train, public) = (x.narrow(0, 0, n)?, x.narrow(0, n, k.everyone.n - n)?);
     let mean = train.mean_keepdim(0)?;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use mobillm_core::dataset::{self, Example, Split};
-use mobillm_core::side::Summary;
+use mobillm_core::side::{whitening, Summary};
 use mobillm_core::{Backbone, Task, TaskSpec};
 use sha2::{Digest, Sha256};
 use xtask::args::DataArgs;
@@ -94,4 +94,36 @@ pub fn pivots(backbone: &Backbone, task: &Task, examples: &[Example], what: &str
     candle_core::safetensors::save(&map, &tmp)?;
     std::fs::rename(&tmp, &path)?;
     Ok(Pivots { taps: out.taps, logits: out.label_logits, labels, means })
+}
+
+/// The device's whitening, or another one for comparison: each option left out is the device's choice for the
+/// session's size ([`whitening::Config::for_examples`]).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WhiteningArgs {
+    /// The whitening's ε relative to the mean eigenvalue.
+    #[arg(long)]
+    pub whiten_eps: Option<f64>,
+    /// The directions whitened exactly.
+    #[arg(long)]
+    pub whiten_rank: Option<usize>,
+    /// The gain of every other direction (0 drops them).
+    #[arg(long)]
+    pub whiten_tail: Option<f64>,
+}
+
+impl WhiteningArgs {
+    /// The whitening of a session that sends `examples` training examples.
+    pub fn config(&self, examples: usize) -> whitening::Config {
+        let device = whitening::Config::for_examples(examples);
+        whitening::Config {
+            rank: self.whiten_rank.unwrap_or(device.rank),
+            relative_eps: self.whiten_eps.unwrap_or(device.relative_eps),
+            tail_gain: self.whiten_tail.unwrap_or(device.tail_gain),
+        }
+    }
+
+    /// Whether any option is given.
+    pub fn any(&self) -> bool {
+        self.whiten_eps.is_some() || self.whiten_rank.is_some() || self.whiten_tail.is_some()
+    }
 }

@@ -23,14 +23,14 @@ use mobillm_core::fine_tune::stopping::{validation_split, Score, Stopping, ROUND
 use mobillm_core::fine_tune::{random_split, FineTuneConfig};
 use mobillm_core::side;
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences, DEFAULT_TAU};
-use mobillm_core::side::whitening::{self, Whitening, CALIBRATION_SAMPLES};
+use mobillm_core::side::whitening::{Whitening, CALIBRATION_SAMPLES};
 use mobillm_core::side::{
     device_inputs, Activation, Objective, Optimizer, SampleId, Secrets, SideConfig, SideNet, SideTrainer, TrainConfig,
 };
 use mobillm_core::wire::{Frame, Limits, Quant};
 use mobillm_core::Mode;
 
-use crate::inputs::{self, Pivots};
+use crate::inputs::{self, Pivots, WhiteningArgs};
 use xtask::args::DataArgs;
 use xtask::tasks::PublicTask;
 
@@ -79,12 +79,8 @@ pub struct Args {
     /// Whiten as the device does but leave out the rotations (R = Q = I), for comparison.
     #[arg(long, conflicts_with = "no_secrets")]
     pub no_rotation: bool,
-    /// The whitening's ε relative to the mean eigenvalue, and the directions whitened exactly (default: the
-    /// device's).
-    #[arg(long, default_value_t = whitening::RELATIVE_EPS)]
-    pub whiten_eps: f64,
-    #[arg(long, default_value_t = whitening::RANK)]
-    pub whiten_rank: usize,
+    #[command(flatten)]
+    pub whitening: WhiteningArgs,
     /// Also fit a ridge readout of these tapped layers (comma-separated positions, or `all`) on the device's
     /// inputs with the true labels, as a label head that never leaves the device would be, and report its
     /// held-out accuracy for a range of ridge penalties (first run only).
@@ -287,9 +283,10 @@ fn one_run(
         means: Tensor::cat(&[&train.means, &validation.means], 0)?,
     };
     // The device whitens (secrets on) with a fit on a random subset of what it sends.
+    let whitening_config = args.whitening.config(n);
     let whitening = if !args.no_secrets {
         let subset = rows(&train, &random_split(n, args.calibration).0)?;
-        Some(Whitening::fit(&device_inputs(&subset.taps, None)?, args.whiten_rank, args.whiten_eps)?)
+        Some(Whitening::fit(&device_inputs(&subset.taps, None)?, &whitening_config)?)
     } else {
         None
     };
@@ -447,7 +444,7 @@ fn one_run(
         "ce_baseline": baseline.map(|b| b.json()),
         "ridge_head": ridge,
         "secrets": secrets.is_enabled(),
-        "whitening": whitening.is_some().then_some(serde_json::json!({"eps": args.whiten_eps, "rank": args.whiten_rank})),
+        "whitening": whitening.is_some().then_some(whitening_config),
         "side": cfg,
         "train": {"lr": args.lr, "batch": tc.batch_size, "epochs_per_round": args.epochs, "max_rounds": args.max_rounds, "tau": args.tau},
         "pae_seconds": pae_s,

@@ -160,7 +160,7 @@ impl Run<'_> {
                     let taps = Tensor::cat(&held.iter().map(|(_, x, _)| x).collect::<Vec<_>>(), 0)?;
                     // The groups' own copies go before the fit: one f16 copy of the subset is held, not two.
                     let groups: Vec<(Vec<usize>, Tensor)> = held.drain(..).map(|(g, _, z)| (g, z)).collect();
-                    let fitted = Whitening::fit(&taps, whitening::RANK, whitening::RELATIVE_EPS)?;
+                    let fitted = Whitening::fit(&taps, &whitening::Config::for_examples(todo.len()))?;
                     if let Some(tasks) = decoy_tasks.as_mut() {
                         let inputs = device_inputs(&taps.to_dtype(DType::F32)?, Some(&fitted))?;
                         let word_logits = Tensor::cat(&groups.iter().map(|(_, z)| z).collect::<Vec<_>>(), 0)?;

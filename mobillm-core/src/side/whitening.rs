@@ -13,8 +13,9 @@
 //! - W is `(C + εI)^{-1/2}` for the covariance C about μ, ε half of C's mean eigenvalue: the dominant directions
 //!   are flattened to about unit variance while the weak ones are not amplified above it (amplified noise
 //!   directions are what the side network overfits), held in a low-rank form: the top [`RANK`] eigenpairs
-//!   exactly and every other direction at the mean of the remaining eigenvalues. `W = r·I + U·diag(s − r)·Uᵀ` costs `T·k·d`
-//!   values instead of `T·d²` (2 MiB against 40 MiB at SmolLM2's size) and as many multiply-adds per sample.
+//!   exactly and every other direction (the tail) at the mean of the remaining eigenvalues, times
+//!   [`Config::tail_gain`] (1, or less in small sessions: [`Config::for_examples`]). `W = r·I + U·diag(s − r)·Uᵀ` costs `T·k·d` values instead of `T·d²` (2 MiB against
+//!   40 MiB at SmolLM2's size) and as many multiply-adds per sample.
 //! - The result is rescaled to unit RMS, like every tap, so no per-sample norm leaves the device. That rescaling
 //!   is not linear, so W is not folded into the network: the adapter applies it before the folded network.
 
@@ -34,6 +35,41 @@ pub const RANK: usize = 64;
 /// secret draws; 0.5 keeps it at 1.3–3.3% over six draws (chance 1%) for about half a point of accuracy
 /// (`side-eval` 91.8% over eight runs against 92.1–92.5% at 1); 0.3 costs a point more (91.5%).
 pub const RELATIVE_EPS: f64 = 0.5;
+/// A small session's whitening ([`Config::for_examples`]): 16 directions whitened all but exactly (ε 1% of the mean
+/// eigenvalue: at 0.5 the block kept the order of its variances, and an attacker whitening public text the same
+/// way paired its axes: 5.9% re-identified at 256 examples), the tail at 0.3.
+pub const SMALL_RANK: usize = 16;
+pub const SMALL_RELATIVE_EPS: f64 = 0.01;
+pub const SMALL_TAIL_GAIN: f64 = 0.3;
+
+/// How a whitening is fitted.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Config {
+    /// Eigen-directions per layer whitened exactly (at most d).
+    pub rank: usize,
+    /// ε relative to the covariance's mean eigenvalue.
+    pub relative_eps: f64,
+    /// The scale of every other direction (the tail) relative to whitening it at the mean of their eigenvalues:
+    /// 1 whitens the tail like the rest (up to ε), 0 drops it.
+    pub tail_gain: f64,
+}
+
+impl Config {
+    /// The device's whitening for a session of `examples` training examples. When the fit covers every one of
+    /// them (at most [`CALIBRATION_SAMPLES`]), the examples the network trains on are exactly those the whitening
+    /// was fitted on, and the tail is where they differ from held-out text: about 255 fitted directions against
+    /// 576, the rest empty for them and not for anyone else. Such a session whitens [`SMALL_RANK`] directions
+    /// and keeps the tail at [`SMALL_TAIL_GAIN`]; measured at 256 examples on four tasks (docs/side-network.md,
+    /// *Small data*) it gains 0.6–3.1 points on each; at 800–2400 examples a smaller tail cost up to a point, so
+    /// larger sessions keep [`RANK`] and the whole tail.
+    pub fn for_examples(examples: usize) -> Self {
+        if examples <= CALIBRATION_SAMPLES {
+            Self { rank: SMALL_RANK, relative_eps: SMALL_RELATIVE_EPS, tail_gain: SMALL_TAIL_GAIN }
+        } else {
+            Self { rank: RANK, relative_eps: RELATIVE_EPS, tail_gain: 1.0 }
+        }
+    }
+}
 
 /// Parameter names, as stored in adapter files.
 pub const MEAN: &str = "whitening.mean"; // [T, d]
@@ -50,12 +86,14 @@ pub struct Whitening {
 }
 
 impl Whitening {
-    /// Fits μ and W per layer on unit-RMS taps `x: [N, T, d]`, keeping `rank` directions exactly (at most d), with
-    /// ε `relative_eps` times the mean eigenvalue.
-    pub fn fit(x: &Tensor, rank: usize, relative_eps: f64) -> Result<Self> {
+    /// Fits μ and W per layer on unit-RMS taps `x: [N, T, d]`.
+    pub fn fit(x: &Tensor, config: &Config) -> Result<Self> {
+        let Config { rank, relative_eps, tail_gain } = *config;
         let (n, t, d) = x.dims3()?;
-        if n == 0 || rank == 0 {
-            return Err(Error::InvalidInput(format!("whitening needs samples and a rank (got {n} and {rank})")));
+        if n == 0 || rank == 0 || !(0.0..=1.0).contains(&tail_gain) {
+            return Err(Error::InvalidInput(format!(
+                "whitening needs samples, a rank and a tail gain in [0, 1] (got {n}, {rank} and {tail_gain})"
+            )));
         }
         let k = rank.min(d);
         // One layer at a time, each read from `x` as its own [N, d] slice: the device's peak memory is a few d×d
@@ -87,7 +125,7 @@ impl Whitening {
                     mean: mean.iter().map(|&v| v as f32).collect(),
                     basis,
                     scale,
-                    rest: (1.0 / (rest_var + eps).sqrt()) as f32,
+                    rest: (tail_gain / (rest_var + eps).sqrt()) as f32,
                 })
             })
             .collect::<Result<_>>()?;
@@ -200,7 +238,8 @@ mod tests {
         let x = skewed(n, t, d);
         for rank in [d, 2] {
             // A small ε: the full decorrelation (the device's ε = 0.5 flattens the dominant directions only).
-            let whitened = Whitening::fit(&x, rank, 0.01).unwrap().apply(&x).unwrap();
+            let whitened =
+                Whitening::fit(&x, &Config { rank, relative_eps: 0.01, tail_gain: 1.0 }).unwrap().apply(&x).unwrap();
             assert_eq!(whitened.dims3().unwrap(), (n, t, d));
             for l in 0..t {
                 let (before, after) = (anisotropy(&x, l), anisotropy(&whitened, l));
@@ -218,10 +257,35 @@ mod tests {
         }
     }
 
+    /// The part of each layer's whitened taps outside the span of that layer's basis, over their RMS.
+    fn outside_basis(w: &Whitening, y: &Tensor) -> f32 {
+        let y = y.transpose(0, 1).unwrap().contiguous().unwrap(); // [T, N, d]
+        let basis = &w.basis; // [T, k, d], orthonormal rows
+        let inside = y.matmul(&basis.transpose(1, 2).unwrap()).unwrap().matmul(basis).unwrap();
+        let outside = (&y - inside).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        (outside / y.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap()).sqrt()
+    }
+
+    #[test]
+    fn a_tail_gain_of_zero_drops_every_direction_outside_the_basis() {
+        let x = skewed(500, 2, 8);
+        let fit = |tail_gain| Whitening::fit(&x, &Config { rank: 3, relative_eps: RELATIVE_EPS, tail_gain }).unwrap();
+        let (dropped, kept, halved) = (fit(0.0), fit(1.0), fit(0.5));
+        let outside = |w: &Whitening| outside_basis(w, &w.apply(&x).unwrap());
+        let (o0, o1, o5) = (outside(&dropped), outside(&kept), outside(&halved));
+        eprintln!("outside the basis: gain 0 {o0:.2e}, 0.5 {o5:.3}, 1 {o1:.3}");
+        assert!(o0 < 1e-3, "gain 0 leaves {o0} outside the basis");
+        assert!(o1 > 0.3 && o5 > 0.1 && o5 < o1, "the tail is kept, and halved by a gain of 0.5: {o5} vs {o1}");
+        for tail_gain in [-0.1, 1.5, f64::NAN] {
+            let err = Whitening::fit(&x, &Config { tail_gain, ..Config::for_examples(500) }).unwrap_err();
+            assert!(err.to_string().contains("tail gain"), "{err}");
+        }
+    }
+
     #[test]
     fn whitening_round_trips_through_its_tensors_and_rejects_partial_or_misshapen_ones() {
         let x = skewed(300, 3, 8);
-        let w = Whitening::fit(&x, 4, RELATIVE_EPS).unwrap();
+        let w = Whitening::fit(&x, &Config { rank: 4, ..Config::for_examples(300) }).unwrap();
         let tensors = w.tensors();
         let back = Whitening::from_tensors(&tensors, 3, 8).unwrap().unwrap();
         let (a, b) = (w.apply(&x).unwrap(), back.apply(&x).unwrap());
@@ -235,6 +299,9 @@ mod tests {
         let err = Whitening::from_tensors(&tensors, 3, 9).unwrap_err();
         assert!(err.to_string().contains("shape"), "{err}");
         assert!(matches!(w.apply(&x.narrow(1, 0, 2).unwrap()), Err(Error::InvalidInput(_))));
-        assert!(matches!(Whitening::fit(&x.narrow(0, 0, 0).unwrap(), 4, RELATIVE_EPS), Err(Error::InvalidInput(_))));
+        assert!(matches!(
+            Whitening::fit(&x.narrow(0, 0, 0).unwrap(), &Config::for_examples(0)),
+            Err(Error::InvalidInput(_))
+        ));
     }
 }

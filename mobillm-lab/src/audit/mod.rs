@@ -16,13 +16,12 @@ pub(crate) mod server_view;
 mod text;
 
 use anyhow::Result;
-use mobillm_core::side::whitening;
 use mobillm_core::side::{DeviceAdapter, Secrets};
 use serde_json::{json, Value};
 use xtask::args::DataArgs;
 use xtask::demo;
 
-use crate::inputs;
+use crate::inputs::{self, WhiteningArgs};
 use attacks::{Alignment, IcaAlignment};
 use knowledge::Knowledge;
 use server_view::{
@@ -70,19 +69,21 @@ pub struct Args {
     /// re-identification without known plaintext under the default's two conditions, and their range.
     #[arg(long)]
     pub draws: Option<usize>,
-    /// With --draws: the whitening's ε relative to the mean eigenvalue, and its exactly whitened directions.
-    #[arg(long, default_value_t = whitening::RELATIVE_EPS, requires = "draws")]
-    pub whiten_eps: f64,
-    #[arg(long, default_value_t = whitening::RANK, requires = "draws")]
-    pub whiten_rank: usize,
+    /// With --draws: the simulated sessions' whitening.
+    #[command(flatten)]
+    pub whitening: WhiteningArgs,
+    /// Principal axes per layer the second-moment alignment pairs by rank. Beyond the whitening's exactly
+    /// whitened directions the stored cloud keeps its order, which more axes try to exploit.
+    #[arg(long, default_value_t = ALIGN_AXES)]
+    pub align_axes: usize,
 }
 
 /// The training sentences of `--quick`, and how many of them are attacked.
 const QUICK_TRAIN: usize = 400;
 const QUICK_ATTACKED: usize = 200;
 
-/// Principal axes per layer that the alignment attack matches.
-const ALIGN_AXES: usize = 16;
+/// Principal axes per layer that the alignment attack matches, unless `--align-axes` says otherwise.
+pub const ALIGN_AXES: usize = 16;
 /// The layers (every sixth, ending with the last) and components per layer of the higher-moment (ICA) alignment,
 /// which costs far more than the second-moment one.
 const ICA_LAYERS: [usize; 5] = [5, 11, 17, 23, 29];
@@ -134,6 +135,7 @@ impl<'a> Case<'a> {
         truth: &'a [usize],
         k: &'a Knowledge,
         attacked: usize,
+        align_axes: usize,
         ica_layers: &[usize],
     ) -> Self {
         let acts = &view.acts;
@@ -142,7 +144,7 @@ impl<'a> Case<'a> {
         let public = k.public_rows();
         eprintln!("audit: aligning {t} layers from second moments");
         let alignments: Vec<Alignment> =
-            (0..t).map(|l| Alignment::fit(&k.everyone.layer(&public, l), &acts.layer(&all, l), ALIGN_AXES)).collect();
+            (0..t).map(|l| Alignment::fit(&k.everyone.layer(&public, l), &acts.layer(&all, l), align_axes)).collect();
         let ica_layers: Vec<usize> = ica_layers.iter().copied().filter(|&l| l < t).collect();
         if !ica_layers.is_empty() {
             eprintln!("audit: aligning {} layers from higher moments (ICA)", ica_layers.len());
@@ -233,9 +235,10 @@ fn reidentification_over_draws(args: &Args, draws: usize, mut k: Knowledge) -> R
     let mut whitened = publicly_whitened(&k.everyone, k.n_train)?;
     let mut rows = Vec::new();
     for draw in 1..=draws {
-        let view = simulate_session(&k.everyone, k.n_train, args.whiten_rank, args.whiten_eps)?;
+        let view = simulate_session(&k.everyone, k.n_train, &args.whitening.config(k.n_train))?;
         let attack = |k: &Knowledge| -> Result<Value> {
-            let (reid, _) = reidentification::attack(&Case::new(&view, &truth, k, args.attacked, &[]), args)?;
+            let (reid, _) =
+                reidentification::attack(&Case::new(&view, &truth, k, args.attacked, args.align_axes, &[]), args)?;
             let aligned = reid.iter().find(|(n, _)| *n == "aligned").map_or(f64::NAN, |(_, v)| *v);
             Ok(json!({"best": report::best(&reid), "aligned": aligned}))
         };
@@ -257,7 +260,7 @@ fn reidentification_over_draws(args: &Args, draws: usize, mut k: Knowledge) -> R
         "{}",
         json!({
             "draws": rows, "train": k.n_train, "attacked": args.attacked.min(k.n_train), "pool": args.pool,
-            "whitening": {"eps": args.whiten_eps, "rank": args.whiten_rank},
+            "whitening": args.whitening.config(k.n_train),
             "default_min": defaults.iter().copied().fold(f64::NAN, f64::min),
             "default_mean": defaults.iter().sum::<f64>() / defaults.len().max(1) as f64,
             "default_max": defaults.iter().copied().fold(f64::NAN, f64::max),
@@ -272,7 +275,7 @@ fn attack(view: &ServerView, truth: &[usize], k: &Knowledge, args: &Args) -> Res
     let n = view.acts.n;
     // The quick audit leaves out the higher-moment alignment: it is the slowest attack and, at 400 sentences, finds
     // nothing even with the secrets off, so the check could not read it.
-    let case = Case::new(view, truth, k, args.attacked, if args.quick { &[] } else { &ICA_LAYERS });
+    let case = Case::new(view, truth, k, args.attacked, args.align_axes, if args.quick { &[] } else { &ICA_LAYERS });
     eprintln!("audit: label attacks");
     let (labels, label_details) = labels::attack(&case)?;
     eprintln!("audit: re-identification");
@@ -305,6 +308,10 @@ pub fn run(mut args: Args) -> Result<()> {
         split.train.truncate(n);
     }
     anyhow::ensure!(!split.train.is_empty() && !split.test.is_empty(), "the audit needs training and held-out data");
+    anyhow::ensure!(
+        args.draws.is_some() || !args.whitening.any(),
+        "--whiten-* set the simulated sessions' whitening: they need --draws (a fine-tune whitens as the device does)"
+    );
     let mut knowledge = knowledge::gather(&backbone, &task, &split)?;
     if let Some(draws) = args.draws {
         return reidentification_over_draws(&args, draws, knowledge);

@@ -63,12 +63,12 @@ fn printable_runs(bytes: &[u8], min: usize, out: &mut String) {
 }
 
 /// Every text (`everyone`, the first `n_train` rows the victim's) whitened with statistics of the public texts
-/// at the device's rank and ε: what an attacker computes from public data as its best guess at a session's secret
+/// as the device whitens a session of `n_train` examples: what an attacker computes from public data as its best guess at a session's secret
 /// whitening, and under the public-whitening design exactly the device's whitening.
 pub fn publicly_whitened(everyone: &Acts, n_train: usize) -> Result<Acts> {
     let all = Tensor::from_slice(&everyone.flat, (everyone.n, everyone.t, everyone.d), &Device::Cpu)?;
     let whitening =
-        Whitening::fit(&all.narrow(0, n_train, everyone.n - n_train)?, whitening::RANK, whitening::RELATIVE_EPS)?;
+        Whitening::fit(&all.narrow(0, n_train, everyone.n - n_train)?, &whitening::Config::for_examples(n_train))?;
     Acts::from_tensor(&whitening.apply(&all)?)
 }
 
@@ -87,14 +87,14 @@ pub fn simulate_public_whitening(view: &ServerView, truth: &[usize], whitened: &
 
 /// What the server would hold after a session with fresh secrets on the victim's `n_train` texts (rows of
 /// `everyone`, plain unit RMS), as the device computes it without running a fine-tune: whitening fitted on a random
-/// calibration subset at `rank` and `eps`, fresh rotations, the wire's int8 and f16 storage. Targets are zero: this
+/// calibration subset as `config` says, fresh rotations, the wire's int8 and f16 storage. Targets are zero: this
 /// view serves the attacks on activations. Returns the view; its sample `i` is text `i`.
-pub fn simulate_session(everyone: &Acts, n_train: usize, rank: usize, eps: f64) -> Result<ServerView> {
+pub fn simulate_session(everyone: &Acts, n_train: usize, config: &whitening::Config) -> Result<ServerView> {
     let (t, d) = (everyone.t, everyone.d);
     let train = Tensor::from_slice(&everyone.flat[..n_train * t * d], (n_train, t, d), &Device::Cpu)?;
     let (calibration, _) = mobillm_core::fine_tune::random_split(n_train, whitening::CALIBRATION_SAMPLES);
     let calibration = Tensor::new(calibration.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
-    let whitening = Whitening::fit(&train.index_select(&calibration, 0)?, rank, eps)?;
+    let whitening = Whitening::fit(&train.index_select(&calibration, 0)?, config)?;
     let side = SideConfig::new(t, d, 2);
     let secrets = Secrets::generate(&side)?;
     let targets = Mat::zeros(n_train, side.outputs);
@@ -187,7 +187,8 @@ mod tests {
         let plain =
             Acts::from_tensor(&normalize_taps(&Tensor::from_vec(values, (n, t, d), &Device::Cpu).unwrap()).unwrap())
                 .unwrap();
-        let (a, b) = (simulate_session(&plain, 500, d, 0.01).unwrap(), simulate_session(&plain, 500, d, 0.01).unwrap());
+        let full = whitening::Config { rank: d, relative_eps: 0.01, tail_gain: 1.0 };
+        let (a, b) = (simulate_session(&plain, 500, &full).unwrap(), simulate_session(&plain, 500, &full).unwrap());
         assert_eq!((a.acts.n, a.acts.t, a.acts.d, a.targets.nrows()), (500, t, d, 500));
         let rows: Vec<usize> = (0..500).collect();
         for l in 0..t {
