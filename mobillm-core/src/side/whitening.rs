@@ -14,8 +14,10 @@
 //!   are flattened to about unit variance while the weak ones are not amplified above it (amplified noise
 //!   directions are what the side network overfits), held in a low-rank form: the top [`RANK`] eigenpairs
 //!   exactly and every other direction (the tail) at the mean of the remaining eigenvalues, times
-//!   [`Config::tail_gain`] (1, or less in small sessions: [`Config::for_examples`]). `W = r·I + U·diag(s − r)·Uᵀ` costs `T·k·d` values instead of `T·d²` (2 MiB against
-//!   40 MiB at SmolLM2's size) and as many multiply-adds per sample.
+//!   [`Config::tail_gain`]. `W = r·I + U·diag(s − r)·Uᵀ` costs `T·k·d` values instead of `T·d²` (2 MiB against
+//!   40 MiB at SmolLM2's size) and as many multiply-adds per sample. Sessions small enough to be whitened on every
+//!   example they send keep fewer directions, whiten them at a smaller ε and scale the tail down
+//!   ([`Config::for_examples`]).
 //! - The result is rescaled to unit RMS, like every tap, so no per-sample norm leaves the device. That rescaling
 //!   is not linear, so W is not folded into the network: the adapter applies it before the folded network.
 
@@ -60,7 +62,7 @@ impl Config {
     /// was fitted on, and the tail is where they differ from held-out text: about 255 fitted directions against
     /// 576, the rest empty for them and not for anyone else. Such a session whitens [`SMALL_RANK`] directions
     /// and keeps the tail at [`SMALL_TAIL_GAIN`]; measured at 256 examples on four tasks (docs/side-network.md,
-    /// *Small data*) it gains 0.6–3.1 points on each; at 800–2400 examples a smaller tail cost up to a point, so
+    /// *The whitening's tail*) it gains 0.6–3.1 points on each; at 800–2400 examples a smaller tail cost up to a point, so
     /// larger sessions keep [`RANK`] and the whole tail.
     pub fn for_examples(examples: usize) -> Self {
         if examples <= CALIBRATION_SAMPLES {
