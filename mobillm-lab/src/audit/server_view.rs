@@ -63,8 +63,8 @@ fn printable_runs(bytes: &[u8], min: usize, out: &mut String) {
 }
 
 /// Every text (`everyone`, the first `n_train` rows the victim's) whitened with statistics of the public texts
-/// as the device whitens a session of `n_train` examples: what an attacker computes from public data as its best guess at a session's secret
-/// whitening, and under the public-whitening design exactly the device's whitening.
+/// as the device whitens a session of `n_train` examples: what an attacker computes from public data as its best
+/// guess at a session's secret whitening, and under the public-whitening design exactly the device's whitening.
 pub fn publicly_whitened(everyone: &Acts, n_train: usize) -> Result<Acts> {
     let all = Tensor::from_slice(&everyone.flat, (everyone.n, everyone.t, everyone.d), &Device::Cpu)?;
     let whitening =
