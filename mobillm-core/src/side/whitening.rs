@@ -15,9 +15,9 @@
 //!   directions are what the side network overfits), held in a low-rank form: the top [`RANK`] eigenpairs
 //!   exactly and every other direction (the tail) at the mean of the remaining eigenvalues, times
 //!   [`Config::tail_gain`]. `W = r·I + U·diag(s − r)·Uᵀ` costs `T·k·d` values instead of `T·d²` (2 MiB against
-//!   40 MiB at SmolLM2's size) and as many multiply-adds per sample. Sessions small enough to be whitened on every
-//!   example they send keep fewer directions, whiten them at a smaller ε and scale the tail down
-//!   ([`Config::for_examples`]).
+//!   40 MiB at SmolLM2's size) and as many multiply-adds per sample. Sessions small enough to be whitened on at
+//!   least half of the examples they send keep fewer directions, whiten them at a smaller ε and scale the tail
+//!   down ([`Config::for_examples`]).
 //! - The result is rescaled to unit RMS, like every tap, so no per-sample norm leaves the device. That rescaling
 //!   is not linear, so W is not folded into the network: the adapter applies it before the folded network.
 
@@ -43,6 +43,8 @@ pub const RELATIVE_EPS: f64 = 0.5;
 pub const SMALL_RANK: usize = 16;
 pub const SMALL_RELATIVE_EPS: f64 = 0.01;
 pub const SMALL_TAIL_GAIN: f64 = 0.3;
+/// The largest session whitened as a small one: its whitening is fitted on at least half of what it sends.
+pub const SMALL_SESSION_EXAMPLES: usize = 2 * CALIBRATION_SAMPLES;
 
 /// How a whitening is fitted.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -57,15 +59,15 @@ pub struct Config {
 }
 
 impl Config {
-    /// The device's whitening for a session of `examples` training examples. When the fit covers every one of
-    /// them (at most [`CALIBRATION_SAMPLES`]), the examples the network trains on are exactly those the whitening
-    /// was fitted on, and the tail is where they differ from held-out text: about 255 fitted directions against
-    /// 576, the rest empty for them and not for anyone else. Such a session whitens [`SMALL_RANK`] directions
-    /// and keeps the tail at [`SMALL_TAIL_GAIN`]; measured at 256 examples on four tasks (docs/side-network.md,
-    /// *The whitening's tail*) it gains 0.6–3.1 points on each; at 800–2400 examples a smaller tail cost up to a point, so
-    /// larger sessions keep [`RANK`] and the whole tail.
+    /// The device's whitening for a session of `examples` training examples. When the fit covers all or most of
+    /// them (at most [`SMALL_SESSION_EXAMPLES`]), the tail is where the examples the network trains on differ from
+    /// held-out text: at 256 examples about 255 fitted directions against 576, the rest empty for them and not for
+    /// anyone else. Such a session whitens [`SMALL_RANK`] directions and keeps the tail at [`SMALL_TAIL_GAIN`];
+    /// measured (docs/side-network.md, *The whitening's tail*), it gains 0.6–3.1 points on each of four tasks at
+    /// 256 examples and 0.8–1.2 on the two measured at 500; at 800–2400 examples a smaller tail cost up to a
+    /// point, so larger sessions keep [`RANK`] and the whole tail.
     pub fn for_examples(examples: usize) -> Self {
-        if examples <= CALIBRATION_SAMPLES {
+        if examples <= SMALL_SESSION_EXAMPLES {
             Self { rank: SMALL_RANK, relative_eps: SMALL_RELATIVE_EPS, tail_gain: SMALL_TAIL_GAIN }
         } else {
             Self { rank: RANK, relative_eps: RELATIVE_EPS, tail_gain: 1.0 }
