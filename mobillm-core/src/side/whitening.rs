@@ -64,8 +64,8 @@ impl Config {
     /// held-out text: at 256 examples about 255 fitted directions against 576, the rest empty for them and not for
     /// anyone else. Such a session whitens [`SMALL_RANK`] directions and keeps the tail at [`SMALL_TAIL_GAIN`];
     /// measured (docs/side-network.md, *The whitening's tail*), it gains 0.6–3.1 points on each of four tasks at
-    /// 256 examples and 0.8–1.2 on the two measured at 500; at 800–2400 examples a smaller tail cost up to a
-    /// point, so larger sessions keep [`RANK`] and the whole tail.
+    /// 256 examples, and at 500 0.8–1.2 on three tasks (`hedge` lost 1.6, within its runs' spread); at 800–2400
+    /// examples a smaller tail cost up to a point, so larger sessions keep [`RANK`] and the whole tail.
     pub fn for_examples(examples: usize) -> Self {
         if examples <= SMALL_SESSION_EXAMPLES {
             Self { rank: SMALL_RANK, relative_eps: SMALL_RELATIVE_EPS, tail_gain: SMALL_TAIL_GAIN }
