@@ -59,7 +59,7 @@ pub struct Config {
 }
 
 impl Config {
-    /// The device's whitening for a session of `examples` training examples. When the fit covers all or most of
+    /// The device's whitening for a session of `examples` training examples. When the fit covers at least half of
     /// them (at most [`SMALL_SESSION_EXAMPLES`]), the tail is where the examples the network trains on differ from
     /// held-out text: at 256 examples about 255 fitted directions against 576, the rest empty for them and not for
     /// anyone else. Such a session whitens [`SMALL_RANK`] directions and keeps the tail at [`SMALL_TAIL_GAIN`];
