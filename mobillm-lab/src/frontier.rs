@@ -88,7 +88,7 @@ pub fn run(args: Args) -> Result<()> {
     let held_out = split.test.len();
     let chance = k.chance();
     // The attacker's public data whitened with public statistics: the same for every session.
-    let mut whitened = publicly_whitened(&k.everyone, k.n_train)?;
+    let mut whitened = publicly_whitened(&k.everyone, k.n_train, false)?;
     let mut points = Vec::new();
     // The first session's attacks: its stored activations do not depend on the labels.
     let mut first_attacks: Option<Vec<(String, f64)>> = None;

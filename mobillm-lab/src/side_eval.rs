@@ -12,18 +12,21 @@
 //! per round the same way with the same validation split, stopping rule and refit, so both get the same budget
 //! and the same chance to stop. Each run's JSON also gives, round by round, the held-out accuracy of the mean of the rounds'
 //! outputs so far and of one network with the mean of their weights, for comparison with the round kept.
+//!
+//! `--select-tails` and `--ensemble-tails` measure choosing the whitening's tail per session and averaging a session
+//! of each (docs/side-network.md, *A tail per session*): not what the device does.
 
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use mobillm_core::fine_tune::stopping::{validation_split, Score, Stopping, ROUNDS_WITHOUT_VALIDATION};
 use mobillm_core::fine_tune::{random_split, FineTuneConfig};
 use mobillm_core::side;
 use mobillm_core::side::targets::{accuracy, predict, prediction_differences, DEFAULT_TAU};
-use mobillm_core::side::whitening::{Whitening, CALIBRATION_SAMPLES};
+use mobillm_core::side::whitening::{self, Whitening, CALIBRATION_SAMPLES};
 use mobillm_core::side::{
     device_inputs, Activation, Objective, Optimizer, SampleId, Secrets, SideConfig, SideNet, SideTrainer, TrainConfig,
 };
@@ -106,6 +109,15 @@ pub struct Args {
     /// stays the rule's), recording each round's validation predictions, to compare stopping rules afterwards.
     #[arg(long)]
     pub all_rounds: bool,
+    /// Choose the whitening's tail gain per run among these: round 1 is trained on 4 folds of the sent examples
+    /// for each, and the gain whose out-of-fold predictions the device's labels score best is used
+    /// (docs/side-network.md, *A tail per session*). Prints each gain's out-of-fold accuracy and target error.
+    #[arg(long, value_delimiter = ',')]
+    pub select_tails: Vec<f64>,
+    /// Run `pae` once per tail gain, each as its own session (secrets, split, refit), and report the held-out
+    /// accuracy of the mean of their final networks' corrections (docs/side-network.md, *A tail per session*).
+    #[arg(long, value_delimiter = ',', conflicts_with = "select_tails")]
+    pub ensemble_tails: Vec<f64>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
@@ -212,7 +224,29 @@ fn evaluate_task(args: &Args, name: &str, data: &DataArgs) -> Result<serde_json:
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         let ridge = args.ridge.as_deref().filter(|_| run == 1);
-        runs.push(one_run(args, &cfg, &train, &test, ridge, &format!("{name} run {run}/{}", args.runs))?);
+        let what = format!("{name} run {run}/{}", args.runs);
+        if args.ensemble_tails.is_empty() {
+            runs.push(one_run(args, &cfg, &train, &test, ridge, &what, None)?.0);
+            continue;
+        }
+        // An ensemble of one session per tail gain: the mean of their final networks' corrections.
+        let (mut parts, mut sum) = (Vec::new(), None::<Tensor>);
+        for &g in &args.ensemble_tails {
+            let (json, correction) = one_run(args, &cfg, &train, &test, None, &what, Some(g))?;
+            let correction = correction.context("an ensemble member ran without a refit (no validation split)")?;
+            sum = Some(match sum {
+                Some(s) => (s + correction)?,
+                None => correction,
+            });
+            parts.push(json);
+        }
+        let mean = (sum.context("--ensemble-tails is empty")? / args.ensemble_tails.len() as f64)?;
+        let acc = Score::of(&(&test.logits + mean)?, &test.labels)?.accuracy;
+        let part_accs: Vec<String> =
+            parts.iter().map(|p| format!("{:.1}%", p["pae"]["test_acc"].as_f64().unwrap_or(0.0) * 100.0)).collect();
+        eprintln!("{what}: ensemble {:.1}% (each alone: {})", acc * 100.0, part_accs.join(", "));
+        let rounds: Vec<_> = parts.iter().map(|p| p["pae"]["rounds_used"].clone()).collect();
+        runs.push(serde_json::json!({"pae": {"test_acc": acc, "rounds_used": rounds}, "parts": parts}));
     }
     let spread = |key: &str| -> serde_json::Value {
         let v: Vec<f64> = runs.iter().filter_map(|r| r[key]["test_acc"].as_f64()).collect();
@@ -244,7 +278,8 @@ fn one_run(
     test: &Pivots,
     ridge: Option<&str>,
     what: &str,
-) -> Result<serde_json::Value> {
+    tail: Option<f64>,
+) -> Result<(serde_json::Value, Option<Tensor>)> {
     let k = cfg.labels;
     let secrets = if args.no_secrets || args.no_rotation { Secrets::disabled(cfg)? } else { Secrets::generate(cfg)? };
     let (held_back, sent) = validation_split(train.labels.len(), args.max_rounds);
@@ -283,9 +318,25 @@ fn one_run(
         means: Tensor::cat(&[&train.means, &validation.means], 0)?,
     };
     // The device whitens (secrets on) with a fit on a random subset of what it sends.
-    let whitening_config = args.whitening.config(n);
+    let mut whitening_config = args.whitening.config(n);
+    if let Some(g) = tail {
+        whitening_config.tail_gain = g;
+    }
+    let subset = rows(&train, &random_split(n, args.calibration).0)?;
+    if args.select_tails.len() > 1 {
+        let views = args
+            .select_tails
+            .iter()
+            .map(|&g| {
+                let c = whitening::Config { tail_gain: g, ..whitening_config };
+                let w = Whitening::fit(&device_inputs(&subset.taps, None)?, &c)?;
+                Ok((format!("tail {g}"), device_inputs(&train.taps, Some(&w))?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let chosen = choose_view(args, cfg, &secrets, &views, &train, what)?;
+        whitening_config.tail_gain = args.select_tails[chosen];
+    }
     let whitening = if !args.no_secrets {
-        let subset = rows(&train, &random_split(n, args.calibration).0)?;
         Some(Whitening::fit(&device_inputs(&subset.taps, None)?, &whitening_config)?)
     } else {
         None
@@ -304,14 +355,7 @@ fn one_run(
     };
     // As the server trains a `pae` session (the baseline too: it trains on the same rotated uploads), its
     // mini-batch sized for every example, which the device declares.
-    let tc = TrainConfig {
-        optimizer: Optimizer::EquivariantAdamW,
-        lr: args.lr,
-        batch_size: args.batch.min((everyone.labels.len() / 8).max(16)),
-        epochs: args.epochs,
-        weight_decay: args.weight_decay,
-        ..Default::default()
-    };
+    let tc = server_train_config(args, everyone.labels.len());
     let score = |net: &SideNet, x: &Tensor, p: &Pivots| Score::of(&(&p.logits + net.forward(x)?)?, &p.labels);
 
     // pae: targets from the device, trained in server coordinates, folded and scored on the device.
@@ -360,6 +404,7 @@ fn one_run(
     })?;
     let mut pae = pae;
     // The refit, as the device runs it: the kept number of rounds again, from the initial weights, on everyone.
+    let mut final_correction = None;
     if let Some(x_all) = &x_everyone {
         let mut trainer = SideTrainer::new(cfg, &tc)?;
         let mut decoded: Option<Tensor> = None;
@@ -374,7 +419,9 @@ fn one_run(
             })?;
             decoded = Some(secrets.decode_outputs(&trainer.outputs(x_all)?)?);
         }
-        pae.refit(score(&secrets.fold(trainer.net())?, &x_test, test)?.accuracy);
+        let folded = secrets.fold(trainer.net())?;
+        final_correction = Some(folded.forward(&x_test)?);
+        pae.refit(score(&folded, &x_test, test)?.accuracy);
     }
     let pae_s = start.elapsed().as_secs_f64();
     eprintln!(
@@ -435,7 +482,7 @@ fn one_run(
         );
         Some(trace)
     };
-    Ok(serde_json::json!({
+    let json = serde_json::json!({
         "train_samples": n,
         "validation_samples": held_back.len(),
         "pae": pae.json(),
@@ -448,7 +495,77 @@ fn one_run(
         "side": cfg,
         "train": {"lr": args.lr, "batch": tc.batch_size, "epochs_per_round": args.epochs, "max_rounds": args.max_rounds, "tau": args.tau},
         "pae_seconds": pae_s,
-    }))
+    });
+    Ok((json, final_correction))
+}
+
+/// How the server trains a `pae` session of `examples` examples (the mini-batch is sized by the device's count).
+fn server_train_config(args: &Args, examples: usize) -> TrainConfig {
+    TrainConfig {
+        optimizer: Optimizer::EquivariantAdamW,
+        lr: args.lr,
+        batch_size: args.batch.min((examples / 8).max(16)),
+        epochs: args.epochs,
+        weight_decay: args.weight_decay,
+        ..Default::default()
+    }
+}
+
+/// The view whose round-1 networks, each trained on all folds of the sent examples but one, predict the left-out
+/// fold best by the device's labels (ties: the smaller target error, which the server could compute without
+/// labels and which alone chooses worse: docs/side-network.md). Prints both for every view.
+fn choose_view(
+    args: &Args,
+    cfg: &SideConfig,
+    secrets: &Secrets,
+    views: &[(String, Tensor)],
+    train: &Pivots,
+    what: &str,
+) -> Result<usize> {
+    let n = train.labels.len();
+    let folds = 4;
+    let delta = prediction_differences(&train.logits, None, &train.labels, args.tau)?;
+    let targets = secrets.encode_targets(&delta)?;
+    let tc = server_train_config(args, n);
+    let mut shuffled: Vec<usize> = (0..n).collect(); // fold f: the positions ≡ f (mod folds)
+    rand::seq::SliceRandom::shuffle(shuffled.as_mut_slice(), &mut rand::rng());
+    let (mut best, mut best_key) = (0, (0usize, f64::MIN));
+    for (v, (m, x)) in views.iter().enumerate() {
+        let x = through_the_wire(&secrets.rotate_activations(x)?, cfg.outputs)?;
+        let (mut err, mut correct) = (0.0, 0usize);
+        for f in 0..folds {
+            let held: Vec<usize> =
+                shuffled.iter().enumerate().filter(|(i, _)| i % folds == f).map(|(_, &j)| j).collect();
+            let kept: Vec<usize> =
+                shuffled.iter().enumerate().filter(|(i, _)| i % folds != f).map(|(_, &j)| j).collect();
+            let pick = |t: &Tensor, idx: &[usize]| -> Result<Tensor> {
+                let i = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+                Ok(t.index_select(&i, 0)?)
+            };
+            let mut trainer = SideTrainer::new(cfg, &tc)?.annealed(0, args.epochs);
+            let objective = Objective::Regression { targets: pick(&targets, &kept)? };
+            trainer.fit(&pick(&x, &kept)?, &objective, args.epochs, |r, _| {
+                eprint!("\r{what}: {m} fold {f}: epoch {}/{}  ", r.epoch, r.epochs);
+                ControlFlow::Continue(())
+            })?;
+            let out = trainer.outputs(&pick(&x, &held)?)?;
+            let diff = (&out - pick(&targets, &held)?)?.to_dtype(DType::F32)?;
+            err += diff.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            let labels: Vec<u32> = held.iter().map(|&i| train.labels[i]).collect();
+            let logits = (pick(&train.logits, &held)? + secrets.decode_outputs(&out)?)?;
+            correct += Score::of(&logits, &labels)?.correct.iter().filter(|&&c| c).count();
+        }
+        let err = err / n as f64;
+        eprintln!(
+            "\r{what}: {m}: held-out target error {err:.4}, fold accuracy {:.1}%      ",
+            100.0 * correct as f64 / n as f64
+        );
+        if (correct, -err) > best_key {
+            (best, best_key) = (v, (correct, -err));
+        }
+    }
+    eprintln!("{what}: chose {}", views[best].0);
+    Ok(best)
 }
 
 /// Temperature and per-label bias minimising the cross-entropy of `scale·z + bias` on `labels` (gradient descent).

@@ -76,6 +76,10 @@ pub struct Args {
     /// whitened directions the stored cloud keeps its order, which more axes try to exploit.
     #[arg(long, default_value_t = ALIGN_AXES)]
     pub align_axes: usize,
+    /// With --draws: the sessions send only their whitening's tail (the block zeroed), and the attacker whitens
+    /// its public data the same way: what a server holding the block apart could isolate.
+    #[arg(long, requires = "draws")]
+    pub tail_only: bool,
 }
 
 /// The training sentences of `--quick`, and how many of them are attacked.
@@ -232,10 +236,10 @@ pub fn fine_tune(
 /// whitened by public statistics. Prints one JSON line.
 fn reidentification_over_draws(args: &Args, draws: usize, mut k: Knowledge) -> Result<()> {
     let truth: Vec<usize> = (0..k.n_train).collect();
-    let mut whitened = publicly_whitened(&k.everyone, k.n_train)?;
+    let mut whitened = publicly_whitened(&k.everyone, k.n_train, args.tail_only)?;
     let mut rows = Vec::new();
     for draw in 1..=draws {
-        let view = simulate_session(&k.everyone, k.n_train, &args.whitening.config(k.n_train))?;
+        let view = simulate_session(&k.everyone, k.n_train, &args.whitening.config(k.n_train), args.tail_only)?;
         let attack = |k: &Knowledge| -> Result<Value> {
             let (reid, _) =
                 reidentification::attack(&Case::new(&view, &truth, k, args.attacked, args.align_axes, &[]), args)?;
@@ -260,7 +264,7 @@ fn reidentification_over_draws(args: &Args, draws: usize, mut k: Knowledge) -> R
         "{}",
         json!({
             "draws": rows, "train": k.n_train, "attacked": args.attacked.min(k.n_train), "pool": args.pool,
-            "whitening": args.whitening.config(k.n_train),
+            "whitening": args.whitening.config(k.n_train), "tail_only": args.tail_only,
             "default_min": defaults.iter().copied().fold(f64::NAN, f64::min),
             "default_mean": defaults.iter().sum::<f64>() / defaults.len().max(1) as f64,
             "default_max": defaults.iter().copied().fold(f64::NAN, f64::max),
@@ -337,7 +341,7 @@ pub fn run(mut args: Args) -> Result<()> {
             continue;
         }
         attack_as("secrets_on", view, &knowledge)?;
-        let mut whitened = publicly_whitened(&knowledge.everyone, n_train)?;
+        let mut whitened = publicly_whitened(&knowledge.everyone, n_train, false)?;
         let simulated = simulate_public_whitening(view, truth, &whitened)?;
         knowledge.with_everyone(&mut whitened, |k| {
             attack_as("secrets_on_attacker_whitens", view, k)?;

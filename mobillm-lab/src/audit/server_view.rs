@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use mobillm_core::side::whitening::{self, Whitening};
 use mobillm_core::side::{SampleId, Secrets, SideConfig};
@@ -65,11 +65,25 @@ fn printable_runs(bytes: &[u8], min: usize, out: &mut String) {
 /// Every text (`everyone`, the first `n_train` rows the victim's) whitened with statistics of the public texts
 /// as the device whitens a session of `n_train` examples: what an attacker computes from public data as its best
 /// guess at a session's secret whitening, and under the public-whitening design exactly the device's whitening.
-pub fn publicly_whitened(everyone: &Acts, n_train: usize) -> Result<Acts> {
+/// With `tail_only`, the whitening's tail alone ([`tail_only`]).
+pub fn publicly_whitened(everyone: &Acts, n_train: usize, tail_only: bool) -> Result<Acts> {
     let all = Tensor::from_slice(&everyone.flat, (everyone.n, everyone.t, everyone.d), &Device::Cpu)?;
-    let whitening =
-        Whitening::fit(&all.narrow(0, n_train, everyone.n - n_train)?, &whitening::Config::for_examples(n_train))?;
+    let public = all.narrow(0, n_train, everyone.n - n_train)?;
+    let whitening = Whitening::fit(&public, &whitening::Config::for_examples(n_train))?;
+    let whitening = if tail_only { self::tail_only(&whitening)? } else { whitening };
     Acts::from_tensor(&whitening.apply(&all)?)
+}
+
+/// The whitening with its exactly whitened block zeroed: what it sends outside the block (the tail), as a server
+/// would isolate it if it also held the block on its own (docs/side-network.md, *A tail per session*).
+pub fn tail_only(w: &Whitening) -> Result<Whitening> {
+    let tensors = w.tensors();
+    let (t, _, d) = tensors.iter().find(|(n, _)| *n == whitening::BASIS).context("no basis")?.1.dims3()?;
+    let zeroed: Vec<(&str, Tensor)> = tensors
+        .into_iter()
+        .map(|(n, v)| Ok((n, if n == whitening::SCALE { v.zeros_like()? } else { v })))
+        .collect::<Result<_>>()?;
+    Whitening::from_tensors(&zeroed, t, d)?.context("no whitening")
 }
 
 /// What the server would hold if the device whitened with public statistics instead of its session's
@@ -89,12 +103,19 @@ pub fn simulate_public_whitening(view: &ServerView, truth: &[usize], whitened: &
 /// `everyone`, plain unit RMS), as the device computes it without running a fine-tune: whitening fitted on a random
 /// calibration subset as `config` says, fresh rotations, the wire's int8 and f16 storage. Targets are zero: this
 /// view serves the attacks on activations. Returns the view; its sample `i` is text `i`.
-pub fn simulate_session(everyone: &Acts, n_train: usize, config: &whitening::Config) -> Result<ServerView> {
+/// With `tail_only`, the whitening's tail alone ([`tail_only`]).
+pub fn simulate_session(
+    everyone: &Acts,
+    n_train: usize,
+    config: &whitening::Config,
+    tail_only: bool,
+) -> Result<ServerView> {
     let (t, d) = (everyone.t, everyone.d);
     let train = Tensor::from_slice(&everyone.flat[..n_train * t * d], (n_train, t, d), &Device::Cpu)?;
     let (calibration, _) = mobillm_core::fine_tune::random_split(n_train, whitening::CALIBRATION_SAMPLES);
     let calibration = Tensor::new(calibration.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
     let whitening = Whitening::fit(&train.index_select(&calibration, 0)?, config)?;
+    let whitening = if tail_only { self::tail_only(&whitening)? } else { whitening };
     let side = SideConfig::new(t, d, 2);
     let secrets = Secrets::generate(&side)?;
     let targets = Mat::zeros(n_train, side.outputs);
@@ -188,7 +209,10 @@ mod tests {
             Acts::from_tensor(&normalize_taps(&Tensor::from_vec(values, (n, t, d), &Device::Cpu).unwrap()).unwrap())
                 .unwrap();
         let full = whitening::Config { rank: d, relative_eps: 0.01, tail_gain: 1.0 };
-        let (a, b) = (simulate_session(&plain, 500, &full).unwrap(), simulate_session(&plain, 500, &full).unwrap());
+        let (a, b) = (
+            simulate_session(&plain, 500, &full, false).unwrap(),
+            simulate_session(&plain, 500, &full, false).unwrap(),
+        );
         assert_eq!((a.acts.n, a.acts.t, a.acts.d, a.targets.nrows()), (500, t, d, 500));
         let rows: Vec<usize> = (0..500).collect();
         for l in 0..t {
@@ -200,5 +224,29 @@ mod tests {
         }
         assert_ne!(a.acts.flat[..d], plain.flat[..d], "rotated");
         assert_ne!(a.acts.flat[..d], b.acts.flat[..d], "fresh secrets each session");
+    }
+
+    /// The tail alone has nothing left along the block's directions, and keeps what lies outside them.
+    #[test]
+    fn the_tail_alone_is_orthogonal_to_the_block() {
+        let (n, t, d, k) = (300, 2, 12, 4);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let values: Vec<f32> =
+            (0..n * t * d).map(|i| (rng.random::<f32>() - 0.5) * 8.0 / (1.0 + (i % d) as f32)).collect();
+        let x = normalize_taps(&Tensor::from_vec(values, (n, t, d), &Device::Cpu).unwrap()).unwrap();
+        let config = whitening::Config { rank: k, relative_eps: 0.01, tail_gain: 0.3 };
+        let full = Whitening::fit(&x, &config).unwrap();
+        let tail = tail_only(&full).unwrap();
+        let basis = full.tensors().into_iter().find(|(n, _)| *n == whitening::BASIS).unwrap().1; // [t, k, d]
+        let along = |w: &Whitening| -> f32 {
+            let y = w.apply(&x).unwrap().transpose(0, 1).unwrap().contiguous().unwrap(); // [t, n, d]
+            let coords = y.matmul(&basis.transpose(1, 2).unwrap().contiguous().unwrap()).unwrap(); // [t, n, k]
+            (coords.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() / (n * t) as f32).sqrt()
+        };
+        assert!(along(&full) > 1.0, "the whole whitening sends the block: {}", along(&full));
+        assert!(along(&tail) < 1e-4, "the tail alone sends nothing along the block: {}", along(&tail));
+        let norms = tail.apply(&x).unwrap().sqr().unwrap().sum_keepdim(2).unwrap();
+        let min = norms.flatten_all().unwrap().min(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!((min / d as f32 - 1.0).abs() < 1e-3, "still unit RMS: {min}");
     }
 }
