@@ -284,12 +284,11 @@ fn one_run(
     let secrets = if args.no_secrets || args.no_rotation { Secrets::disabled(cfg)? } else { Secrets::generate(cfg)? };
     let (held_back, sent) = validation_split(train.labels.len(), args.max_rounds);
     let rows = |p: &Pivots, idx: &[usize]| -> Result<Pivots> {
-        let i = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
         Ok(Pivots {
-            taps: p.taps.index_select(&i, 0)?,
-            logits: p.logits.index_select(&i, 0)?,
+            taps: select_rows(&p.taps, idx)?,
+            logits: select_rows(&p.logits, idx)?,
             labels: idx.iter().map(|&i| p.labels[i]).collect(),
-            means: p.means.index_select(&i, 0)?,
+            means: select_rows(&p.means, idx)?,
         })
     };
     let (mut validation, mut train) = (rows(train, &held_back)?, rows(train, &sent)?);
@@ -322,22 +321,27 @@ fn one_run(
     if let Some(g) = tail {
         whitening_config.tail_gain = g;
     }
-    let subset = rows(&train, &random_split(n, args.calibration).0)?;
-    if args.select_tails.len() > 1 {
-        let views = args
-            .select_tails
-            .iter()
-            .map(|&g| {
-                let c = whitening::Config { tail_gain: g, ..whitening_config };
-                let w = Whitening::fit(&device_inputs(&subset.taps, None)?, &c)?;
-                Ok((format!("tail {g}"), device_inputs(&train.taps, Some(&w))?))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let chosen = choose_view(args, cfg, &secrets, &views, &train, what)?;
-        whitening_config.tail_gain = args.select_tails[chosen];
-    }
     let whitening = if !args.no_secrets {
-        Some(Whitening::fit(&device_inputs(&subset.taps, None)?, &whitening_config)?)
+        let calibration = device_inputs(&select_rows(&train.taps, &random_split(n, args.calibration).0)?, None)?;
+        if args.select_tails.len() > 1 {
+            // One fit per tail gain; the chosen one is the session's.
+            let mut fits = args
+                .select_tails
+                .iter()
+                .map(|&g| Ok(Whitening::fit(&calibration, &whitening::Config { tail_gain: g, ..whitening_config })?))
+                .collect::<Result<Vec<_>>>()?;
+            let views = args
+                .select_tails
+                .iter()
+                .zip(&fits)
+                .map(|(g, w)| Ok((format!("tail {g}"), device_inputs(&train.taps, Some(w))?)))
+                .collect::<Result<Vec<_>>>()?;
+            let chosen = choose_view(args, cfg, &secrets, &views, &train, what)?;
+            whitening_config.tail_gain = args.select_tails[chosen];
+            Some(fits.swap_remove(chosen))
+        } else {
+            Some(Whitening::fit(&calibration, &whitening_config)?)
+        }
     } else {
         None
     };
@@ -499,12 +503,20 @@ fn one_run(
     Ok((json, final_correction))
 }
 
-/// How the server trains a `pae` session of `examples` examples (the mini-batch is sized by the device's count).
+/// Rows `idx` of `t` (along its first axis).
+fn select_rows(t: &Tensor, idx: &[usize]) -> Result<Tensor> {
+    let i = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+    Ok(t.index_select(&i, 0)?)
+}
+
+/// How the server trains a `pae` session of `examples` examples (the mini-batch is sized by the device's count,
+/// by the device's own rule).
 fn server_train_config(args: &Args, examples: usize) -> TrainConfig {
+    let device = FineTuneConfig { batch_size: args.batch, ..FineTuneConfig::for_mode(Mode::Pae) };
     TrainConfig {
         optimizer: Optimizer::EquivariantAdamW,
         lr: args.lr,
-        batch_size: args.batch.min((examples / 8).max(16)),
+        batch_size: device.epoch_batch(examples),
         epochs: args.epochs,
         weight_decay: args.weight_decay,
         ..Default::default()
@@ -538,21 +550,17 @@ fn choose_view(
                 shuffled.iter().enumerate().filter(|(i, _)| i % folds == f).map(|(_, &j)| j).collect();
             let kept: Vec<usize> =
                 shuffled.iter().enumerate().filter(|(i, _)| i % folds != f).map(|(_, &j)| j).collect();
-            let pick = |t: &Tensor, idx: &[usize]| -> Result<Tensor> {
-                let i = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
-                Ok(t.index_select(&i, 0)?)
-            };
             let mut trainer = SideTrainer::new(cfg, &tc)?.annealed(0, args.epochs);
-            let objective = Objective::Regression { targets: pick(&targets, &kept)? };
-            trainer.fit(&pick(&x, &kept)?, &objective, args.epochs, |r, _| {
+            let objective = Objective::Regression { targets: select_rows(&targets, &kept)? };
+            trainer.fit(&select_rows(&x, &kept)?, &objective, args.epochs, |r, _| {
                 eprint!("\r{what}: {m} fold {f}: epoch {}/{}  ", r.epoch, r.epochs);
                 ControlFlow::Continue(())
             })?;
-            let out = trainer.outputs(&pick(&x, &held)?)?;
-            let diff = (&out - pick(&targets, &held)?)?.to_dtype(DType::F32)?;
+            let out = trainer.outputs(&select_rows(&x, &held)?)?;
+            let diff = (&out - select_rows(&targets, &held)?)?.to_dtype(DType::F32)?;
             err += diff.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
             let labels: Vec<u32> = held.iter().map(|&i| train.labels[i]).collect();
-            let logits = (pick(&train.logits, &held)? + secrets.decode_outputs(&out)?)?;
+            let logits = (select_rows(&train.logits, &held)? + secrets.decode_outputs(&out)?)?;
             correct += Score::of(&logits, &labels)?.correct.iter().filter(|&&c| c).count();
         }
         let err = err / n as f64;
