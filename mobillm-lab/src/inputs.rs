@@ -16,6 +16,15 @@ use xtask::fetch;
 
 /// The backbone, the task and the split that `--model/--data/--task/--template` select (fetching defaults as needed).
 pub fn load(args: &DataArgs) -> Result<(Backbone, Task, Split)> {
+    let (model, split, spec) = task_data(args)?;
+    let backbone = Backbone::load(&model).with_context(|| format!("loading {}", model.display()))?;
+    let task = Task::new(spec, backbone.tokenizer())?;
+    Ok((backbone, task, split))
+}
+
+/// The model file, the split and the task's prompt and labels that the same options select, without loading the
+/// backbone (for a harness with a model of its own, such as LoRA's).
+pub fn task_data(args: &DataArgs) -> Result<(PathBuf, Split, TaskSpec)> {
     let model = match &args.model {
         Some(p) => p.clone(),
         None => fetch::model()?,
@@ -34,9 +43,7 @@ pub fn load(args: &DataArgs) -> Result<(Backbone, Task, Split)> {
             args.template.clone().unwrap_or_else(|| dataset::UCI_TEMPLATE.to_string()),
         ),
     };
-    let backbone = Backbone::load(&model).with_context(|| format!("loading {}", model.display()))?;
-    let task = Task::new(TaskSpec { template, labels }, backbone.tokenizer())?;
-    Ok((backbone, task, split))
+    Ok((model, split, TaskSpec { template, labels }))
 }
 
 /// Pivot activations and label logits of a set of examples.

@@ -234,8 +234,8 @@ pub fn train_epoch(
 
 #[derive(clap::Args)]
 pub struct WorkerArgs {
-    #[arg(long)]
-    pub model: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub data: xtask::args::DataArgs,
     #[arg(long, default_value_t = 256)]
     pub train: usize,
     #[arg(long, default_value_t = 200)]
@@ -250,27 +250,22 @@ pub struct WorkerArgs {
     pub lr: f64,
 }
 
-/// Fine-tunes with LoRA on the UCI sentences in this process (so its peak RSS is LoRA's own) and prints one JSON
-/// line: accuracy before and after each epoch, device seconds per training sample, peak RSS.
+/// Fine-tunes with LoRA on the UCI sentences, or on the data `--task`/`--data` select split as `side-eval` splits
+/// it, in this process (so its peak RSS is LoRA's own) and prints one JSON line: accuracy before and after each
+/// epoch, device seconds per training sample, peak RSS.
 pub fn worker(args: WorkerArgs) -> Result<()> {
-    use mobillm_core::{dataset, Task, TaskSpec, Tokenizer};
+    use mobillm_core::{dataset, Task, Tokenizer};
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
     use std::io::Write;
 
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => xtask::fetch::model()?,
-    };
-    let mut split = dataset::uci_split(&xtask::fetch::uci_data()?)?;
+    let (path, mut split, spec) = crate::inputs::task_data(&args.data)?;
     split.train.truncate(args.train);
     split.test.truncate(args.test);
     let tokenizer = {
         let mut f = std::fs::File::open(&path)?;
         Tokenizer::from_gguf_metadata(&gguf_file::Content::read(&mut f)?.metadata)?
     };
-    let spec =
-        TaskSpec { template: dataset::UCI_TEMPLATE.into(), labels: dataset::UCI_LABELS.map(String::from).to_vec() };
     let task = Task::new(spec, &tokenizer)?;
     let encode = |examples: &[dataset::Example]| -> Result<Vec<(Vec<u32>, u32)>> {
         examples
@@ -316,7 +311,8 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         elapsed.push(train_s);
     }
     let result = serde_json::json!({
-        "method": "lora", "rank": args.rank, "trainable_params": model.trainable_params(),
+        "method": "lora", "task": args.data.task.map_or("uci", |t| t.name()), "rank": args.rank,
+        "trainable_params": model.trainable_params(),
         "train_samples": train.len(), "test_samples": test.len(), "epochs": args.epochs, "batch": args.batch,
         "lr": args.lr, "zero_shot_acc": zero_shot, "acc_by_epoch": accs, "loss_by_epoch": losses,
         "train_s_by_epoch": elapsed,

@@ -23,8 +23,8 @@ enum Cmd {
     /// MobiLLM (`pae`, `mobillm`) against on-device LoRA: device memory and time, upload, accuracy, time to
     /// accuracy; writes docs/bench.json and docs/benchmarks.md.
     Bench(bench::Args),
-    /// On-device LoRA (the usual alternative) on the UCI sentences, in this process: accuracy per epoch, device
-    /// seconds per training sample, peak RSS. The baseline of the benchmarks.
+    /// On-device LoRA (the usual alternative) on the UCI sentences or a public task (`--task`), in this process:
+    /// accuracy per epoch, device seconds per training sample, peak RSS. The baseline of the benchmarks.
     BenchLora(lora::WorkerArgs),
     /// Privacy audit: fine-tunes with secrets on and off, then plays the server and attacks labels, texts and
     /// the model from what it stored; writes docs/privacy-audit.json and docs/privacy.md's results; prints JSON.

@@ -71,7 +71,8 @@ enum Cmd {
     /// (lab) MobiLLM (`pae`, `mobillm`) against on-device LoRA; writes docs/bench.json and docs/benchmarks.md.
     #[command(disable_help_flag = true)]
     Bench(LabArgs),
-    /// (lab) On-device LoRA on the UCI sentences, in one process: the benchmarks' baseline.
+    /// (lab) On-device LoRA on the UCI sentences or a public task (`--task`), in one process: the benchmarks'
+    /// baseline.
     #[command(disable_help_flag = true)]
     BenchLora(LabArgs),
     /// (lab) Privacy audit: plays the server against real fine-tunes; writes docs/privacy-audit.json and
