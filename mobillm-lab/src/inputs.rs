@@ -46,6 +46,12 @@ pub fn task_data(args: &DataArgs) -> Result<(PathBuf, Split, TaskSpec)> {
     Ok((model, split, TaskSpec { template, labels }))
 }
 
+/// Rows `idx` of `t` (along its first axis).
+pub fn select_rows(t: &Tensor, idx: &[usize]) -> Result<Tensor> {
+    let i = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+    Ok(t.index_select(&i, 0)?)
+}
+
 /// Pivot activations and label logits of a set of examples.
 #[derive(Clone)]
 pub struct Pivots {

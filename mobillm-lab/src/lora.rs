@@ -260,11 +260,6 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     use std::io::Write;
 
     let (path, mut split, spec) = crate::inputs::task_data(&args.data)?;
-    let task_name = match (args.data.task, &args.data.data) {
-        (Some(t), _) => t.name().to_string(),
-        (None, Some(p)) => p.display().to_string(),
-        (None, None) => "uci".to_string(),
-    };
     split.train.truncate(args.train);
     split.test.truncate(args.test);
     let tokenizer = {
@@ -316,7 +311,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         elapsed.push(train_s);
     }
     let result = serde_json::json!({
-        "method": "lora", "task": task_name, "rank": args.rank,
+        "method": "lora", "task": args.data.name(), "rank": args.rank,
         "trainable_params": model.trainable_params(),
         "train_samples": train.len(), "test_samples": test.len(), "epochs": args.epochs, "batch": args.batch,
         "lr": args.lr, "zero_shot_acc": zero_shot, "acc_by_epoch": accs, "loss_by_epoch": losses,

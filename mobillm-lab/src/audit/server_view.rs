@@ -113,8 +113,7 @@ pub fn simulate_session(
     let (t, d) = (everyone.t, everyone.d);
     let train = Tensor::from_slice(&everyone.flat[..n_train * t * d], (n_train, t, d), &Device::Cpu)?;
     let (calibration, _) = mobillm_core::fine_tune::random_split(n_train, whitening::CALIBRATION_SAMPLES);
-    let calibration = Tensor::new(calibration.iter().map(|&i| i as u32).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
-    let whitening = Whitening::fit(&train.index_select(&calibration, 0)?, config)?;
+    let whitening = Whitening::fit(&crate::inputs::select_rows(&train, &calibration)?, config)?;
     let whitening = if tail_only { self::tail_only(&whitening)? } else { whitening };
     let side = SideConfig::new(t, d, 2);
     let secrets = Secrets::generate(&side)?;
