@@ -79,6 +79,10 @@ pub struct Args {
     /// Train without secrets (R = Q = I, no whitening), for comparison.
     #[arg(long)]
     pub no_secrets: bool,
+    /// Train with one AdamW second moment per weight (what `local` and `mobillm` sessions use) instead of the
+    /// `pae` server's shared moments: with `--no-secrets`, the baseline is then `local` mode's recipe.
+    #[arg(long)]
+    pub per_weight_adamw: bool,
     /// Whiten as the device does but leave out the rotations (R = Q = I), for comparison.
     #[arg(long, conflicts_with = "no_secrets")]
     pub no_rotation: bool,
@@ -492,7 +496,7 @@ fn one_run(
         "secrets": secrets.is_enabled(),
         "whitening": whitening.is_some().then_some(whitening_config),
         "side": cfg,
-        "train": {"lr": args.lr, "batch": tc.batch_size, "epochs_per_round": args.epochs, "max_rounds": args.max_rounds, "tau": args.tau},
+        "train": {"optimizer": tc.optimizer, "lr": args.lr, "batch": tc.batch_size, "epochs_per_round": args.epochs, "max_rounds": args.max_rounds, "tau": args.tau},
         "pae_seconds": pae_s,
     });
     Ok((json, final_correction))
@@ -503,7 +507,10 @@ fn one_run(
 fn server_train_config(args: &Args, examples: usize) -> TrainConfig {
     let device = FineTuneConfig { batch_size: args.batch, ..FineTuneConfig::for_mode(Mode::Pae) };
     TrainConfig {
-        optimizer: Optimizer::EquivariantAdamW,
+        optimizer: match args.per_weight_adamw {
+            true => Optimizer::AdamW,
+            false => Optimizer::EquivariantAdamW,
+        },
         lr: args.lr,
         batch_size: device.epoch_batch(examples),
         epochs: args.epochs,
