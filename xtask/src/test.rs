@@ -2,6 +2,8 @@
 //! workspace in release mode (the cluster store's tests against PostgreSQL and S3 started here), the API check, the
 //! SDK's checks, a small demo in `pae` and in `local` mode, a small cluster run and a small privacy audit.
 
+use std::time::Instant;
+
 use anyhow::Result;
 use xtask::{demo, fetch, paths, services};
 
@@ -10,6 +12,7 @@ use crate::{api_check, bindings, lab};
 /// The real model is fetched first so the integration tests run instead of skipping: `MOBILLM_REQUIRE_MODEL=1`
 /// turns a missing model into a failure.
 pub fn run(args: &[String]) -> Result<()> {
+    let mut clock = PhaseClock::start();
     let model = fetch::model()?;
     fetch::uci_data()?;
     // The Kotlin tests need a JVM and JNA, the frontier plot's test a font; find out now rather than after half an
@@ -34,15 +37,18 @@ pub fn run(args: &[String]) -> Result<()> {
         "cargo test",
     )?;
     drop(services);
+    clock.lap("fetch, build and cargo test");
     if !args.is_empty() {
         return Ok(()); // a filtered run: only the tests asked for
     }
     // The API contract, as an outside client checks it.
     api_check::run()?;
+    clock.lap("API check");
     // The SDK: committed bindings are current, Swift passes its static checks, Kotlin tests pass on the JVM.
     bindings::bindings(true)?;
     bindings::swift_check()?;
     bindings::kotlin_test()?;
+    clock.lap("bindings, Swift and Kotlin");
     // The main job, small: the real model, server and device binaries as separate processes, UCI data, the device
     // killed with SIGKILL while the server trains and resumed by a new one; then the same in `local` mode (no
     // server started, nothing sent). Each must beat zero-shot by 5 points.
@@ -55,13 +61,42 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     let local = demo_smoke("local", None)?;
     anyhow::ensure!(local["upload_bytes"].as_u64() == Some(0), "a local fine-tune sent bytes: {local}");
+    clock.lap("demo smoke runs");
     // The server as a cluster, small: PostgreSQL, S3, nginx, two API replicas and two workers, one replica and
     // one worker killed with SIGKILL mid-run.
     cluster_smoke()?;
+    clock.lap("cluster smoke run");
     // The privacy audit, small: the attacks still work with the secrets off, and the default holds its goals.
     eprintln!("test: quick privacy audit (400 training sentences, 200 attacked)");
     lab::run("audit", &["--quick".to_string()])?;
+    clock.lap("quick privacy audit");
+    clock.print();
     Ok(())
+}
+
+/// Wall time per phase, printed at the end: CI has a time budget, and this says where it goes.
+struct PhaseClock {
+    laps: Vec<(&'static str, f64)>,
+    since: Instant,
+}
+
+impl PhaseClock {
+    fn start() -> Self {
+        PhaseClock { laps: Vec::new(), since: Instant::now() }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        self.laps.push((phase, self.since.elapsed().as_secs_f64()));
+        self.since = Instant::now();
+    }
+
+    fn print(&self) {
+        let total: f64 = self.laps.iter().map(|(_, s)| s).sum();
+        eprintln!("test: wall time by phase ({:.1} min in all):", total / 60.0);
+        for (phase, seconds) in &self.laps {
+            eprintln!("test:   {:>6.1} min  {phase}", seconds / 60.0);
+        }
+    }
 }
 
 /// `cargo xtask cluster`, small: every session completes, no acknowledged sample is lost, the killed worker's

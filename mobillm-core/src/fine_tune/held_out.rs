@@ -51,7 +51,17 @@ impl Pivots {
 }
 
 impl Run<'_> {
-    /// Forwards the held-out examples; `None` without any.
+    /// Forwards the held-out (test) examples as evaluation: their time is not the fine-tune's (`elapsed_s`).
+    pub(super) fn forward_test(
+        &self,
+        test: &[Example],
+        whitening: Option<&Whitening>,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Option<Pivots>> {
+        self.evaluating(|| self.forward_held_out(test, whitening, progress))
+    }
+
+    /// Forwards held-out examples (the validation split's or the test set's); `None` without any.
     pub(super) fn forward_held_out(
         &self,
         test: &[Example],

@@ -55,7 +55,7 @@ impl Run<'_> {
         let device_forward_s = started.elapsed().as_secs_f64();
         let objective = Objective::CrossEntropy { labels: Tensor::new(labels, &Device::Cpu)?, prior: z_b };
         let validation_pivots = self.forward_held_out(validation, None, progress)?;
-        let held_out = self.forward_held_out(test, None, progress)?;
+        let held_out = self.forward_test(test, None, progress)?;
         // The forwards are over: what their batches left free in the heap goes back before training allocates.
         crate::memory::release_free_pages();
 

@@ -38,7 +38,7 @@ impl Run<'_> {
         let (mut forward_s, mut upload_bytes) = (0.0, 0u64);
         let step_s = Mutex::new(0.0f64);
         let last_loss = Mutex::new(None);
-        let held_out = self.forward_held_out(test, None, progress)?;
+        let held_out = self.forward_test(test, None, progress)?;
         let mut rounds = Rounds::default();
         for epoch in 1..=self.cfg.epochs {
             // Batches keep their length grouping; their order changes every pass.

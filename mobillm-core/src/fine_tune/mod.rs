@@ -30,6 +30,7 @@ pub mod remote;
 pub mod state;
 pub mod stopping;
 
+use std::cell::Cell;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
@@ -100,6 +101,8 @@ pub struct RoundReport {
     pub finetuned_acc: f64,
     /// Accuracy on the device's validation split (`pae` with one).
     pub validation_acc: Option<f64>,
+    /// Seconds since this process started the fine-tune, less the time spent forwarding and scoring the held-out
+    /// examples: evaluation is not training, and an app that passes no held-out set never spends it.
     pub elapsed_s: f64,
 }
 
@@ -243,6 +246,7 @@ fn run(
         cancel,
         test_labels: &test_labels,
         started,
+        evaluation_s: Cell::new(0.0),
     };
     let validation = (validation.as_slice(), validation_labels.as_slice());
     let mut resumes = 0;
@@ -404,6 +408,8 @@ struct Run<'a> {
     cancel: &'a CancelToken,
     test_labels: &'a [u32],
     started: Instant,
+    /// Seconds spent forwarding and scoring the held-out examples so far (left out of `elapsed_s`).
+    evaluation_s: Cell<f64>,
 }
 
 /// What a mode's loop hands back.
@@ -431,6 +437,19 @@ struct Rounds {
 }
 
 impl Run<'_> {
+    /// Runs `f` as evaluation: its time is left out of the rounds' `elapsed_s`.
+    fn evaluating<R>(&self, f: impl FnOnce() -> R) -> R {
+        let start = Instant::now();
+        let out = f();
+        self.evaluation_s.set(self.evaluation_s.get() + start.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Seconds since the fine-tune started, evaluation excluded.
+    fn training_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() - self.evaluation_s.get()
+    }
+
     /// The forward batches of `examples`, at most `forward_batch` examples and `max_tokens` padded tokens each.
     fn plan(&self, examples: &[Example], max_tokens: usize) -> Result<Batches> {
         let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
@@ -473,8 +492,8 @@ impl Run<'_> {
         rounds.used = round;
         let score = validation.map(|(pivots, labels)| pivots.score(&net, labels)).transpose()?;
         if let Some(p) = held_out {
-            let finetuned_acc = p.accuracy(Some(&net), self.test_labels)?;
-            let elapsed_s = self.started.elapsed().as_secs_f64();
+            let elapsed_s = self.training_s();
+            let finetuned_acc = self.evaluating(|| p.accuracy(Some(&net), self.test_labels))?;
             rounds.reports.push(RoundReport {
                 round,
                 finetuned_acc,
