@@ -87,8 +87,8 @@ pub struct Outcome {
     /// adapter holds `kept_round`'s.
     pub refit_rounds: usize,
     /// Held-out accuracy after each refinement round (`pae`, the refit's after them) or pass over the data
-    /// (`mobillm`), with the time since the fine-tune started (for time-to-accuracy); empty without held-out
-    /// examples.
+    /// (`mobillm`), with the time since the fine-tune started, evaluation excluded (for time-to-accuracy); empty
+    /// without held-out examples.
     pub rounds: Vec<RoundReport>,
     /// Times the fine-tune was resumed from its state file (0: it ran in one go). The figures above add up every
     /// process's share.

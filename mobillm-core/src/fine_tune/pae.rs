@@ -1,17 +1,18 @@
 //! The `pae` loop (docs/design.md §4, §5). Every training example is forwarded once; its pivot activations are
 //! normalised, whitened and rotated by the session's secrets, quantised and uploaded with its first target
 //! `Q·[τ(onehot − softmax(z_b)); 0]` while the next batch computes. The whitening is fitted on a random
-//! [`CALIBRATION_SAMPLES`] of the examples, forwarded first and held (f16) until the fit; nothing is sent before
-//! it. The server trains; meanwhile the device forwards the held-out set. Each refinement round downloads the server's outputs, decodes them and uploads new
-//! targets only. The device keeps neither the training activations nor their targets: per example only its label
-//! logits `z_b` and random id, which is all later rounds need. With decoys (`side::decoys`), the forward also
-//! returns the logits of their candidate words, the decoys are chosen and fitted on the whitened calibration
-//! subset, each example's decoy labels are drawn once when it is forwarded and kept with its `z_b`, and every
-//! target carries the decoys' differences beside the real ones. Rounds continue until the validation split the
-//! device holds back stops improving, or `max_rounds` (`stopping`). Then the refit: the device sends the split
-//! (whitened and rotated like the rest) and everyone's first targets, and the server trains from its initial
-//! weights for as many rounds as the rule kept, on every example; the adapter is the refit's last network. Not
-//! with decoys: the split's decoy labels would need its decoy words' logits, which its forward does not keep.
+//! [`CALIBRATION_SAMPLES`] of the examples, forwarded first and held (f16) until the fit; nothing is sent before it.
+//! The server trains; meanwhile the device forwards its validation split (a held-out test set, which only measures,
+//! after round 1's training). Each refinement round downloads the server's outputs, decodes them and uploads new
+//! targets only. The device keeps neither the training activations nor their targets: per example only its label logits
+//! `z_b` and random id, which is all later rounds need. With decoys (`side::decoys`), the forward also returns the
+//! logits of their candidate words, the decoys are chosen and fitted on the whitened calibration subset, each example's
+//! decoy labels are drawn once when it is forwarded and kept with its `z_b`, and every target carries the decoys'
+//! differences beside the real ones. Rounds continue until the validation split the device holds back stops improving,
+//! or `max_rounds` (`stopping`). Then the refit: the device sends the split (whitened and rotated like the rest) and
+//! everyone's first targets, and the server trains from its initial weights for as many rounds as the rule kept, on
+//! every example; the adapter is the refit's last network. Not with decoys: the split's decoy labels would need its
+//! decoy words' logits, which its forward does not keep.
 //!
 //! Every acknowledged step goes into the fine-tune's [`Journal`] (`state`): a resumed fine-tune forwards only the
 //! examples the server has not acknowledged, with the recorded whitening, ids and secrets, and re-enters the
