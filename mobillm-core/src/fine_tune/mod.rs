@@ -479,6 +479,19 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// `round`'s report: `net` scored on the held-out pivots, as evaluation, and the training time up to it.
+    fn report(
+        &self,
+        round: usize,
+        net: &SideNet,
+        held_out: &Pivots,
+        validation_acc: Option<f64>,
+    ) -> Result<RoundReport> {
+        let elapsed_s = self.training_s();
+        let finetuned_acc = self.evaluating(|| held_out.accuracy(Some(net), self.test_labels))?;
+        Ok(RoundReport { round, finetuned_acc, validation_acc, elapsed_s })
+    }
+
     /// Ends `round` with its folded network: scores it on the held-out pivots and the validation split (each if
     /// any), records it, and keeps it unless it did not improve on the split; `Break` when the rounds should stop.
     fn end_round(
@@ -492,14 +505,7 @@ impl Run<'_> {
         rounds.used = round;
         let score = validation.map(|(pivots, labels)| pivots.score(&net, labels)).transpose()?;
         if let Some(p) = held_out {
-            let elapsed_s = self.training_s();
-            let finetuned_acc = self.evaluating(|| p.accuracy(Some(&net), self.test_labels))?;
-            rounds.reports.push(RoundReport {
-                round,
-                finetuned_acc,
-                validation_acc: score.as_ref().map(|s| s.accuracy),
-                elapsed_s,
-            });
+            rounds.reports.push(self.report(round, &net, p, score.as_ref().map(|s| s.accuracy))?);
         }
         if score.is_some_and(|score| !rounds.stopping.improved(round, score)) {
             return Ok(ControlFlow::Break(()));

@@ -28,7 +28,7 @@ use super::progress::{Phase, Progress};
 use super::remote::{RemoteSession, Sent, Upload};
 use super::state::{Journal, Step};
 use super::stopping::ROUNDS_WITHOUT_VALIDATION;
-use super::{random_split, RoundReport, Rounds, Run, Trained};
+use super::{random_split, Rounds, Run, Trained};
 use crate::backbone::batching::{scatter_rows, BATCH_TOKENS};
 use crate::dataset::Example;
 use crate::error::{Error, Result};
@@ -314,13 +314,7 @@ impl Run<'_> {
                 journal.record.server_train_s += start.elapsed().as_secs_f64();
                 let net = self.secrets.fold(&remote.side_network()?)?;
                 if let Some(p) = held_out.as_ref() {
-                    let elapsed_s = self.training_s();
-                    rounds.reports.push(RoundReport {
-                        round: rounds.used + round,
-                        finetuned_acc: self.evaluating(|| p.accuracy(Some(&net), self.test_labels))?,
-                        validation_acc: None,
-                        elapsed_s,
-                    });
+                    rounds.reports.push(self.report(rounds.used + round, &net, p, None)?);
                 }
                 rounds.refit = round;
                 if round == refit_rounds {
